@@ -1,0 +1,1 @@
+"""ComfyUI V3 nodes (thin wrappers) and the ComfyUI-free engine in ``engine/``."""

@@ -1,0 +1,1 @@
+"""The ComfyUI-free engine: every algorithm of the paper, importable without ComfyUI."""

@@ -1,0 +1,154 @@
+"""A learned creative concept: a placeholder token embedding plus a LoRA on the prior.
+
+The token lives in the prior's CLIP text encoder; rather than resizing its vocabulary (which
+would mutate a shared model), a forward hook swaps the placeholder's row in at encode time.
+The LoRA is a peft adapter on the prior transformer, one named adapter per concept, so several
+concepts (and the plain prior) can share one loaded model: :func:`activate_concept` selects one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .safetensors_io import load_tensors, save_tensors
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FORMAT = "creative-concept/1"
+
+
+class ConceptMismatchError(ValueError):
+    """A concept applied to a prior other than the one it was trained on."""
+
+
+@dataclass
+class Concept:
+    """Token embedding + LoRA weights + provenance. ``token`` may be empty (LoRA only)."""
+
+    token: str
+    token_embedding: torch.Tensor | None  # [W] or None when only the LoRA was trained
+    lora_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora_rank: int = 10
+    lora_alpha: float = 10.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def adapter_name(self) -> str:
+        """Stable per content, so re-applying the same concept reuses the loaded adapter."""
+        h = hashlib.sha256(self.token.encode())
+        for key in sorted(self.lora_state):
+            h.update(key.encode())
+            h.update(self.lora_state[key].detach().float().cpu().numpy().tobytes())
+        if self.token_embedding is not None:
+            h.update(self.token_embedding.detach().float().cpu().numpy().tobytes())
+        return "creative_" + h.hexdigest()[:12]
+
+    def check_base(self, prior_identity: str) -> None:
+        base = self.meta.get("base_prior")
+        if base and base != prior_identity:
+            raise ConceptMismatchError(
+                f"This concept was trained on prior '{base}' but is applied to '{prior_identity}'. "
+                "Load the prior it was trained on (see the concept's metadata), or train a new concept.")
+
+    def save(self, path) -> None:
+        tensors = {f"lora.{k}": v for k, v in self.lora_state.items()}
+        if self.token_embedding is not None:
+            tensors["token_embedding"] = self.token_embedding
+        meta = dict(self.meta, format=FORMAT, token=self.token, lora_rank=self.lora_rank,
+                    lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets))
+        save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path) -> "Concept":
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a Creative Generation concept (format {meta.get('format')!r}).")
+        lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+        info = {k: meta.pop(k) for k in ("token", "lora_rank", "lora_alpha", "lora_targets")}
+        meta.pop("format")
+        return cls(info["token"], tensors.get("token_embedding"), lora, int(info["lora_rank"]),
+                   float(info["lora_alpha"]), tuple(info["lora_targets"]), meta)
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+
+
+def add_lora(transformer: torch.nn.Module, name: str, rank: int, alpha: float, targets: tuple[str, ...],
+             seed: int) -> None:
+    """Inject a fresh peft LoRA (A Kaiming-random from ``seed``, B zero) as adapter ``name``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+
+
+def lora_state(transformer: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+
+
+def _loaded_adapters(transformer: torch.nn.Module) -> set[str]:
+    return set(getattr(transformer, "peft_config", {}) or {})
+
+
+def activate_concept(transformer: torch.nn.Module, concept: Concept | None) -> None:
+    """Make ``concept``'s LoRA the only active adapter (loading it once), or disable all."""
+    if concept is None or not concept.lora_state:
+        if _loaded_adapters(transformer):
+            transformer.disable_adapters()
+        return
+    from peft import set_peft_model_state_dict
+
+    name = concept.adapter_name
+    if name not in _loaded_adapters(transformer):
+        transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
+                                adapter_name=name)
+        set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
+    transformer.set_adapter(name)
+    transformer.enable_adapters()
+
+
+@contextlib.contextmanager
+def placeholder_embeddings(text_encoder: torch.nn.Module, tokenizer, concept: Concept | None,
+                           vector: torch.Tensor | None = None):
+    """Within the block, the concept token's id maps to its learned embedding row.
+
+    ``vector`` overrides the concept's stored embedding (the optimiser passes its trainable
+    parameter so gradients reach it). Also points CLIP's pooling at the real EOS id: legacy
+    configs pool at ``argmax(input_ids)``, which would pick the new, highest id instead.
+    """
+    vector = vector if vector is not None else (concept.token_embedding if concept else None)
+    if concept is None or vector is None:
+        yield
+        return
+    token_id = tokenizer.convert_tokens_to_ids(concept.token)
+    text_model = text_encoder.text_model
+    table = text_encoder.get_input_embeddings()
+    found: dict[str, torch.Tensor] = {}
+
+    def pre_hook(module, args):
+        ids = args[0]
+        found["mask"] = ids == token_id
+        return (ids.masked_fill(found["mask"], 0),) + tuple(args[1:])
+
+    def hook(module, args, out):
+        mask = found["mask"].unsqueeze(-1)
+        return torch.where(mask, vector.to(out.dtype).expand_as(out), out)
+
+    old_eos = text_model.eos_token_id
+    handles = [table.register_forward_pre_hook(pre_hook), table.register_forward_hook(hook)]
+    text_model.eos_token_id = tokenizer.eos_token_id
+    try:
+        yield
+    finally:
+        text_model.eos_token_id = old_eos
+        for h in handles:
+            h.remove()

@@ -1,0 +1,257 @@
+"""The diffusion prior: text prompt -> CLIP image embedding (Kandinsky 2.1 / 2.2, Karlo unCLIP).
+
+All three share diffusers' ``PriorTransformer``, a CLIP text encoder with projection, the CLIP
+tokenizer and ``UnCLIPScheduler``; Kandinsky folders add a CLIP vision encoder for images.
+:class:`Prior` holds those parts plus an optional learned concept (placeholder token + LoRA),
+and :func:`load_prior` reads them from a local diffusers folder without touching the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .concept import Concept, activate_concept, placeholder_embeddings
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# subfolder -> files that must exist (any one of each tuple) for the part to load.
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+LAYOUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
+    "kandinsky": {
+        "prior": (("config.json",), _WEIGHTS),
+        "text_encoder": (("config.json",), _WEIGHTS),
+        "tokenizer": (("vocab.json", "tokenizer.json"),),
+        "scheduler": (("scheduler_config.json",),),
+    },
+    "karlo": {
+        "prior": (("config.json",), _WEIGHTS),
+        "text_encoder": (("config.json",), _WEIGHTS),
+        "tokenizer": (("vocab.json", "tokenizer.json"),),
+        "prior_scheduler": (("scheduler_config.json",),),
+    },
+}
+FAMILIES = {
+    "KandinskyPriorPipeline": "kandinsky-2.1",
+    "KandinskyV22PriorPipeline": "kandinsky-2.2",
+    "UnCLIPPipeline": "karlo",
+    "UnCLIPImageVariationPipeline": "karlo",
+}
+
+
+class PriorFolderError(ValueError):
+    """A folder that is not a usable diffusion prior; the message names what is missing."""
+
+
+@dataclass
+class PromptEmbeds:
+    """Text-encoder outputs for P prompts: projected embedding, token states and their mask."""
+
+    text_embeds: torch.Tensor  # [P, D]
+    hidden_states: torch.Tensor  # [P, T, W]
+    mask: torch.Tensor  # [P, T] bool
+
+
+@dataclass
+class Prior:
+    """A loaded prior. ``with_concept`` returns a view sharing the modules, never a copy."""
+
+    transformer: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    image_encoder: torch.nn.Module | None = None
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    family: str = "unknown"
+    source: str = ""
+    identity: str = ""
+    concept: Concept | None = None
+    _tokenizers: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.identity:
+            self.identity = prior_identity(self.family, self.transformer, self.text_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.transformer.config.embedding_dim)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Prior":
+        for module in (self.transformer, self.text_encoder, self.image_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+    def with_concept(self, concept: Concept | None) -> "Prior":
+        """A view of this prior that understands ``concept.token`` and carries its LoRA."""
+        if concept is not None:
+            concept.check_base(self.identity)
+        return dataclasses.replace(self, concept=concept, _tokenizers=self._tokenizers)
+
+    def tokenizer_for_concept(self):
+        """The tokenizer, extended with the active concept's placeholder token (cached)."""
+        if self.concept is None:
+            return self.tokenizer
+        token = self.concept.token
+        if token not in self._tokenizers:
+            tok = copy.deepcopy(self.tokenizer)
+            tok.add_tokens([token])
+            self._tokenizers[token] = tok
+        return self._tokenizers[token]
+
+    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode prompts exactly as diffusers' prior pipelines do (max-length padding, mask)."""
+        tokenizer = self.tokenizer_for_concept()
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        input_ids = ids.input_ids.to(self.device)
+        mask = ids.attention_mask.bool().to(self.device)
+        with placeholder_embeddings(self.text_encoder, tokenizer, self.concept):
+            out = self.text_encoder(input_ids)
+        return PromptEmbeds(out.text_embeds, out.last_hidden_state, mask)
+
+    def activate(self) -> None:
+        """Switch the shared transformer's LoRA adapters to this view's concept."""
+        activate_concept(self.transformer, self.concept)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of ``images`` ``[B, H, W, 3]`` in 0..1 (for negative clusters)."""
+        if self.image_encoder is None:
+            raise PriorFolderError(
+                f"The prior at '{self.source}' has no image_encoder/ folder, so it cannot encode images. "
+                "Use a Kandinsky prior folder that includes image_encoder/, or pass embeddings instead.")
+        size = int(getattr(self.image_encoder.config, "image_size", 224))
+        pixels = preprocess_images(images, size, self.image_mean, self.image_std)
+        enc = self.image_encoder
+        param = next(enc.parameters())
+        return enc(pixels.to(param.device, param.dtype)).image_embeds.float()
+
+    @torch.no_grad()
+    def zero_image_embed(self) -> torch.Tensor:
+        """Embedding of a black image: Kandinsky's unconditional image embedding for decoders."""
+        if self.image_encoder is None:
+            return torch.zeros(1, self.embedding_dim)
+        size = int(getattr(self.image_encoder.config, "image_size", 224))
+        param = next(self.image_encoder.parameters())
+        zeros = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+        return self.image_encoder(zeros).image_embeds.float()
+
+
+def preprocess_images(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B,H,W,3]`` -> CLIP pixel values: resize short side, centre crop, normalise."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"Expected images of shape [B, H, W, 3], got {tuple(images.shape)}.")
+    x = images.float().permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                      mode="bicubic", align_corners=False, antialias=True)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def prior_identity(family: str, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
+    """A content fingerprint of the prior: configs plus a few weight tensors, cheap to compute.
+
+    Hashing multi-GB files would take minutes; configs + the positional embedding, the output
+    statistics and the text projection differ between any two trained priors.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
+    h.update(json.dumps(text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
+    state = transformer.state_dict()
+    for key in ("positional_embedding", "clip_mean", "clip_std", "prd_embedding"):
+        if key in state:
+            h.update(state[key].detach().float().cpu().numpy().tobytes())
+    proj = getattr(text_encoder, "text_projection", None)
+    if proj is not None:
+        h.update(proj.weight.detach().float().cpu().numpy().tobytes())
+    return f"{family}:{h.hexdigest()[:16]}"
+
+
+def detect_layout(folder: str | os.PathLike) -> tuple[str, str]:
+    """Return (layout, family) of a prior folder, or raise naming the missing file."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise PriorFolderError(f"'{root}' is not a folder. Point this at a diffusers-format prior folder.")
+    family = "unknown"
+    index = root / "model_index.json"
+    if index.is_file():
+        family = FAMILIES.get(json.loads(index.read_text()).get("_class_name", ""), "unknown")
+    layout = "karlo" if (root / "prior_scheduler").is_dir() or family == "karlo" else "kandinsky"
+    for sub, needs in LAYOUTS[layout].items():
+        for options in needs:
+            if not any((root / sub / name).is_file() for name in options):
+                raise PriorFolderError(
+                    f"'{root}' is not a complete diffusion prior: missing {sub}/{options[0]}"
+                    + (f" (or {', '.join(options[1:])})" if len(options) > 1 else "")
+                    + ". Expected the layout of kandinsky-community/kandinsky-2-1-prior, "
+                    "kandinsky-community/kandinsky-2-2-prior or kakaobrain/karlo-v1-alpha.")
+    if family == "unknown":
+        width = json.loads((root / "prior" / "config.json").read_text()).get("embedding_dim")
+        family = {768: "kandinsky-2.1", 1280: "kandinsky-2.2"}.get(width, "unknown")
+    return layout, family
+
+
+def resolve_prior_source(source: str, allow_download: bool = False) -> Path:
+    """A local folder, or (only when allowed) a Hugging Face repo id fetched to the local cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if not allow_download:
+        raise PriorFolderError(
+            f"'{source}' is not a local folder and downloads are off. Download the prior into ComfyUI's "
+            "models/diffusers folder, or switch on downloads to fetch it from Hugging Face.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                                  ignore_patterns=["*decoder*", "*unet*", "*movq*", "super_res*", "text_proj*"]))
+
+
+def load_prior(source: str, *, allow_download: bool = False, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Prior:
+    """Load a prior from a diffusers folder (safetensors only, no remote code, offline by default)."""
+    from diffusers import PriorTransformer, UnCLIPScheduler
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    root = resolve_prior_source(source, allow_download)
+    layout, family = detect_layout(root)
+    common = dict(local_files_only=True, use_safetensors=True)
+    transformer = PriorTransformer.from_pretrained(root / "prior", torch_dtype=dtype, **common)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", dtype=dtype, **common)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    scheduler = UnCLIPScheduler.from_pretrained(root / ("prior_scheduler" if layout == "karlo" else "scheduler"))
+    image_encoder, mean, std = None, CLIP_MEAN, CLIP_STD
+    if (root / "image_encoder" / "config.json").is_file():
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", dtype=dtype, **common)
+        proc = root / "image_processor" / "preprocessor_config.json"
+        if proc.is_file():
+            cfg = json.loads(proc.read_text())
+            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    for module in (transformer, text_encoder, image_encoder):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    return Prior(transformer, text_encoder, tokenizer, scheduler, image_encoder, mean, std,
+                 family=family, source=str(root))

@@ -1,0 +1,28 @@
+"""Test-wide setup: import the pack under a stable package name, offline Hugging Face.
+
+The repository folder can have any name (a clone, a ComfyUI custom_nodes entry), and its
+subpackage is called ``nodes`` like ComfyUI's own top-level module, so tests never import it
+through the repo root on ``sys.path``; they import ``creative_generation.nodes...`` instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "creative_generation"
+
+if PACKAGE not in sys.modules:
+    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
