@@ -25,17 +25,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # subfolder -> files that must exist (any one of each tuple) for the part to load.
-_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+_TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 LAYOUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
     "kandinsky": {
-        "prior": (("config.json",), _WEIGHTS),
-        "text_encoder": (("config.json",), _WEIGHTS),
+        "prior": (("config.json",), _DIFFUSERS_WEIGHTS),
+        "text_encoder": (("config.json",), _TRANSFORMERS_WEIGHTS),
         "tokenizer": (("vocab.json", "tokenizer.json"),),
         "scheduler": (("scheduler_config.json",),),
     },
     "karlo": {
-        "prior": (("config.json",), _WEIGHTS),
-        "text_encoder": (("config.json",), _WEIGHTS),
+        "prior": (("config.json",), _DIFFUSERS_WEIGHTS),
+        "text_encoder": (("config.json",), _TRANSFORMERS_WEIGHTS),
         "tokenizer": (("vocab.json", "tokenizer.json"),),
         "prior_scheduler": (("scheduler_config.json",),),
     },
@@ -108,7 +109,7 @@ class Prior:
 
     def tokenizer_for_concept(self):
         """The tokenizer, extended with the active concept's placeholder token (cached)."""
-        if self.concept is None:
+        if self.concept is None or self.concept.token_embedding is None:
             return self.tokenizer
         token = self.concept.token
         if token not in self._tokenizers:

@@ -1,0 +1,74 @@
+"""An embedding bank: N CLIP image embeddings and where they came from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .prior import Prior
+from .safetensors_io import load_tensors, save_tensors
+from .sampling import sample_embeddings
+
+PAPER_TEMPLATE = "Professional high-quality photo of a {subject}. photorealistic, 4k, HQ."
+FORMAT = "creative-bank/1"
+
+
+@dataclass
+class EmbeddingBank:
+    """``embeds`` ``[N, D]`` float32 on CPU plus provenance (prior identity, prompt, seed, ...)."""
+
+    embeds: torch.Tensor
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeds.shape[1])
+
+    @property
+    def prior_identity(self) -> str:
+        return str(self.provenance.get("prior", ""))
+
+    def save(self, path) -> None:
+        save_tensors(path, {"embeds": self.embeds}, dict(self.provenance, format=FORMAT))
+
+    @classmethod
+    def load(cls, path) -> "EmbeddingBank":
+        tensors, meta = load_tensors(path)
+        if meta.pop("format", None) != FORMAT:
+            raise ValueError(f"{path} is not a Creative Generation embedding bank.")
+        return cls(tensors["embeds"].float(), meta)
+
+    @classmethod
+    def concat(cls, banks: list["EmbeddingBank"]) -> "EmbeddingBank":
+        """Join banks of one prior (e.g. several negative selections) into one."""
+        priors = {b.prior_identity for b in banks}
+        if len(priors) > 1:
+            raise ValueError(f"Cannot join banks from different priors: {sorted(priors)}.")
+        return cls(torch.cat([b.embeds for b in banks]), {"prior": priors.pop() if priors else "",
+                                                          "parts": [b.provenance for b in banks]})
+
+
+def sample_bank(prior: Prior, prompt: str, count: int = 5000, *, batch_size: int = 500, steps: int = 5,
+                guidance: float = 4.0, seed: int = 0, negative_prompt: str = "",
+                progress: Callable[[int, int], None] | None = None) -> EmbeddingBank:
+    """The paper's step 1: N image embeddings of one prompt from the (frozen) prior."""
+    embeds = sample_embeddings(prior, prompt, count, batch_size=batch_size, steps=steps, guidance=guidance,
+                               seed=seed, negative_prompt=negative_prompt, progress=progress)
+    provenance = {"kind": "prior", "prior": prior.identity, "prompt": prompt, "negative_prompt": negative_prompt,
+                  "seed": int(seed), "steps": int(steps), "guidance": float(guidance), "count": int(count),
+                  "batch_size": int(batch_size),
+                  "concept": prior.concept.adapter_name if prior.concept is not None else None}
+    return EmbeddingBank(embeds, provenance)
+
+
+def encode_image_bank(prior: Prior, images: torch.Tensor, batch_size: int = 16) -> EmbeddingBank:
+    """Embeddings of user images (e.g. ones marked as unwanted) with the prior's image encoder."""
+    parts = [prior.encode_images(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    return EmbeddingBank(torch.cat(parts).cpu(), {"kind": "images", "prior": prior.identity,
+                                                  "count": int(images.shape[0])})

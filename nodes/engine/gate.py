@@ -1,0 +1,51 @@
+"""The validity gate of §5.3: ask a judge "Is this still a {subject}?" every few steps.
+
+The judge is anything with ``p_yes(images [B,H,W,3], question) -> [B]`` (the MLLM judge in
+``mllm.py``, or a fake in tests). A "no" ends the trial; the optimiser then keeps the last
+state that passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+PAPER_QUESTION = "Is this still a {subject}? Yes or No."
+
+
+class Judge(Protocol):
+    def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    step: int
+    question: str
+    p_yes: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ValidityGate:
+    """Judge + question template + how often to ask + the P(yes) needed to pass."""
+
+    judge: Judge
+    question: str = PAPER_QUESTION
+    every: int = 25
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError("The gate's check interval must be at least 1 step.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("The gate's threshold is a probability between 0 and 1.")
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
+        question = self.question.format(subject=subject)
+        p = float(self.judge.p_yes(images, question).float().mean())
+        return Verdict(step, question, p, p >= self.threshold)

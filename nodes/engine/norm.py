@@ -1,0 +1,142 @@
+"""The "norm": PCA of an embedding bank plus a full-covariance Gaussian in PCA space.
+
+Eq. 3-4 of the paper: ``ẽ = W (e - μ0)`` with W the top-k PCA directions, ``Ĝ(ẽ) = N(ẽ | 0, Σ)``.
+Fitting uses scikit-learn (PCA, Ledoit-Wolf covariance); scoring is a differentiable torch
+function of raw D-dimensional embeddings so the optimiser can backpropagate through it.
+Negative clusters reuse the same PCA (μ0, W) with their own mean and covariance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bank import EmbeddingBank
+from .safetensors_io import load_tensors, save_tensors
+
+FORMAT = "creative-norm/1"
+
+
+class NormFitError(ValueError):
+    """A bank that cannot be fitted; the message says how to fix it."""
+
+
+def _checked_matrix(embeds: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(embeds.detach().cpu().double() if isinstance(embeds, torch.Tensor) else embeds, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise NormFitError(f"The {what} is empty: sample or select some embeddings first.")
+    bad = int((~np.isfinite(x)).any(axis=1).sum())
+    if bad:
+        raise NormFitError(f"The {what} has {bad} row(s) with NaN or inf values; resample it (e.g. in float32).")
+    return x
+
+
+def _regularised_covariance(z: np.ndarray, floor: float) -> np.ndarray:
+    """Ledoit-Wolf shrinkage plus a small ridge: positive definite even when n < k."""
+    from sklearn.covariance import LedoitWolf
+
+    cov = LedoitWolf(assume_centered=False).fit(z).covariance_ if z.shape[0] > 1 else np.zeros((z.shape[1],) * 2)
+    return cov + floor * np.eye(z.shape[1])
+
+
+@dataclass
+class GaussianNorm:
+    """μ0 ``[D]``, PCA basis W ``[k, D]``, Gaussian mean ``[k]`` and covariance Σ ``[k, k]`` (float64)."""
+
+    mean0: torch.Tensor
+    components: torch.Tensor
+    center: torch.Tensor
+    covariance: torch.Tensor
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._chol = torch.linalg.cholesky(self.covariance)
+        self._log_norm = (torch.log(torch.diagonal(self._chol)).sum()
+                          + 0.5 * self.dims * math.log(2 * math.pi))
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def prior_identity(self) -> str:
+        return str(self.provenance.get("prior", ""))
+
+    @classmethod
+    def fit(cls, bank: EmbeddingBank | torch.Tensor, dims: int = 50, *, ridge: float = 1e-6) -> "GaussianNorm":
+        """PCA to ``dims`` and a regularised Gaussian of the projected bank."""
+        from sklearn.decomposition import PCA
+
+        provenance = dict(bank.provenance) if isinstance(bank, EmbeddingBank) else {}
+        x = _checked_matrix(bank.embeds if isinstance(bank, EmbeddingBank) else bank, "bank")
+        n, d = x.shape
+        if dims < 1 or dims > d:
+            raise NormFitError(f"PCA dims ({dims}) must be between 1 and the embedding width ({d}).")
+        if dims >= n:
+            raise NormFitError(f"PCA dims ({dims}) must be smaller than the bank size ({n}): "
+                               f"sample at least {dims + 1} embeddings or lower the PCA dims.")
+        pca = PCA(n_components=dims, svd_solver="full").fit(x)
+        z = pca.transform(x)
+        floor = ridge * float(pca.explained_variance_.mean())
+        cov = _regularised_covariance(z, floor)
+        meta = {"prior": provenance.get("prior", ""), "bank": provenance, "dims": dims, "count": n,
+                "explained_variance_ratio": float(pca.explained_variance_ratio_.sum())}
+        t = torch.from_numpy
+        return cls(t(pca.mean_.copy()), t(pca.components_.copy()), torch.zeros(dims, dtype=torch.float64),
+                   t(cov), meta)
+
+    def fit_cluster(self, embeds: torch.Tensor | EmbeddingBank, *, ridge: float = 1e-3) -> "GaussianNorm":
+        """A Gaussian of other embeddings in *this* PCA space (for negative clusters)."""
+        provenance = dict(embeds.provenance) if isinstance(embeds, EmbeddingBank) else {}
+        x = _checked_matrix(embeds.embeds if isinstance(embeds, EmbeddingBank) else embeds, "cluster")
+        if x.shape[1] != self.embed_dim:
+            raise NormFitError(f"The cluster's embeddings are {x.shape[1]}-d but the norm is {self.embed_dim}-d: "
+                               "they come from a different prior.")
+        z = (x - self.mean0.numpy()) @ self.components.numpy().T
+        floor = ridge * float(torch.diagonal(self.covariance).mean())
+        meta = {"prior": provenance.get("prior", self.prior_identity), "cluster_of": provenance, "count": len(x)}
+        return replace(self, center=torch.from_numpy(z.mean(axis=0)),
+                       covariance=torch.from_numpy(_regularised_covariance(z, floor)), provenance=meta)
+
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        """ẽ = W (e − μ0), differentiable, computed in float64."""
+        e64 = e.to(torch.float64)
+        return (e64 - self.mean0.to(e64.device)) @ self.components.to(e64.device).T
+
+    def _whitened(self, e: torch.Tensor) -> torch.Tensor:
+        z = self.project(e) - self.center.to(e.device)
+        chol = self._chol.to(e.device)
+        return torch.linalg.solve_triangular(chol, z.T, upper=False).T
+
+    def mahalanobis(self, e: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of raw embeddings ``[B, D]`` to the Gaussian's centre."""
+        return self._whitened(e).pow(2).sum(-1).sqrt().to(e.dtype)
+
+    def log_prob(self, e: torch.Tensor) -> torch.Tensor:
+        """log Ĝ(ẽ) for raw embeddings ``[B, D]``; differentiable in ``e``."""
+        y = self._whitened(e)
+        return (-0.5 * y.pow(2).sum(-1) - self._log_norm.to(e.device)).to(e.dtype)
+
+    def score_samples(self, e: torch.Tensor) -> torch.Tensor:
+        """scikit-learn's name for per-sample log-density."""
+        return self.log_prob(e)
+
+    def save(self, path) -> None:
+        save_tensors(path, {"mean0": self.mean0, "components": self.components, "center": self.center,
+                            "covariance": self.covariance}, dict(self.provenance, format=FORMAT))
+
+    @classmethod
+    def load(cls, path) -> "GaussianNorm":
+        tensors, meta = load_tensors(path)
+        if meta.pop("format", None) != FORMAT:
+            raise ValueError(f"{path} is not a Creative Generation norm.")
+        return cls(tensors["mean0"].double(), tensors["components"].double(), tensors["center"].double(),
+                   tensors["covariance"].double(), meta)

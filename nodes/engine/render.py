@@ -1,0 +1,183 @@
+"""Renderers: CLIP image embeddings -> images (Kandinsky 2.2 and 2.1 decoders).
+
+The paper's search happens in CLIP image-embedding space; a decoder only turns the chosen
+embeddings into pixels. :class:`Renderer` is that one step, so the nodes can swap decoders.
+:class:`KandinskyDecoder` wraps diffusers' own ``KandinskyV22Pipeline`` / ``KandinskyPipeline``
+(their denoising loops, classifier-free guidance and post-processing are reused unchanged),
+and :func:`load_decoder` reads either from a local diffusers folder without touching the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import KandinskyPipeline, KandinskyV22Pipeline
+
+Progress = Callable[[int, int], None]
+
+# model_index.json "_class_name" -> decoder family.
+FAMILIES = {"KandinskyV22Pipeline": "kandinsky-2.2", "KandinskyPipeline": "kandinsky-2.1"}
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+_COMMON = {
+    "unet": (("config.json",), _DIFFUSERS_WEIGHTS),
+    "scheduler": (("scheduler_config.json",),),
+    "movq": (("config.json",), _DIFFUSERS_WEIGHTS),
+}
+# family -> subfolder -> files that must exist (any one of each tuple).
+LAYOUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
+    "kandinsky-2.2": _COMMON,
+    "kandinsky-2.1": {
+        **_COMMON,
+        "text_encoder": (("config.json",), ("model.safetensors", "model.safetensors.index.json")),
+        "tokenizer": (("tokenizer.json", "sentencepiece.bpe.model"),),
+    },
+}
+_EXPECTED = "kandinsky-community/kandinsky-2-2-decoder or kandinsky-community/kandinsky-2-1"
+
+
+class Renderer(Protocol):
+    """Anything that turns CLIP image embeddings into ComfyUI images."""
+
+    def render(self, embeds: torch.Tensor, *, negative_embeds: torch.Tensor | None = None, seed: int = 0,
+               steps: int = 25, guidance: float = 4.0, height: int = 512, width: int = 512,
+               progress: Progress | None = None) -> torch.Tensor:
+        """Render ``embeds`` ``[B, D]`` to ``[B, H, W, 3]`` float32 in 0..1 on the CPU."""
+
+
+class DecoderFolderError(ValueError):
+    """A folder that is not a usable Kandinsky decoder; the message names what is missing."""
+
+
+@dataclass
+class KandinskyDecoder:
+    """A loaded Kandinsky 2.2 or 2.1 decoder, rendering through the diffusers pipeline.
+
+    ``prompt`` conditions only Kandinsky 2.1, whose UNet also reads text; it is empty by
+    default so that the image comes from the embedding, which is what the paper optimises.
+    Kandinsky 2.2 has no text input and ignores it.
+    """
+
+    pipeline: KandinskyV22Pipeline | KandinskyPipeline
+    family: str
+    source: str = ""
+    prompt: str = ""
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image embeddings the UNet's image projection takes."""
+        return int(self.pipeline.unet.encoder_hid_proj.image_embeds.in_features)
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this (diffusers rounds others up silently)."""
+        return int(self.pipeline.movq_scale_factor) ** 2
+
+    def render(self, embeds: torch.Tensor, *, negative_embeds: torch.Tensor | None = None, seed: int = 0,
+               steps: int = 25, guidance: float = 4.0, height: int = 512, width: int = 512,
+               progress: Progress | None = None) -> torch.Tensor:
+        """Render ``embeds`` ``[B, D]`` to ``[B, H, W, 3]`` float32 in 0..1 on the CPU.
+
+        ``negative_embeds`` (``[1, D]`` or ``[B, D]``) is the unconditional branch of
+        classifier-free guidance and defaults to zeros; callers with a prior should pass its
+        zero-image embedding (:meth:`Prior.zero_image_embed`), which is what Kandinsky was
+        trained with. The seed drives a CPU generator, so a seed gives the same image on any
+        device. ``progress(step, total)`` runs after each denoising step (step = steps done);
+        raising from it aborts the render.
+        """
+        self._check_size(height, width)
+        embeds = self._check_embeds(embeds, "embeds")
+        if negative_embeds is None:
+            negative_embeds = torch.ones_like(embeds)
+        negative_embeds = self._check_embeds(negative_embeds, "negative_embeds")
+        if negative_embeds.shape[0] not in (1, embeds.shape[0]):
+            raise ValueError(f"negative_embeds has {negative_embeds.shape[0]} rows; expected 1 or "
+                             f"{embeds.shape[0]} (one per embedding).")
+        args = {"image_embeds": embeds, "negative_image_embeds": negative_embeds.expand_as(embeds),
+                "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance,
+                "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np"}
+        if self.family == "kandinsky-2.1":
+            args |= {"prompt": [self.prompt] * embeds.shape[0], "callback": self._legacy_callback(progress)}
+        else:
+            args |= {"callback_on_step_end": self._step_end_callback(progress)}
+        return torch.from_numpy(self.pipeline(**args).images)  # "np" output: float32 [B, H, W, 3] in 0..1
+
+    def _check_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
+        """Reject wrong shapes here: inside the UNet they surface as opaque matmul errors."""
+        if embeds.ndim != 2:
+            raise ValueError(f"{name} must be [batch, width], got shape {tuple(embeds.shape)}.")
+        if embeds.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"{name} are {embeds.shape[1]}-wide but this {self.family} decoder expects {self.embed_dim}-wide "
+                "CLIP image embeddings. Use a prior from the same model family as the decoder.")
+        unet = self.pipeline.unet
+        return embeds.to(device=unet.device, dtype=unet.dtype)
+
+    def _check_size(self, height: int, width: int) -> None:
+        multiple = self.size_multiple
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {multiple} for this decoder, "
+                             f"got {height}x{width}.")
+
+    def _total_steps(self) -> int:
+        return len(self.pipeline.scheduler.timesteps)
+
+    def _step_end_callback(self, progress: Progress | None) -> Callable | None:
+        """Adapt ``progress`` to diffusers' ``callback_on_step_end`` (Kandinsky 2.2)."""
+        if progress is None:
+            return None
+
+        def on_step_end(pipe, i: int, t, tensors: dict) -> dict:
+            progress(i + 1, self._total_steps())
+            return {}  # change nothing in the loop
+
+        return on_step_end
+
+    def _legacy_callback(self, progress: Progress | None) -> Callable | None:
+        """Adapt ``progress`` to the legacy ``callback(step, t, latents)`` (Kandinsky 2.1 has no other)."""
+        if progress is None:
+            return None
+        return lambda step, t, latents: progress(step + 1, self._total_steps())
+
+
+def detect_decoder_family(folder: str | os.PathLike) -> str:
+    """Return the family of a decoder folder, or raise naming the first missing file."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DecoderFolderError(f"'{root}' is not a folder. Point this at a diffusers-format decoder folder.")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise DecoderFolderError(f"'{root}' is not a complete decoder: missing model_index.json. "
+                                 f"Expected the layout of {_EXPECTED}.")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if name not in FAMILIES:
+        raise DecoderFolderError(f"'{root}' holds a {name or 'unknown pipeline'}, not a Kandinsky decoder "
+                                 f"(KandinskyV22Pipeline or KandinskyPipeline). Expected the layout of {_EXPECTED}.")
+    family = FAMILIES[name]
+    for sub, needs in LAYOUTS[family].items():
+        for options in needs:
+            if not any((root / sub / option).is_file() for option in options):
+                alternatives = f" (or {', '.join(options[1:])})" if len(options) > 1 else ""
+                raise DecoderFolderError(f"'{root}' is not a complete {family} decoder: missing "
+                                         f"{sub}/{options[0]}{alternatives}. Expected the layout of {_EXPECTED}.")
+    return family
+
+
+def load_decoder(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> KandinskyDecoder:
+    """Load a Kandinsky 2.2 or 2.1 decoder folder (offline, safetensors only, no remote code)."""
+    from diffusers import KandinskyPipeline, KandinskyV22Pipeline
+
+    family = detect_decoder_family(folder)
+    cls = KandinskyV22Pipeline if family == "kandinsky-2.2" else KandinskyPipeline
+    pipeline = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)  # progress goes through the caller's callback
+    return KandinskyDecoder(pipeline, family, source=str(folder))
