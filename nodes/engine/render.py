@@ -95,7 +95,7 @@ class KandinskyDecoder:
         self._check_size(height, width)
         embeds = self._check_embeds(embeds, "embeds")
         if negative_embeds is None:
-            negative_embeds = torch.ones_like(embeds)
+            negative_embeds = torch.zeros_like(embeds)
         negative_embeds = self._check_embeds(negative_embeds, "negative_embeds")
         if negative_embeds.shape[0] not in (1, embeds.shape[0]):
             raise ValueError(f"negative_embeds has {negative_embeds.shape[0]} rows; expected 1 or "
