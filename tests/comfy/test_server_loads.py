@@ -36,8 +36,9 @@ def test_pack_imported_without_failure(comfy_server):
     assert ours in times, f"pack missing from the import-times block {times}\n{comfy_server.log_tail(80)}"
     seconds, ok = times[ours]
     assert ok, comfy_server.log_tail(80)
-    # __init__.py must stay import-cheap (docs/comfyui.md §11): ComfyUI reports it at start-up.
-    assert seconds < 5.0, f"pack import took {seconds:.1f}s"
+    # Registration must stay import-cheap (docs/comfyui.md §11; ComfyUI reports it at start-up):
+    # only a pathological import (models loaded at import time, ...) trips this generous bound.
+    assert seconds < 15.0, f"pack import + comfy_entrypoint took {seconds:.1f}s"
 
 
 def test_every_declared_node_is_registered(comfy_server, object_info, pack_nodes):
