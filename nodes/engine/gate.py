@@ -35,6 +35,7 @@ class ValidityGate:
     question: str = PAPER_QUESTION
     every: int = 25
     threshold: float = 0.5
+    subject: str = ""  # overrides the optimiser's subject in the question when set
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -46,6 +47,6 @@ class ValidityGate:
         return step % self.every == 0
 
     def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
-        question = self.question.format(subject=subject)
+        question = self.question.format(subject=self.subject or subject)
         p = float(self.judge.p_yes(images, question).float().mean())
         return Verdict(step, question, p, p >= self.threshold)

@@ -181,3 +181,32 @@ def load_decoder(folder: str | os.PathLike, *, device: str | torch.device = "cpu
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)  # progress goes through the caller's callback
     return KandinskyDecoder(pipeline, family, source=str(folder))
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How a renderer draws: fixed per graph so the gate always judges comparable images."""
+
+    steps: int = 25
+    guidance: float = 4.0
+    height: int = 512
+    width: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DecoderRenderer:
+    """A decoder plus its settings and negative embedding: ``renderer(embeds) -> images``.
+
+    This is what the optimiser's gate calls and what the decode node uses, so both draw the
+    same way. ``negative_embeds`` is the prior's zero-image embedding when a prior is known.
+    """
+
+    decoder: Renderer
+    settings: RenderSettings = RenderSettings()
+    negative_embeds: torch.Tensor | None = None
+
+    def __call__(self, embeds: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        s = self.settings
+        return self.decoder.render(embeds, negative_embeds=self.negative_embeds, seed=s.seed, steps=s.steps,
+                                   guidance=s.guidance, height=s.height, width=s.width, progress=progress)

@@ -1,0 +1,161 @@
+"""Everything that talks to ComfyUI itself: model folders, progress, interruption, grad mode.
+
+Kept in one module so the nodes stay declarative and the engine never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import folder_paths
+
+CONCEPTS = "creative_concepts"
+EMBEDS = "creative_embeds"
+LLM = "LLM"
+DIFFUSERS = "diffusers"
+
+
+def register_folders() -> None:
+    """Model folders we read: the community ``LLM`` folder, and where saved concepts/banks appear."""
+    models = folder_paths.models_dir
+    output = Path(folder_paths.get_output_directory()) / "creative"
+    if LLM not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(LLM, os.path.join(models, LLM))
+    for name, sub in ((CONCEPTS, "concepts"), (EMBEDS, "embeds")):
+        folder_paths.add_model_folder_path(name, os.path.join(models, name))
+        folder_paths.add_model_folder_path(name, str(output / sub))
+        paths, _ = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
+
+
+def output_folder(kind: str) -> Path:
+    return Path(folder_paths.get_output_directory()) / "creative" / kind
+
+
+def _model_dirs(kind: str, marker: Callable[[Path], bool], depth: int = 2) -> dict[str, Path]:
+    """Sub-folders (up to ``depth`` levels) of every ``kind`` model path that satisfy ``marker``."""
+    found: dict[str, Path] = {}
+    for base in folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []:
+        root = Path(base)
+        if not root.is_dir():
+            continue
+        frontier = [root]
+        for _ in range(depth):
+            frontier = [c for d in frontier for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+            for folder in frontier:
+                if marker(folder):
+                    found.setdefault(folder.relative_to(root).as_posix(), folder)
+    return found
+
+
+def prior_folders() -> dict[str, Path]:
+    return _model_dirs(DIFFUSERS, lambda p: (p / "prior" / "config.json").is_file())
+
+
+def decoder_folders() -> dict[str, Path]:
+    return _model_dirs(DIFFUSERS, lambda p: (p / "movq" / "config.json").is_file())
+
+
+def mllm_folders() -> dict[str, Path]:
+    return _model_dirs(LLM, lambda p: (p / "config.json").is_file())
+
+
+def file_options(kind: str) -> list[str]:
+    return folder_paths.get_filename_list(kind)
+
+
+def resolve(choice: str, options: dict[str, Path], what: str, folder: str) -> Path:
+    if choice in options:
+        return options[choice]
+    raise ValueError(f"No {what} named '{choice}' in ComfyUI's models/{folder} folder(s). "
+                     f"Found: {sorted(options) or 'none'}. Download one into models/{folder}/ and refresh.")
+
+
+def folder_fingerprint(path: Path | None) -> str:
+    """Changes when the files of a model folder change, so ComfyUI reloads it."""
+    if path is None or not path.exists():
+        return ""
+    stamps = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in path.rglob("*") if p.is_file())
+    return str(hash(tuple(stamps)))
+
+
+class Progress:
+    """A ComfyUI progress bar plus progress text for one node; every update is a cancel point."""
+
+    def __init__(self, node_id: str | None, total: int):
+        import comfy.utils
+
+        self.node_id, self.total = node_id, total
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def __call__(self, done: int, text: str | None = None, preview=None) -> None:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done, self.total, preview)
+        if text:
+            self.text(text)
+
+    def text(self, text: str) -> None:
+        server = _prompt_server()
+        if server is not None and self.node_id is not None:
+            server.send_progress_text(text, self.node_id)
+
+
+def _prompt_server():
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def training_mode(fn):
+    """Run a node body outside ComfyUI's inference mode.
+
+    ComfyUI executes nodes under ``torch.inference_mode()``; tensors created there can never
+    take part in autograd, and the optimiser backpropagates through the prior, the norm and the
+    loss terms. So every node that creates or uses them runs with inference mode off, and
+    memory is released when it ends, on success, error or cancel alike.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    return wrapper
+
+
+def device_and_dtype(choice: str) -> tuple[torch.device, torch.dtype]:
+    """ComfyUI's compute device; "auto" = bf16 (or fp16) on a GPU, fp32 on the CPU."""
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if choice in named:
+        return device, named[choice]
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def download(repo_id: str, kind: str) -> Path:
+    """Fetch a Hugging Face repo into the first ``kind`` model folder (only when the user allows it)."""
+    from huggingface_hub import snapshot_download
+
+    target = Path(folder_paths.get_folder_paths(kind)[0]) / repo_id.strip().split("/")[-1]
+    snapshot_download(repo_id.strip(), local_dir=str(target),
+                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model", "*.jinja", "*.tiktoken"])
+    return target

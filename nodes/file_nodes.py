@@ -1,0 +1,174 @@
+"""Saving and loading banks and concepts, picking embeddings, and the bridge into core unCLIP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io, ui
+
+import folder_paths
+
+from . import comfy_bridge as cb
+from . import sockets as s
+from .engine.bank import EmbeddingBank, encode_image_bank
+from .engine.concept import Concept
+
+
+def _save_path(kind: str, prefix: str) -> Path:
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(cb.output_folder(kind)))
+    return Path(folder) / f"{name}_{counter:05}.safetensors"
+
+
+def _saved(path: Path) -> ui.PreviewText:
+    return ui.PreviewText(f"saved {path.name} in {path.parent}")
+
+
+class SaveEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeSaveEmbeds", display_name="Save Embeddings (Creative)", category=f"{s.CATEGORY}/files",
+            description="Writes a bank (embeddings + provenance) as safetensors to output/creative/embeds; it then "
+                        "appears in Load Embeddings.",
+            inputs=[s.Embeds.Input("embeds"), io.String.Input("filename_prefix", default="bank")],
+            outputs=[], is_output_node=True)
+
+    @classmethod
+    def execute(cls, embeds, filename_prefix):
+        path = _save_path("embeds", filename_prefix)
+        embeds.save(path)
+        return io.NodeOutput(ui=_saved(path))
+
+
+class LoadEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeLoadEmbeds", display_name="Load Embeddings (Creative)", category=f"{s.CATEGORY}/files",
+            inputs=[io.Combo.Input("file", options=cb.file_options(cb.EMBEDS),
+                                   tooltip="A bank from models/creative_embeds or output/creative/embeds.")],
+            outputs=[s.Embeds.Output(display_name="embeds")])
+
+    @classmethod
+    def fingerprint_inputs(cls, file):
+        return cb.folder_fingerprint(Path(folder_paths.get_full_path_or_raise(cb.EMBEDS, file)))
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, file):
+        return io.NodeOutput(EmbeddingBank.load(folder_paths.get_full_path_or_raise(cb.EMBEDS, file)))
+
+
+class SaveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeSaveConcept", display_name="Save Concept (Creative)", category=f"{s.CATEGORY}/files",
+            description="Writes the concept (token embedding + LoRA + provenance in the metadata) as one safetensors "
+                        "file to output/creative/concepts; it then appears in Load Concept.",
+            inputs=[s.Concept.Input("concept"), io.String.Input("filename_prefix", default="concept")],
+            outputs=[], is_output_node=True)
+
+    @classmethod
+    def execute(cls, concept, filename_prefix):
+        path = _save_path("concepts", filename_prefix)
+        concept.save(path)
+        return io.NodeOutput(ui=_saved(path))
+
+
+class LoadConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeLoadConcept", display_name="Load Concept (Creative)", category=f"{s.CATEGORY}/files",
+            inputs=[io.Combo.Input("file", options=cb.file_options(cb.CONCEPTS),
+                                   tooltip="A concept from models/creative_concepts or output/creative/concepts.")],
+            outputs=[s.Concept.Output(display_name="concept"), io.String.Output(display_name="token")])
+
+    @classmethod
+    def fingerprint_inputs(cls, file):
+        return cb.folder_fingerprint(Path(folder_paths.get_full_path_or_raise(cb.CONCEPTS, file)))
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, file):
+        concept = Concept.load(folder_paths.get_full_path_or_raise(cb.CONCEPTS, file))
+        return io.NodeOutput(concept, concept.token)
+
+
+class EncodeImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeEncodeImages", display_name="Encode Images (Creative)", category=f"{s.CATEGORY}",
+            description="CLIP image embeddings of images with the prior's image encoder (e.g. images you marked as "
+                        "unwanted, for a negative cluster).",
+            inputs=[s.Prior.Input("prior"), io.Image.Input("images")],
+            outputs=[s.Embeds.Output(display_name="embeds")])
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, prior, images):
+        return io.NodeOutput(encode_image_bank(prior, images.clone()))
+
+
+def parse_indices(text: str, size: int) -> list[int]:
+    """'0, 3, 5-7' -> [0, 3, 5, 6, 7]; refuses what is out of range."""
+    picked: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise ValueError(f"indices: cannot read '{part}'; write e.g. '0, 3, 5-7'.")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi < lo or hi >= size:
+            raise ValueError(f"indices: '{part}' is outside the bank (0-{size - 1}).")
+        picked.extend(range(lo, hi + 1))
+    if not picked:
+        raise ValueError("indices is empty: list the embeddings to keep, e.g. '0, 3, 5-7'.")
+    return picked
+
+
+class SelectEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeSelectEmbeds", display_name="Select Embeddings (Creative)", category=f"{s.CATEGORY}",
+            description="Keeps the embeddings at the given positions, e.g. the ones whose renders you marked as ugly.",
+            inputs=[s.Embeds.Input("embeds"),
+                    io.String.Input("indices", default="0", tooltip="Positions to keep, e.g. '0, 3, 5-7'.")],
+            outputs=[s.Embeds.Output(display_name="embeds")])
+
+    @classmethod
+    def execute(cls, embeds, indices):
+        picked = parse_indices(indices, len(embeds))
+        return io.NodeOutput(EmbeddingBank(embeds.embeds[picked], dict(embeds.provenance, selected=picked)))
+
+
+class EmbedsToClipVision(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeEmbedsToCLIPVision", display_name="Embeddings to CLIP Vision Output (Creative)",
+            category=f"{s.CATEGORY}/render",
+            description="Turns embeddings into a core CLIP_VISION_OUTPUT so core unCLIPConditioning -> KSampler can "
+                        "render them with an SD 2.1 unCLIP (768/1024-d) or SDXL revision (1280-d) model.",
+            inputs=[s.Embeds.Input("embeds"),
+                    io.Int.Input("start", default=0, min=0, tooltip="First embedding to pass on."),
+                    io.Int.Input("count", default=1, min=1, max=64, tooltip="How many (one image each).")],
+            outputs=[io.ClipVisionOutput.Output(display_name="clip_vision_output")])
+
+    @classmethod
+    def execute(cls, embeds, start, count):
+        import comfy.clip_vision
+
+        chosen = embeds.embeds[start:start + count]
+        if not len(chosen):
+            raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
+        out = comfy.clip_vision.Output()
+        out["image_embeds"] = chosen.to(torch.float32).clone()
+        return io.NodeOutput(out)
+
+
+NODES = [SaveEmbeds, LoadEmbeds, SaveConcept, LoadConcept, EncodeImages, SelectEmbeds, EmbedsToClipVision]

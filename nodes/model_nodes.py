@@ -1,0 +1,197 @@
+"""Loaders (prior, decoder, multimodal LLM), concept application and rendering nodes."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import comfy_bridge as cb
+from . import sockets as s
+from .engine.mllm import load_mllm
+from .engine.prior import load_prior
+from .engine.render import DecoderRenderer, RenderSettings, load_decoder
+
+DOWNLOAD_TIP = ("Off (default): load only from local model folders, never touching the network. "
+                "On: download 'hf_repo_id' from Hugging Face into the model folder first.")
+
+
+def _download_inputs(example: str) -> list:
+    return [io.Boolean.Input("allow_download", default=False, tooltip=DOWNLOAD_TIP),
+            io.String.Input("hf_repo_id", default="", tooltip=f"Hugging Face repo id to download, e.g. {example}. "
+                            "Used only when allow_download is on.")]
+
+
+def _folder(choice: str, options: dict, what: str, kind: str, allow_download: bool, hf_repo_id: str):
+    if allow_download and hf_repo_id.strip():
+        return cb.download(hf_repo_id, kind)
+    return cb.resolve(choice, options, what, kind)
+
+
+def _check_choice(choice: str, options: dict, what: str, kind: str, allow_download: bool, hf_repo_id: str,
+                  example: str) -> bool | str:
+    if allow_download and hf_repo_id.strip():
+        return True
+    if choice in options:
+        return True
+    return (f"No {what} '{choice}' found in models/{kind}. Download e.g. {example} into models/{kind}/ "
+            f"(a diffusers/transformers folder) and refresh, or switch on allow_download with hf_repo_id.")
+
+
+class LoadPrior(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeLoadPrior", display_name="Load Diffusion Prior (Creative)", category=f"{s.CATEGORY}/loaders",
+            description="Loads a text-to-image-embedding diffusion prior (Kandinsky 2.1/2.2 prior, Karlo) from a "
+                        "diffusers folder in models/diffusers.",
+            inputs=[io.Combo.Input("prior", options=sorted(cb.prior_folders()),
+                                   tooltip="A diffusers prior folder under models/diffusers, e.g. "
+                                           "kandinsky-2-1-prior (the paper's model)."),
+                    io.Combo.Input("dtype", options=s.DTYPES, default="auto",
+                                   tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
+                    *_download_inputs("kandinsky-community/kandinsky-2-1-prior")],
+            outputs=[s.Prior.Output(display_name="prior")])
+
+    @classmethod
+    def validate_inputs(cls, prior, allow_download=False, hf_repo_id=""):
+        return _check_choice(prior, cb.prior_folders(), "prior", cb.DIFFUSERS, allow_download, hf_repo_id,
+                             "kandinsky-community/kandinsky-2-1-prior")
+
+    @classmethod
+    def fingerprint_inputs(cls, prior, dtype, allow_download=False, hf_repo_id=""):
+        return cb.folder_fingerprint(cb.prior_folders().get(prior))
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, prior, dtype, allow_download=False, hf_repo_id=""):
+        folder = _folder(prior, cb.prior_folders(), "prior", cb.DIFFUSERS, allow_download, hf_repo_id)
+        device, torch_dtype = cb.device_and_dtype(dtype)
+        return io.NodeOutput(load_prior(str(folder), device=device, dtype=torch_dtype))
+
+
+class LoadDecoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeLoadDecoder", display_name="Load Kandinsky Decoder (Creative)",
+            category=f"{s.CATEGORY}/loaders",
+            description="Loads the decoder that pairs with a prior (Kandinsky 2.1 or 2.2) from models/diffusers.",
+            inputs=[io.Combo.Input("decoder", options=sorted(cb.decoder_folders()),
+                                   tooltip="A diffusers decoder folder under models/diffusers, e.g. kandinsky-2-1 or "
+                                           "kandinsky-2-2-decoder."),
+                    io.Combo.Input("dtype", options=s.DTYPES, default="auto", tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
+                    *_download_inputs("kandinsky-community/kandinsky-2-2-decoder")],
+            outputs=[s.Decoder.Output(display_name="decoder")])
+
+    @classmethod
+    def validate_inputs(cls, decoder, allow_download=False, hf_repo_id=""):
+        return _check_choice(decoder, cb.decoder_folders(), "decoder", cb.DIFFUSERS, allow_download, hf_repo_id,
+                             "kandinsky-community/kandinsky-2-2-decoder")
+
+    @classmethod
+    def fingerprint_inputs(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
+        return cb.folder_fingerprint(cb.decoder_folders().get(decoder))
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
+        folder = _folder(decoder, cb.decoder_folders(), "decoder", cb.DIFFUSERS, allow_download, hf_repo_id)
+        device, torch_dtype = cb.device_and_dtype(dtype)
+        return io.NodeOutput(load_decoder(str(folder), device=device, dtype=torch_dtype))
+
+
+class LoadMLLM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeLoadMLLM", display_name="Load Multimodal LLM (Creative)", category=f"{s.CATEGORY}/loaders",
+            description="Loads an image-text-to-text model (LLaVA-NeXT, Qwen2-VL, ...) from models/LLM for the "
+                        "validity gate. Text-only models are refused.",
+            inputs=[io.Combo.Input("model", options=sorted(cb.mllm_folders()),
+                                   tooltip="A transformers folder under models/LLM, e.g. llava-v1.6-mistral-7b-hf."),
+                    io.Combo.Input("dtype", options=s.DTYPES, default="auto", tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
+                    io.Boolean.Input("trust_remote_code", default=False,
+                                     tooltip="Run Python code shipped with the model folder. Off unless you trust it."),
+                    *_download_inputs("llava-hf/llava-v1.6-mistral-7b-hf")],
+            outputs=[s.MLLM.Output(display_name="mllm")])
+
+    @classmethod
+    def validate_inputs(cls, model, allow_download=False, hf_repo_id=""):
+        return _check_choice(model, cb.mllm_folders(), "multimodal LLM", cb.LLM, allow_download, hf_repo_id,
+                             "llava-hf/llava-v1.6-mistral-7b-hf")
+
+    @classmethod
+    def fingerprint_inputs(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id=""):
+        return cb.folder_fingerprint(cb.mllm_folders().get(model))
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id=""):
+        folder = _folder(model, cb.mllm_folders(), "multimodal LLM", cb.LLM, allow_download, hf_repo_id)
+        device, torch_dtype = cb.device_and_dtype(dtype)
+        return io.NodeOutput(load_mllm(str(folder), device=device, dtype=torch_dtype,
+                                       trust_remote_code=trust_remote_code))
+
+
+class DecoderRendererNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeDecoderRenderer", display_name="Decoder Renderer (Creative)", category=f"{s.CATEGORY}/render",
+            description="Fixes how embeddings are drawn (steps, guidance, size, seed). Feed it to the optimiser "
+                        "(for the validity gate) and to Render Embeddings.",
+            inputs=[s.Decoder.Input("decoder"),
+                    io.Int.Input("steps", default=25, min=1, max=200, tooltip="Decoder denoising steps."),
+                    io.Float.Input("guidance", default=4.0, min=1.0, max=30.0, step=0.1,
+                                   tooltip="Decoder classifier-free guidance."),
+                    io.Int.Input("width", default=512, min=16, max=2048, step=16),
+                    io.Int.Input("height", default=512, min=16, max=2048, step=16),
+                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise seed of the decoder."),
+                    s.Prior.Input("prior", optional=True,
+                                  tooltip="Optional: the prior, whose black-image embedding becomes the decoder's "
+                                          "negative (Kandinsky's default). Without it the negative is zeros.")],
+            outputs=[s.Renderer.Output(display_name="renderer")])
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, decoder, steps, guidance, width, height, seed, prior=None):
+        negative = prior.zero_image_embed() if prior is not None else None
+        return io.NodeOutput(DecoderRenderer(decoder, RenderSettings(steps, guidance, height, width, seed), negative))
+
+
+class RenderEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeRenderEmbeds", display_name="Render Embeddings (Creative)", category=f"{s.CATEGORY}/render",
+            description="Draws embeddings (a bank or a concept's samples) with a renderer.",
+            inputs=[s.Renderer.Input("renderer"), s.Embeds.Input("embeds"),
+                    io.Int.Input("start", default=0, min=0, tooltip="First embedding of the bank to draw."),
+                    io.Int.Input("count", default=4, min=1, max=256, tooltip="How many embeddings to draw.")],
+            outputs=[io.Image.Output(display_name="images")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, renderer, embeds, start, count):
+        chosen = embeds.embeds[start:start + count]
+        if not len(chosen):
+            raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
+        progress = cb.Progress(cls.hidden.unique_id, renderer.settings.steps)
+        return io.NodeOutput(renderer(chosen, progress=lambda i, n: progress(i)))
+
+
+class ApplyConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeApplyConcept", display_name="Apply Concept to Prior (Creative)", category=f"{s.CATEGORY}",
+            description="A prior that understands a learned concept's token; sample it with a prompt using the token.",
+            inputs=[s.Prior.Input("prior"), s.Concept.Input("concept")],
+            outputs=[s.Prior.Output(display_name="prior"), io.String.Output(display_name="token")])
+
+    @classmethod
+    def execute(cls, prior, concept):
+        return io.NodeOutput(prior.with_concept(concept), concept.token)
+
+
+NODES = [LoadPrior, LoadDecoder, LoadMLLM, DecoderRendererNode, RenderEmbeds, ApplyConcept]

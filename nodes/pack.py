@@ -1,0 +1,16 @@
+"""The ComfyUI extension: registers our model folders and lists every node."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension
+
+from . import comfy_bridge, file_nodes, model_nodes, pipeline_nodes
+
+
+class CreativeExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        comfy_bridge.register_folders()
+
+    async def get_node_list(self):
+        comfy_bridge.register_folders()
+        return [*pipeline_nodes.NODES, *model_nodes.NODES, *file_nodes.NODES]

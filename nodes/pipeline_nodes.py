@@ -1,0 +1,238 @@
+"""The six nodes of the paper's pipeline: sample, fit, anchor, negative cluster, gate, optimise."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from . import comfy_bridge as cb
+from . import sockets as s
+from .engine.bank import EmbeddingBank, encode_image_bank, sample_bank
+from .engine.gate import PAPER_QUESTION, ValidityGate
+from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm, negative_cluster
+from .engine.norm import GaussianNorm
+from .engine.optimizer import CreativeOptimizer, OptimConfig
+from .engine.plots import plot_embedding_map, plot_log
+
+TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}
+SEED = dict(default=0, min=0, max=2**63 - 1)
+
+
+class PriorSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativePriorSampler", display_name="Prior Sampler (Creative)", category=s.CATEGORY,
+            description="Samples N CLIP image embeddings for a prompt from the prior: the 'typical' set of §5.1.",
+            inputs=[s.Prior.Input("prior"),
+                    io.String.Input("prompt", default=s.PAPER_PROMPT, multiline=True,
+                                    tooltip="The paper's template: 'Professional high-quality photo of a {subject}. "
+                                            "photorealistic, 4k, HQ.' With a concept applied, use its token."),
+                    io.Int.Input("count", default=5000, min=1, max=1_000_000, tooltip="Embeddings to sample (paper: 5,000)."),
+                    io.Int.Input("batch_size", default=500, min=1, max=10_000, tooltip="Embeddings per batch (paper: 500)."),
+                    io.Int.Input("steps", default=5, min=1, max=1000, tooltip="Prior denoising steps (paper: 5)."),
+                    io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1,
+                                   tooltip="Prior classifier-free guidance (1 = off; ConceptLab used 4)."),
+                    io.Int.Input("seed", **SEED, control_after_generate=True,
+                                 tooltip="Same seed and settings give the same bank."),
+                    io.String.Input("negative_prompt", default="", tooltip="Unconditional prompt of the guidance.")],
+            outputs=[s.Embeds.Output(display_name="embeds")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def validate_inputs(cls, prompt):
+        return True if prompt.strip() else "prompt is empty: describe the subject, e.g. the paper's template."
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, prior, prompt, count, batch_size, steps, guidance, seed, negative_prompt):
+        progress = cb.Progress(cls.hidden.unique_id, count)
+        bank = sample_bank(prior, prompt, count, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed,
+                           negative_prompt=negative_prompt,
+                           progress=lambda done, n: progress(done, f"sampled {done}/{n} embeddings"))
+        return io.NodeOutput(bank)
+
+
+class NormGaussianFit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeNormGaussianFit", display_name="Norm Gaussian Fit (Creative)", category=s.CATEGORY,
+            description="PCA of the bank plus a full-covariance Gaussian in PCA space (Eq. 3-4): the norm whose "
+                        "low-probability regions the optimiser seeks.",
+            inputs=[s.Embeds.Input("embeds"),
+                    io.Int.Input("pca_dims", default=50, min=1, max=4096, tooltip="PCA dimensions k (paper: 50); "
+                                 "must be smaller than the bank size.")],
+            outputs=[s.Norm.Output(display_name="norm"), io.Image.Output(display_name="map")])
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, embeds, pca_dims):
+        if pca_dims >= len(embeds):
+            raise ValueError(f"pca_dims ({pca_dims}) must be smaller than the bank size ({len(embeds)}): raise the "
+                             f"sampler's count above {pca_dims} or lower pca_dims.")
+        norm = GaussianNorm.fit(embeds, pca_dims)
+        return io.NodeOutput(norm, plot_embedding_map(norm, embeds.embeds))
+
+
+def _chain(loss_terms, term) -> tuple:
+    return tuple(loss_terms or ()) + (term,)
+
+
+class AnchorLoss(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeAnchorLoss", display_name="Anchor Loss (Creative)", category=s.CATEGORY,
+            description="1 − cos(e, φ(category text)) with the prior's own text encoder (Eq. 6): keeps the concept "
+                        "in its category.",
+            inputs=[s.Prior.Input("prior"),
+                    io.String.Input("text", default=s.PAPER_PROMPT, multiline=True,
+                                    tooltip="The category prompt P_pos, e.g. the paper's template for the subject."),
+                    io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05, tooltip="Weight (paper: 1)."),
+                    s.Loss.Input("loss_terms", optional=True, tooltip="Other loss terms to chain with.")],
+            outputs=[s.Loss.Output(display_name="loss_terms")])
+
+    @classmethod
+    def validate_inputs(cls, text):
+        return True if text.strip() else "text is empty: give the category, e.g. 'a photo of a vehicle'."
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, prior, text, weight, loss_terms=None):
+        return io.NodeOutput(_chain(loss_terms, AnchorTerm.from_prior(prior, text, weight)))
+
+
+class NegativeCluster(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeNegativeCluster", display_name="Negative Cluster (Creative)", category=s.CATEGORY,
+            description="Repels the optimiser from a region you marked as unwanted: a Gaussian of those embeddings in "
+                        "the norm's PCA space, added as +α·log Ĝ_neg (the paper's Eq. 7 prints the sign that would "
+                        "attract; this implements its stated intent).",
+            inputs=[s.Norm.Input("norm"),
+                    io.Float.Input("alpha", default=1.0, min=0.0, max=100.0, step=0.05, tooltip="Repulsion weight α."),
+                    io.String.Input("label", default="negative", tooltip="Name shown in logs and plots."),
+                    s.Embeds.Input("embeds", optional=True, tooltip="Unwanted embeddings (e.g. selected from a bank)."),
+                    io.Image.Input("images", optional=True, tooltip="Unwanted images; encoded with the prior's "
+                                   "image encoder (connect the prior)."),
+                    s.Prior.Input("prior", optional=True, tooltip="Needed only to encode images."),
+                    s.Loss.Input("loss_terms", optional=True, tooltip="Other loss terms to chain with.")],
+            outputs=[s.Loss.Output(display_name="loss_terms")])
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, norm, alpha, label, embeds=None, images=None, prior=None, loss_terms=None):
+        banks = [] if embeds is None else [embeds]
+        if images is not None:
+            if prior is None:
+                raise ValueError("images were given but no prior: connect the prior so its image encoder can embed them.")
+            banks.append(encode_image_bank(prior, images.clone()))
+        if not banks:
+            raise ValueError("Give the unwanted region: connect embeds and/or images.")
+        for bank in banks:
+            if norm.prior_identity and bank.prior_identity and bank.prior_identity != norm.prior_identity:
+                raise ValueError(f"embeds come from prior '{bank.prior_identity}' but the norm was fitted on "
+                                 f"'{norm.prior_identity}': use embeddings of the same prior.")
+        return io.NodeOutput(_chain(loss_terms, negative_cluster(norm, EmbeddingBank.concat(banks), alpha, label)))
+
+
+class MLLMValidityGate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeMLLMValidityGate", display_name="MLLM Validity Gate (Creative)", category=s.CATEGORY,
+            description="Every few steps the optimiser renders its concept and asks the MLLM whether it is still the "
+                        "subject; P(yes) comes from the yes/no next-token logits. 'No' stops the run and keeps the "
+                        "last state that passed.",
+            inputs=[s.MLLM.Input("mllm"),
+                    io.String.Input("subject", default="", tooltip="Subject in the question; empty = the optimiser's."),
+                    io.String.Input("question", default=PAPER_QUESTION, tooltip="Question template; {subject} is filled in."),
+                    io.Int.Input("check_every", default=25, min=1, max=10_000, tooltip="Steps between checks (paper: 25)."),
+                    io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                                   tooltip="P(yes) needed to pass.")],
+            outputs=[s.Gate.Output(display_name="gate")])
+
+    @classmethod
+    def execute(cls, mllm, subject, question, check_every, threshold):
+        return io.NodeOutput(ValidityGate(mllm, question, check_every, threshold, subject.strip()))
+
+
+class LoRAOptimizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeLoRAOptimizer", display_name="Creative LoRA Optimizer (Creative)", category=s.CATEGORY,
+            description="Trains a placeholder token and a rank-10 LoRA on the prior so its embedding moves to "
+                        "low-probability regions of the norm (§5.2), held back by the loss terms and the gate.",
+            inputs=[s.Prior.Input("prior"), s.Norm.Input("norm"),
+                    io.String.Input("subject", default="vehicle", tooltip="What the concept must remain (the gate "
+                                    "asks about it; the token starts from this word)."),
+                    s.Loss.Input("loss_terms", optional=True, tooltip="Anchor / negative-cluster terms."),
+                    s.Gate.Input("gate", optional=True, tooltip="Validity gate (needs a renderer)."),
+                    s.Renderer.Input("renderer", optional=True, tooltip="Draws the concept for the gate."),
+                    io.Int.Input("steps", default=50, min=1, max=100_000, tooltip="Maximum steps (paper: good results "
+                                 "in ~50, at most 1,000; the gate may stop earlier)."),
+                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+                                   tooltip="AdamW learning rate (paper: 1e-4)."),
+                    io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
+                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
+                                   tooltip="What to train (paper: token + LoRA)."),
+                    io.Int.Input("seed", **SEED, control_after_generate=True,
+                                 tooltip="Seeds the LoRA init, the per-step noise and the gate's render."),
+                    io.String.Input("prompt_template", default="a photo of a {token}",
+                                    tooltip="Prompt the concept is trained in; {token} is the placeholder."),
+                    io.Float.Input("creative_weight", default=1.0, min=0.0, max=100.0, step=0.05,
+                                   tooltip="Weight of log Ĝ(ẽ) (Eq. 5)."),
+                    io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Prior guidance while training."),
+                    io.Int.Input("prior_steps", default=5, min=1, max=100, tooltip="Prior steps, with gradients (paper: 5).")],
+            outputs=[s.Prior.Output(display_name="prior"), s.Concept.Output(display_name="concept"),
+                     s.Log.Output(display_name="log"), io.String.Output(display_name="token"),
+                     io.Image.Output(display_name="gate_images"), io.Image.Output(display_name="loss_plot"),
+                     io.Image.Output(display_name="embedding_map")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def validate_inputs(cls, subject, prompt_template):
+        if not subject.strip():
+            return "subject is empty: name what the concept must remain, e.g. 'vehicle'."
+        if "{token}" not in prompt_template:
+            return "prompt_template must contain {token}, e.g. 'a photo of a {token}'."
+        return True
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, prior, norm, subject, steps, learning_rate, lora_rank, train, seed, prompt_template,
+                creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None):
+        if gate is not None and renderer is None:
+            raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
+                             "renderer (Decoder Renderer).")
+        terms = [CreativeTerm(norm, creative_weight), *(loss_terms or ())]
+        cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
+                          alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
+                          template=prompt_template)
+        optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
+        progress = cb.Progress(cls.hidden.unique_id, steps)
+        result = optimizer.run(lambda entry: progress(entry["step"], _describe(entry)))
+        progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
+        images = [r["gate_image"] for r in result.log if "gate_image" in r]
+        gate_images = torch.stack(images) if images else torch.zeros(1, 64, 64, 3)
+        clusters = [(t.name, t.cluster) for t in terms if isinstance(t, NegativeClusterTerm)]
+        log = {"entries": [{k: v for k, v in r.items() if k != "gate_image"} for r in result.log],
+               "stop_reason": result.stop_reason, "steps_run": result.steps_run, "accepted_step": result.accepted_step}
+        return io.NodeOutput(prior.with_concept(result.concept), result.concept, log, result.concept.token,
+                             gate_images, plot_log(result.log), plot_embedding_map(norm, None, result.path, clusters),
+                             ui=ui.PreviewImage(gate_images, cls=cls) if images else None)
+
+
+def _describe(entry: dict) -> str:
+    parts = [f"step {entry['step']}", f"loss {entry['loss']:.4g}", f"log p {entry['log_likelihood']:.4g}"]
+    if "anchor_cos" in entry:
+        parts.append(f"anchor cos {entry['anchor_cos']:.3f}")
+    if "gate_p_yes" in entry:
+        parts.append(f"gate P(yes) {entry['gate_p_yes']:.3f} -> {'yes' if entry['gate_passed'] else 'NO'}")
+    return ", ".join(parts)
+
+
+NODES = [PriorSampler, NormGaussianFit, AnchorLoss, NegativeCluster, MLLMValidityGate, LoRAOptimizer]

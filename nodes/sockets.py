@@ -1,0 +1,18 @@
+"""Our custom socket types, namespaced so they never collide with other packs' types."""
+
+from comfy_api.latest import io
+
+Prior = io.Custom("CREATIVE_PRIOR")
+Embeds = io.Custom("CREATIVE_EMBEDS")
+Norm = io.Custom("CREATIVE_NORM")
+Loss = io.Custom("CREATIVE_LOSS")
+Gate = io.Custom("CREATIVE_GATE")
+MLLM = io.Custom("CREATIVE_MLLM")
+Decoder = io.Custom("CREATIVE_DECODER")
+Renderer = io.Custom("CREATIVE_RENDERER")
+Concept = io.Custom("CREATIVE_CONCEPT")
+Log = io.Custom("CREATIVE_LOG")
+
+CATEGORY = "creative"
+DTYPES = ["auto", "fp32", "bf16", "fp16"]
+PAPER_PROMPT = "Professional high-quality photo of a vehicle. photorealistic, 4k, HQ."
