@@ -128,9 +128,21 @@ async def _await(x):
 
 def pack_extension():
     """The pack's ``ComfyExtension``, via its ``comfy_entrypoint()`` (needs :func:`import_comfy`)."""
-    import creative_generation  # registered by tests/conftest.py
+    return run_async(import_pack().comfy_entrypoint())
 
-    return run_async(creative_generation.comfy_entrypoint())
+
+def import_pack():
+    """The pack as package ``creative_generation`` (tests/conftest.py registers it; done here
+    too so the harness also works outside pytest)."""
+    import importlib.util
+
+    if "creative_generation" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("creative_generation", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["creative_generation"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["creative_generation"]
 
 
 def pack_node_classes() -> dict[str, type]:
