@@ -50,23 +50,32 @@ def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, tuple[l
             draw.line(pts, fill=colour, width=2)
         elif pts:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-        draw.text((x0 + 6 + 110 * i, y0 + 4), name, fill=colour)
 
 
-def plot_log(log: list[dict], width: int = 768, height: int = 512) -> torch.Tensor:
-    """Loss terms (top) and log-likelihood under the norm (bottom) per step; gate checks marked."""
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    steps = [r["step"] for r in log]
-    skip = {"step", "seconds", "log_likelihood", "mahalanobis", "anchor_cos", "gate_p_yes", "gate_passed",
-            "gate_question", "gate_image"}
-    names = [k for k in (log[0] if log else {}) if k not in skip and isinstance(log[0][k], (int, float))]
+def plot_log(log: list[dict], width: int = 768, panel_height: int = 150) -> torch.Tensor:
+    """One panel per curve (total loss, each loss term, log-likelihood, P(yes)), each on its own scale.
+
+    Terms differ by orders of magnitude (log-density ~1e3-1e6, anchor ~1), so sharing an axis
+    would flatten all but one. Gate checks are vertical ticks: green passed, red rejected.
+    """
+    skip = {"step", "seconds", "mahalanobis", "anchor_cos", "gate_p_yes", "gate_passed", "gate_question", "gate_image"}
+    first = log[0] if log else {}
+    names = [k for k in first if k not in skip and isinstance(first[k], (int, float))]
+    if any("gate_p_yes" in r for r in log):
+        names.append("gate_p_yes")
     marks = [(r["step"], (44, 160, 44) if r["gate_passed"] else (214, 39, 40)) for r in log if "gate_passed" in r]
-    half = height // 2
-    _panel(draw, (MARGIN, 24, width - 10, half - 16), "loss terms",
-           {n: (steps, [float(r.get(n, float("nan"))) for r in log]) for n in names}, marks)
-    _panel(draw, (MARGIN, half + 24, width - 10, height - 20), "log-likelihood under the norm (gate: green yes, red no)",
-           {"log p": (steps, [float(r["log_likelihood"]) for r in log])} if log else {}, marks)
+    cols = 2
+    rows = max(1, math.ceil(len(names) / cols))
+    img = Image.new("RGB", (width, rows * panel_height), "white")
+    draw = ImageDraw.Draw(img)
+    pw = width // cols
+    for i, name in enumerate(names):
+        x0, y0 = (i % cols) * pw + MARGIN, (i // cols) * panel_height + 20
+        series = [(r["step"], float(r[name])) for r in log if name in r]
+        _panel(draw, (x0, y0, x0 + pw - MARGIN - 10, y0 + panel_height - 40), name,
+               {name: ([x for x, _ in series], [y for _, y in series])}, marks)
+    if not names:
+        draw.text((10, 10), "no steps were run", fill=(0, 0, 0))
     return _to_image(img)
 
 
@@ -80,7 +89,7 @@ def _ellipse(gaussian: GaussianNorm, sigmas: float, n: int = 64) -> np.ndarray:
 
 def plot_embedding_map(norm: GaussianNorm, bank: torch.Tensor | None = None, path: list[torch.Tensor] = (),
                        clusters: list[tuple[str, GaussianNorm]] = (), size: int = 512) -> torch.Tensor:
-    """PCA axes 1-2 of the norm: its 1σ/2σ contours and bank cloud, the optimisation path, negative clusters."""
+    """PCA axes 1-2 of the norm: its 1 and 2 sigma contours and bank cloud, the optimisation path, negative clusters."""
     grey, reds, blue = (150, 150, 150), [(214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)], (31, 119, 180)
     cloud = norm.project(bank.double())[:, :2].numpy() if bank is not None and len(bank) else np.zeros((0, 2))
     track = norm.project(torch.stack(list(path)).double())[:, :2].numpy() if len(path) else np.zeros((0, 2))
@@ -92,7 +101,7 @@ def plot_embedding_map(norm: GaussianNorm, bank: torch.Tensor | None = None, pat
     fx, _, _ = _scaler(every[:, 0], MARGIN, size - 10)
     fy, _, _ = _scaler(every[:, 1], size - MARGIN, 24)
     draw.rectangle((MARGIN, 24, size - 10, size - MARGIN), outline=(160, 160, 160))
-    draw.text((MARGIN, 6), "embedding map: PCA axes 1-2 of the norm (grey: typical 1σ/2σ)", fill=(0, 0, 0))
+    draw.text((MARGIN, 6), "embedding map: PCA axes 1-2 of the norm (grey: typical 1 and 2 sigma)", fill=(0, 0, 0))
     for x, y in cloud:
         draw.ellipse([fx(x) - 1.5, fy(y) - 1.5, fx(x) + 1.5, fy(y) + 1.5], fill=(190, 190, 190))
     for colour, pts in contours:
