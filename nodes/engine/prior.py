@@ -118,11 +118,18 @@ class Prior:
             self._tokenizers[token] = tok
         return self._tokenizers[token]
 
-    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode prompts exactly as diffusers' prior pipelines do (max-length padding, mask)."""
+    def encode_prompt(self, prompts: list[str], full_length: bool = False) -> PromptEmbeds:
+        """Encode prompts as diffusers' prior pipelines do, up to the longest prompt by default.
+
+        CLIP's text encoder is causal and the pipelines pass it no padding mask, so the states of
+        the real tokens never depend on the padding after them; the prior masks padding out too.
+        Stopping at the longest prompt therefore gives the same states for a fraction of the work
+        (a 77-position copy, ``full_length=True``, is only needed to call diffusers' forward).
+        """
         tokenizer = self.tokenizer_for_concept()
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
+        padding = "max_length" if full_length else "longest"
+        ids = tokenizer(prompts, padding=padding, max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
         input_ids = ids.input_ids.to(self.device)
         mask = ids.attention_mask.bool().to(self.device)
         with placeholder_embeddings(self.text_encoder, tokenizer, self.concept):

@@ -65,7 +65,7 @@ def build_prefix(transformer: torch.nn.Module, emb: PromptEmbeds) -> PrefixCache
     if tf.embedding_proj_norm is not None:
         proj = tf.embedding_proj_norm(proj)
     proj = tf.embedding_proj(proj)
-    n_text = text.shape[1]
+    n_text = tf.config.num_embeddings  # the extra tokens sit after all 77 text positions, however many we keep
     pos = tf.positional_embedding[0]
     keep = emb.mask.any(0).nonzero().squeeze(1)
     x = torch.cat([text[:, keep] + pos[keep], (proj + pos[n_text])[:, None]], dim=1)

@@ -45,7 +45,8 @@ def test_negative_prompt_matches_uncached_prior(prior):
     """With a negative prompt the uncond prefix is longer than the cond one; compare to the full forward."""
     ours = sample_embeddings(prior, "a car", 6, batch_size=6, steps=4, guidance=5.0, seed=2,
                              negative_prompt="blurry, low quality, oversaturated colours and strange shapes")
-    emb = prior.encode_prompt(["blurry, low quality, oversaturated colours and strange shapes", "a car"])
+    emb = prior.encode_prompt(["blurry, low quality, oversaturated colours and strange shapes", "a car"],
+                              full_length=True)
     g = torch.Generator().manual_seed(2)
     lat = initial_latents(prior, 6, g)
     sched = prior.scheduler
@@ -85,6 +86,16 @@ def test_progress_and_cancel(prior):
 
     with pytest.raises(KeyboardInterrupt):
         sample_embeddings(prior, PROMPT, 10, batch_size=4, progress=cancel)
+
+
+def test_longest_padding_equals_full_length(prior):
+    """The causal text encoder gives the same states for real tokens without the 77-position padding."""
+    prompts = ["", PROMPT, "a car"]
+    short, full = prior.encode_prompt(prompts), prior.encode_prompt(prompts, full_length=True)
+    n = short.hidden_states.shape[1]
+    assert n < 77 and torch.equal(full.mask[:, n:].any(), torch.tensor(False))
+    assert torch.allclose(short.text_embeds, full.text_embeds, atol=1e-6)
+    assert torch.allclose(short.hidden_states, full.hidden_states[:, :n], atol=1e-6)
 
 
 def test_differentiable_generate(prior):

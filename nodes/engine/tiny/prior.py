@@ -13,10 +13,12 @@ PIPELINES = {"kandinsky-2.1": "KandinskyPriorPipeline", "kandinsky-2.2": "Kandin
 
 
 def build_tiny_prior(folder: str | Path, *, family: str = "kandinsky-2.2", width: int = 32, layers: int = 2,
-                     heads: int = 2, embed_dim: int = 32, text_width: int = 32, text_layers: int = 2,
+                     heads: int = 2, embed_dim: int = 32, text_layers: int = 2,
                      seed: int = 0, with_image_encoder: bool = True) -> Path:
     """Save a seeded random prior (transformer, CLIP text/vision encoders, tokenizer, scheduler).
 
+    The text encoder's width equals ``embed_dim``: PriorTransformer projects token states of
+    that width (as in the real priors, where CLIP text width = image-embedding width).
     ``clip_std`` is set to ones: diffusers initialises it to zeros, which would make every
     sample identical (a singular Gaussian).
     """
@@ -36,7 +38,7 @@ def build_tiny_prior(folder: str | Path, *, family: str = "kandinsky-2.2", width
         prior.clip_mean.normal_(0.0, 0.1)
     prior.save_pretrained(folder / "prior", safe_serialization=True)
     text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
+        vocab_size=49408, hidden_size=embed_dim, intermediate_size=2 * embed_dim, num_hidden_layers=text_layers,
         num_attention_heads=2, projection_dim=embed_dim, max_position_embeddings=77,
         bos_token_id=49406, eos_token_id=2, pad_token_id=1))
     text.save_pretrained(folder / "text_encoder", safe_serialization=True)
