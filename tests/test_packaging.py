@@ -1,0 +1,52 @@
+"""Packaging rules: Comfy Registry metadata, dependency hygiene, cheap import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_dependencies_mirror_requirements_and_never_pin_torch():
+    project = _project()["project"]
+    requirements = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert project["dependencies"] == requirements
+    names = {r.split(">")[0].split("=")[0].split("<")[0].lower() for r in requirements}
+    assert not names & {"torch", "torchvision", "torchaudio", "xformers"}
+    assert all("==" not in r for r in requirements), "exact pins fight other packs"
+
+
+def test_registry_metadata():
+    data = _project()
+    name = data["project"]["name"]
+    assert "comfyui" not in name.lower() and name.replace("-", "").isalnum()
+    assert data["tool"]["comfy"]["PublisherId"] and data["tool"]["comfy"]["DisplayName"]
+    assert data["project"]["urls"]["Repository"]
+    from creative_generation.nodes.engine import __version__
+
+    assert data["project"]["version"] == __version__
+
+
+def test_pack_import_is_cheap():
+    """ComfyUI imports every pack at start-up: ours must not pull torch or models in at import time."""
+    code = ("import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('cg', r'{REPO / '__init__.py'}', "
+            f"submodule_search_locations=[r'{REPO}']); m = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(m); assert hasattr(m, 'comfy_entrypoint'); "
+            "print(sorted(k for k in ('torch', 'diffusers', 'transformers') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_module_shadows_comfyui():
+    """Top-level names ComfyUI owns must never appear as our modules (they would shadow core's)."""
+    forbidden = {"utils", "server", "execution", "app", "folder_paths", "latent_preview", "protocol", "comfy"}
+    ours = {p.stem for p in (REPO / "nodes").rglob("*.py")} | {p.name for p in (REPO / "nodes").rglob("*") if p.is_dir()}
+    assert not ours & forbidden
