@@ -67,6 +67,7 @@ class OptimResult:
     steps_run: int
     accepted_step: int
     path: list[torch.Tensor] = field(default_factory=list)  # embedding per step, for plots
+    snapshots: dict[int, Concept] = field(default_factory=dict)  # concept at requested steps (sweeps)
 
 
 def placeholder_for(subject: str) -> str:
@@ -149,8 +150,14 @@ class CreativeOptimizer:
                 out["anchor_cos"] = float(self.anchor.cosine(e).mean())
         return out
 
-    def run(self, callback: Callable[[dict[str, Any]], None] | None = None) -> OptimResult:
-        """Optimise; ``callback(entry)`` after each step may raise :class:`StopOptimisation`."""
+    def run(self, callback: Callable[[dict[str, Any]], None] | None = None,
+            snapshot_at: frozenset[int] = frozenset()) -> OptimResult:
+        """Optimise; ``callback(entry)`` after each step may raise :class:`StopOptimisation`.
+
+        ``snapshot_at``: steps (0 = before training) whose state is also returned as a concept,
+        for creativity-vs-steps sweeps: the current state, or with a gate the last state it
+        accepted. Steps after an early stop get the state that was kept.
+        """
         cfg = self.cfg
         view, vector, lora_params = self._setup()
         try:
@@ -158,6 +165,7 @@ class CreativeOptimizer:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             good, good_step = self._snapshot(vector), 0
             log, path, reason, step = [], [], "max_steps", 0
+            snapshots = {0: self._concept(good, 0, 0, "snapshot")} if 0 in snapshot_at else {}
             for step in range(1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 e = _generate(view, self._prompt(), cfg.negative_prompt, cfg,
@@ -176,6 +184,9 @@ class CreativeOptimizer:
                         good, good_step = self._snapshot(vector), step
                 entry["seconds"] = time.perf_counter() - t0
                 log.append(entry)
+                if step in snapshot_at and reason == "max_steps":  # with a gate: what it last vouched for
+                    state, kept = (good, good_step) if self.gate is not None else (self._snapshot(vector), step)
+                    snapshots[step] = self._concept(state, step, kept, "snapshot")
                 if callback is not None:
                     try:
                         callback(entry)
@@ -185,7 +196,9 @@ class CreativeOptimizer:
                     break
             if self.gate is None:
                 good, good_step = self._snapshot(vector), step
-            return OptimResult(self._concept(good, step, good_step, reason), log, reason, step, good_step, path)
+            final = self._concept(good, step, good_step, reason)
+            snapshots.update({s: final for s in snapshot_at if s not in snapshots})
+            return OptimResult(final, log, reason, step, good_step, path, snapshots)
         finally:
             self._teardown()
 

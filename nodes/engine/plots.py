@@ -118,3 +118,22 @@ def plot_embedding_map(norm: GaussianNorm, bank: torch.Tensor | None = None, pat
         draw.ellipse([ex - 4, ey - 4, ex + 4, ey + 4], fill=blue)
         draw.text((MARGIN + 4, size - MARGIN + 4), "optimisation path (o start, * end)", fill=blue)
     return _to_image(img)
+
+
+def plot_sweep(rows: list[dict], width: int = 768, height: int = 300) -> torch.Tensor:
+    """Novelty percentile and validity against optimisation step, one line per configuration."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    half = width // 2
+    for i, (metric, title) in enumerate((("novelty_percentile", "novelty: % of typical bank more likely"),
+                                         ("validity", "validity: judge's 'is the subject' rate"))):
+        series = {}
+        for c in configs:
+            pts = sorted((r["step"], r[metric]) for r in rows if r["config"] == c and r.get(metric) is not None)
+            series[c] = ([x for x, _ in pts], [y for _, y in pts])
+        x0 = i * half + MARGIN
+        _panel(draw, (x0, 24, x0 + half - MARGIN - 10, height - 40), title, series)
+    for j, c in enumerate(configs):
+        draw.text((MARGIN + 110 * j, height - 16), c, fill=PALETTE[j % len(PALETTE)])
+    return _to_image(img)

@@ -135,3 +135,19 @@ def test_refusals(prior, setup, tiny_prior21_dir):
         CreativeOptimizer(load_prior(str(tiny_prior21_dir)), norm, "vehicle", terms, _config())
     with pytest.raises(ValueError, match="template must contain"):
         CreativeOptimizer(prior, norm, "vehicle", terms, _config(template="a photo"))
+
+
+def test_snapshots_for_sweeps(prior, setup):
+    _, norm, terms = setup
+    result = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=6)).run(snapshot_at=frozenset({0, 3, 6, 9}))
+    assert sorted(result.snapshots) == [0, 3, 6, 9]
+    assert torch.equal(result.snapshots[6].token_embedding, result.concept.token_embedding)
+    assert result.snapshots[9] is result.concept, "steps past the end get the final state"
+    assert not torch.equal(result.snapshots[0].token_embedding, result.snapshots[3].token_embedding)
+    short = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=3)).run()
+    assert torch.allclose(short.concept.token_embedding, result.snapshots[3].token_embedding, atol=1e-6)
+    gated = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=6),
+                              ValidityGate(ScriptedJudge([0.9, 0.1]), every=2), render).run(snapshot_at=frozenset({3, 6}))
+    assert gated.accepted_step == 2 and gated.steps_run == 4
+    assert torch.equal(gated.snapshots[3].token_embedding, gated.concept.token_embedding)
+    assert gated.snapshots[6] is gated.concept

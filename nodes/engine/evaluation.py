@@ -1,0 +1,146 @@
+"""Measuring creativity: novelty, validity and diversity of a concept, and the Wundt sweep.
+
+- novelty: log-likelihood of the concept's samples under the norm, and its percentile within
+  the typical bank (0 % = rarer than every typical sample);
+- validity: the rate at which an *independent* judge (never used by the optimiser) says the
+  rendered samples are the subject; the paper's "deceptive adherence" fools the gate, not it;
+- diversity: mean pairwise distance of the samples in the norm's whitened PCA space, relative
+  to the typical bank's (1.0 = as varied as typical samples).
+The sweep runs the optimiser once per (configuration, subject, seed) and measures snapshots at
+given steps, which is the paper's creativity-vs-steps (Wundt) curve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .bank import EmbeddingBank
+from .concept import Concept
+from .norm import GaussianNorm
+from .prior import Prior
+from .sampling import sample_embeddings
+
+
+class SubjectJudge(Protocol):
+    def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
+        """``[B]`` bool: does each image ``[B,H,W,3]`` show the subject?"""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    novelty_ll: float  # median log-likelihood of the samples under the norm
+    novelty_percentile: float  # % of the typical bank with a lower log-likelihood than that median
+    validity: float | None  # judge's "is the subject" rate, None without judge/renderer
+    diversity: float  # mean pairwise whitened distance relative to the bank's
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"novelty_ll": self.novelty_ll, "novelty_percentile": self.novelty_percentile,
+                "validity": self.validity, "diversity": self.diversity}
+
+
+def _pairwise_spread(norm: GaussianNorm, embeds: torch.Tensor) -> float:
+    white = norm._whitened(embeds.double())
+    return float(torch.pdist(white).mean()) if len(white) > 1 else 0.0
+
+
+@dataclass
+class Evaluator:
+    """Everything fixed across measurements: the norm, its bank, and how samples are judged."""
+
+    norm: GaussianNorm
+    bank: EmbeddingBank
+    renderer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    judge: SubjectJudge | None = None
+    samples: int = 32
+    rendered: int = 16
+
+    def __post_init__(self) -> None:
+        self._bank_ll = self.norm.log_prob(self.bank.embeds.double())
+        self._bank_spread = _pairwise_spread(self.norm, self.bank.embeds[:512])
+
+    def measure_embeddings(self, embeds: torch.Tensor, subject: str) -> Measurement:
+        ll = float(self.norm.log_prob(embeds.double()).median())
+        pct = float((self._bank_ll < ll).double().mean() * 100)
+        validity = None
+        if self.renderer is not None and self.judge is not None:
+            with torch.no_grad():
+                images = self.renderer(embeds[:self.rendered])
+            validity = float(self.judge.is_subject(images, subject).float().mean())
+        diversity = _pairwise_spread(self.norm, embeds) / self._bank_spread if self._bank_spread else 0.0
+        return Measurement(ll, pct, validity, diversity)
+
+    def measure_concept(self, prior: Prior, concept: Concept | None, prompt: str, subject: str,
+                        seed: int = 0) -> Measurement:
+        """Sample the concept's prompt from the prior carrying it and measure the samples."""
+        embeds = sample_embeddings(prior.with_concept(concept), prompt, self.samples,
+                                   batch_size=self.samples, seed=seed)
+        return self.measure_embeddings(embeds, subject)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table (the evaluation script prints it; the sweep node shows it)."""
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(r.get(c)).rjust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class AskingJudge:
+    """Any yes/no judge (e.g. a second MLLM) used as a validity judge: P(yes) ≥ threshold."""
+
+    judge: object  # has p_yes(images, question)
+    question: str = "Is this a {subject}? Yes or No."
+    threshold: float = 0.5
+
+    def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
+        return self.judge.p_yes(images, self.question.format(subject=subject)) >= self.threshold
+
+
+def wundt_sweep(prior: Prior, evaluator: Evaluator, subject: str, configs: dict[str, tuple[list, object]],
+                steps: list[int], cfg, seeds: list[int],
+                progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Novelty/validity/diversity at ``steps`` for each configuration ``name -> (terms, gate)`` and seed."""
+    from dataclasses import replace
+
+    from .optimizer import CreativeOptimizer
+
+    rows, runs, done = [], len(configs) * len(seeds), 0
+    for name, (terms, gate) in configs.items():
+        for seed in seeds:
+            run_cfg = replace(cfg, steps=max(max(steps), 1), seed=seed)
+            result = CreativeOptimizer(prior, evaluator.norm, subject, terms, run_cfg, gate,
+                                       evaluator.renderer).run(snapshot_at=frozenset(steps))
+            for step in sorted(steps):
+                concept = result.snapshots[step]
+                prompt = run_cfg.template.format(token=concept.token or subject)
+                m = evaluator.measure_concept(prior, concept, prompt, subject, seed=seed)
+                rows.append({"config": name, "subject": subject, "seed": seed, "step": step, **m.as_dict(),
+                             "stop_reason": result.stop_reason, "steps_run": result.steps_run})
+            done += 1
+            if progress is not None:
+                progress(done, runs)
+    return rows
+
+
+def mean_by(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
+    """Average ``values`` over rows sharing ``keys`` (e.g. over seeds and subjects)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, members in groups.items():
+        row = dict(zip(keys, key))
+        for v in values:
+            present = [m[v] for m in members if m.get(v) is not None]
+            row[v] = sum(present) / len(present) if present else None
+        row["n"] = len(members)
+        out.append(row)
+    return out

@@ -1,0 +1,71 @@
+"""Evaluation: novelty/validity/diversity measurements and the Wundt sweep on the tiny prior."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from creative_generation.nodes.engine.bank import PAPER_TEMPLATE, sample_bank
+from creative_generation.nodes.engine.evaluation import AskingJudge, Evaluator, format_table, mean_by, wundt_sweep
+from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm
+from creative_generation.nodes.engine.norm import GaussianNorm
+from creative_generation.nodes.engine.optimizer import OptimConfig
+
+TEMPLATE = PAPER_TEMPLATE.replace("{subject}", "{token}")
+
+
+class BrightnessJudge:
+    """Independent stand-in judge: an image 'is the subject' when its mean is above 0.5."""
+
+    def is_subject(self, images, subject):
+        return images.mean(dim=(1, 2, 3)) > 0.5
+
+
+def render(e):
+    return torch.sigmoid(e[:, :24].reshape(-1, 2, 4, 3))
+
+
+@pytest.fixture(scope="module")
+def evaluator(prior):
+    bank = sample_bank(prior, PAPER_TEMPLATE.format(subject="vehicle"), 256, batch_size=128, seed=0)
+    return Evaluator(GaussianNorm.fit(bank, 16), bank, render, BrightnessJudge(), samples=16, rendered=8)
+
+
+def test_measure_bank_itself_is_typical(evaluator):
+    m = evaluator.measure_embeddings(evaluator.bank.embeds[:64], "vehicle")
+    assert 30 < m.novelty_percentile < 70, "the bank's own median sits mid-bank"
+    assert 0.7 < m.diversity < 1.3
+    expected = float(BrightnessJudge().is_subject(render(evaluator.bank.embeds[:8]), "vehicle").float().mean())
+    assert m.validity == pytest.approx(expected)
+
+
+def test_far_samples_are_novel_and_collapsed_samples_not_diverse(evaluator):
+    far = evaluator.bank.embeds[:16] + 5.0
+    m = evaluator.measure_embeddings(far, "vehicle")
+    assert m.novelty_percentile == 0.0 and m.novelty_ll < float(evaluator.norm.log_prob(evaluator.bank.embeds.double()).min())
+    same = evaluator.bank.embeds[:1].repeat(8, 1)
+    assert evaluator.measure_embeddings(same, "vehicle").diversity == 0.0
+
+
+def test_sweep_rows_and_novelty_rises(prior, evaluator):
+    terms_free = [CreativeTerm(evaluator.norm)]
+    terms_anchor = terms_free + [AnchorTerm.from_prior(prior, PAPER_TEMPLATE.format(subject="vehicle"))]
+    cfg = OptimConfig(lr=1e-3, template=TEMPLATE)
+    rows = wundt_sweep(prior, evaluator, "vehicle", {"none": (terms_free, None), "anchor": (terms_anchor, None)},
+                       [0, 5, 10], cfg, seeds=[0, 1])
+    assert len(rows) == 2 * 2 * 3
+    means = {(r["config"], r["step"]): r for r in mean_by(rows, ("config", "step"), ("novelty_percentile", "validity"))}
+    assert means[("none", 0)]["n"] == 2
+    assert means[("none", 0)]["novelty_percentile"] > means[("none", 10)]["novelty_percentile"]
+    assert means[("none", 10)]["novelty_percentile"] < 5
+    text = format_table(rows[:3], ["config", "seed", "step", "novelty_percentile", "validity"])
+    assert text.splitlines()[0].split() == ["config", "seed", "step", "novelty_percentile", "validity"]
+
+
+def test_asking_judge_thresholds_p_yes():
+    class Fixed:
+        def p_yes(self, images, question):
+            assert question == "Is this a car? Yes or No."
+            return torch.tensor([0.2, 0.7])
+
+    assert AskingJudge(Fixed()).is_subject(torch.zeros(2, 4, 4, 3), "car").tolist() == [False, True]
