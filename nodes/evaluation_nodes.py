@@ -1,0 +1,98 @@
+"""The creativity-vs-steps (Wundt) sweep as a node: draw the curve for your own subject."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from . import comfy_bridge as cb
+from . import sockets as s
+from .engine.evaluation import AskingJudge, Evaluator, format_table, mean_by, wundt_sweep
+from .engine.losses import AnchorTerm, CreativeTerm
+from .engine.optimizer import OptimConfig
+from .engine.plots import plot_sweep
+from .pipeline_nodes import TRAIN_CHOICES
+
+CONFIGS = ("none", "anchor", "gate", "both")
+COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.replace(";", ",").split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"{name}: write whole numbers separated by commas, e.g. '0, 50, 100'.") from None
+    if not values or values[0] < 0:
+        raise ValueError(f"{name}: give at least one number, none negative.")
+    return values
+
+
+def parse_configs(text: str) -> list[str]:
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - set(CONFIGS))
+    if unknown or not chosen:
+        raise ValueError(f"configs: unknown {unknown or 'empty list'}; choose from {', '.join(CONFIGS)}.")
+    return chosen
+
+
+class WundtSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeWundtSweep", display_name="Creativity Sweep (Creative)", category=f"{s.CATEGORY}/evaluate",
+            description="Runs the optimiser for each pullback configuration and seed, and measures novelty (log-"
+                        "likelihood under the norm, percentile in the bank), validity (an independent judge's "
+                        "'is the subject' rate) and diversity at the given steps: the paper's Wundt curve.",
+            inputs=[s.Prior.Input("prior"), s.Norm.Input("norm"),
+                    s.Embeds.Input("embeds", tooltip="The typical bank the norm was fitted on."),
+                    io.String.Input("subject", default="vehicle"),
+                    io.String.Input("steps", default="0, 50, 100, 200, 300, 500, 1000",
+                                    tooltip="Steps at which to measure (the paper's curve)."),
+                    io.String.Input("configs", default="none, anchor, gate, both",
+                                    tooltip="Pullbacks to compare: none, anchor, gate, both."),
+                    io.String.Input("seeds", default="0", tooltip="Seeds, e.g. '0, 1, 2'."),
+                    io.String.Input("anchor_text", default=s.PAPER_PROMPT, multiline=True,
+                                    tooltip="Category text of the anchor configurations."),
+                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7),
+                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA"),
+                    io.Int.Input("samples", default=32, min=2, max=4096, tooltip="Samples per measurement."),
+                    s.Loss.Input("loss_terms", optional=True, tooltip="Extra terms for every configuration "
+                                 "(e.g. negative clusters)."),
+                    s.Gate.Input("gate", optional=True, tooltip="Needed by the gate / both configurations."),
+                    s.Renderer.Input("renderer", optional=True, tooltip="Renders samples for the gate and the judge."),
+                    s.MLLM.Input("judge", optional=True, tooltip="An independent judge of validity (ideally not the "
+                                 "gate's model); without it validity is not measured.")],
+            outputs=[io.Image.Output(display_name="plot"), io.String.Output(display_name="table")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def validate_inputs(cls, subject, steps, configs, seeds):
+        try:
+            parse_ints(steps, "steps"), parse_ints(seeds, "seeds"), parse_configs(configs)
+        except ValueError as err:
+            return str(err)
+        return True if subject.strip() else "subject is empty: name what the concept must remain."
+
+    @classmethod
+    @cb.training_mode
+    def execute(cls, prior, norm, embeds, subject, steps, configs, seeds, anchor_text, learning_rate, train, samples,
+                loss_terms=None, gate=None, renderer=None, judge=None):
+        chosen = parse_configs(configs)
+        if gate is None and {"gate", "both"} & set(chosen):
+            raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
+        if (gate is not None or judge is not None) and renderer is None:
+            raise ValueError("the gate and the judge look at rendered images: connect a renderer.")
+        base = [CreativeTerm(norm), *(loss_terms or ())]
+        anchor = AnchorTerm.from_prior(prior, anchor_text)
+        table = {"none": (base, None), "anchor": (base + [anchor], None), "gate": (base, gate),
+                 "both": (base + [anchor], gate)}
+        evaluator = Evaluator(norm, embeds, renderer, AskingJudge(judge) if judge is not None else None, samples)
+        progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(parse_ints(seeds, "seeds")))
+        rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
+                           OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train]), parse_ints(seeds, "seeds"),
+                           progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
+        summary = mean_by(rows, ("config", "step"), ("novelty_ll", "novelty_percentile", "validity", "diversity"))
+        text = format_table(summary, COLUMNS)
+        return io.NodeOutput(plot_sweep(summary), text, ui=ui.PreviewText(text))
+
+
+NODES = [WundtSweep]
