@@ -7,13 +7,22 @@ the next-token logits at the answer position and returns a probability instead:
 
     P(yes) = softmax([logsumexp(logits[yes variants]), logsumexp(logits[no variants])])[0]
 
-:func:`load_mllm` loads any local transformers image-text-to-text folder (LLaVA-NeXT,
-Qwen2-VL, ...) without touching the network; family-specific details live in ``FAMILIES``.
+:func:`load_mllm` loads any local transformers image-text-to-text folder (LLaVA-NeXT, Qwen2-VL,
+Qwen2.5-VL, Janus, Idefics3, SmolVLM, ...) through transformers' native classes, without
+touching the network; family-specific details live in ``FAMILIES``.
+
+Answers are deterministic (one forward, no sampling), so each (image, question) is computed once
+per judge and cached by the sha256 of the 8-bit pixels; ``MLLMJudge.history`` logs every answer.
+A model whose vision tower is missing or broken still answers fluently from the text alone, so
+:meth:`MLLMJudge.check_vision` asks about plain red and blue images before it is trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +36,13 @@ if TYPE_CHECKING:
 
 YES_VARIANTS = ("Yes", "yes", " Yes", " yes")
 NO_VARIANTS = ("No", "no", " No", " no")
+
+# The vision check: plain images of these colours (RGB 0..1), each asked about both colours.
+PROBE_COLOURS = {"red": (1.0, 0.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+PROBE_QUESTION = "Is this image {colour}? Yes or No."
+PROBE_SIZE = 64
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,12 +58,27 @@ class Family:
 
 
 # transformers ``config.model_type`` -> family. Other image-text-to-text models load too,
-# through ``GENERIC``; these are the ones the tests exercise.
+# through ``GENERIC``; these are the ones the tests exercise. All load through
+# AutoModelForImageTextToText (Janus included: transformers maps "janus" to its native
+# JanusForConditionalGeneration), so none needs remote code.
 FAMILIES: dict[str, Family] = {
     "llava_next": Family("LLaVA-NeXT"),
     "qwen2_vl": Family("Qwen2-VL"),
+    "qwen2_5_vl": Family("Qwen2.5-VL"),
+    # Janus also draws images; "text" mode keeps its processor from appending a begin-of-image token.
+    "janus": Family("Janus", processor_kwargs={"generation_mode": "text"}),
+    "idefics3": Family("Idefics3"),
+    "smolvlm": Family("SmolVLM"),
 }
 GENERIC = Family("image-text-to-text")
+
+# Published layouts transformers has no native class for -> what to load instead. DeepSeek's own
+# Janus repos (the paper's Janus-1.3B among them) run on the ``janus`` package, not on transformers.
+NOT_NATIVE = {
+    "multi_modality": ("DeepSeek's original Janus/DeepSeek-VL layout, which needs the 'janus' package's own code. "
+                       "Use a transformers-format Janus (deepseek-community/Janus-Pro-1B or -7B), or convert this one "
+                       "with transformers' convert_janus_weights_to_hf.py"),
+}
 
 
 def family_of(model_type: str) -> Family:
@@ -55,11 +86,53 @@ def family_of(model_type: str) -> Family:
     return FAMILIES.get(model_type, GENERIC)
 
 
+class MLLMVisionError(ValueError):
+    """The loaded MLLM failed the colour check: it answers, but not from the image.
+
+    A ``ValueError`` like every other "this model folder cannot be the judge" refusal, so the
+    loader node reports it the same way; ``check`` holds the four probabilities.
+    """
+
+    def __init__(self, check: VisionCheck) -> None:
+        self.check = check
+        super().__init__(check.describe())
+
+
+@dataclass(frozen=True)
+class VisionCheck:
+    """P(yes) for "Is this image {asked}?" about a plain {shown} image, keyed ``(shown, asked)``.
+
+    A model that sees says yes (> 0.5) exactly when the colours agree. Asking both colours about
+    both images rules out a model that favours one colour word whatever it is shown.
+    """
+
+    p_yes: dict[tuple[str, str], float]
+
+    @property
+    def sees(self) -> bool:
+        return all((p > 0.5) == (shown == asked) for (shown, asked), p in self.p_yes.items())
+
+    def describe(self) -> str:
+        """One line per probe with the probability and the side of 0.5 it needed."""
+        lines = [f"  plain {shown} image, '{PROBE_QUESTION.format(colour=asked)}': P(yes) = {p:.3f} "
+                 f"(needs {'>' if shown == asked else '<'} 0.5)" for (shown, asked), p in self.p_yes.items()]
+        verdict = "sees images" if self.sees else "cannot see images: its answers do not follow the picture"
+        return "\n".join([f"MLLM vision check: the model {verdict}.", *lines])
+
+    def raise_if_blind(self) -> None:
+        """Turn a failed check into an error the loader node shows; a passed one returns quietly."""
+        if not self.sees:
+            raise MLLMVisionError(self)
+
+
 class MLLMJudge:
     """A loaded MLLM answering yes/no questions about images, as probabilities.
 
     Deterministic: eval mode, no sampling, no gradients, one image per forward (batching
-    would pad prompts differently per family and shift the answer position).
+    would pad prompts differently per family and shift the answer position). Hence answers
+    are cached per judge (so the model is part of the key) by pixel hash + question, and every
+    answer, cached or not, is appended to ``history`` as
+    ``{"question", "image_sha256", "p_yes", "cached"}`` for the run's log.
     """
 
     def __init__(self, model: torch.nn.Module, processor: object, family: Family = GENERIC) -> None:
@@ -69,6 +142,8 @@ class MLLMJudge:
         self.yes_ids, self.no_ids = answer_token_ids(processor.tokenizer)
         # Computing logits for the last position only skips a [T, vocab] matmul (150 k vocab for Qwen).
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._answers: dict[tuple[str, str], float] = {}
+        self.history: list[dict[str, object]] = []
 
     @property
     def device(self) -> torch.device:
@@ -79,11 +154,27 @@ class MLLMJudge:
         """P("yes") for each image of a ComfyUI IMAGE ``[B, H, W, 3]`` in 0..1; returns ``[B]`` float32."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected an IMAGE tensor [B, H, W, 3], got shape {tuple(images.shape)}")
-        return torch.stack([self._p_yes_one(to_pil(image), question) for image in images])
+        return torch.tensor([self._answer(to_uint8(image), question) for image in images], dtype=torch.float32)
 
-    def _p_yes_one(self, image: Image.Image, question: str) -> torch.Tensor:
-        logits = self.next_token_logits(image, question)
-        return yes_probability(logits, self.yes_ids, self.no_ids)
+    def _answer(self, pixels: np.ndarray, question: str) -> float:
+        """P(yes) for one 8-bit image, from the cache when this judge already answered it."""
+        key = (pixel_sha256(pixels), question)
+        cached = key in self._answers
+        if not cached:
+            logits = self.next_token_logits(Image.fromarray(pixels), question)
+            self._answers[key] = float(yes_probability(logits, self.yes_ids, self.no_ids))
+        p = self._answers[key]
+        self.history.append({"question": question, "image_sha256": key[0], "p_yes": p, "cached": cached})
+        log.info("MLLM judge (%s): P(yes) = %.4f for %r on image %s%s", self.family.name, p, question, key[0][:12],
+                 " (cached)" if cached else "")
+        return p
+
+    def check_vision(self) -> VisionCheck:
+        """Ask about plain red and blue images; see :class:`VisionCheck`. Call ``.raise_if_blind()`` to enforce."""
+        shape = (1, PROBE_SIZE, PROBE_SIZE, 3)
+        return VisionCheck({
+            (shown, asked): float(self.p_yes(torch.tensor(rgb).expand(shape), PROBE_QUESTION.format(colour=asked)))
+            for shown, rgb in PROBE_COLOURS.items() for asked in PROBE_COLOURS})
 
     @torch.no_grad()
     def next_token_logits(self, image: Image.Image, question: str) -> torch.Tensor:
@@ -134,18 +225,27 @@ def _first_ids(tokenizer, variants: tuple[str, ...]) -> list[int]:
     return ids
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """ComfyUI ``[H, W, 3]`` float 0..1 -> 8-bit RGB PIL, the input every image processor accepts."""
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """ComfyUI ``[H, W, 3]`` float 0..1 -> 8-bit RGB array: what every image processor sees, so what is hashed."""
     array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    return np.ascontiguousarray(array)
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """sha256 of the shape and the 8-bit pixels; the shape keeps equal bytes at other sizes apart."""
+    digest = hashlib.sha256(repr(pixels.shape).encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()
 
 
 def load_mllm(folder: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              trust_remote_code: bool = False) -> MLLMJudge:
+              trust_remote_code: bool = False, sanity_check: bool = False) -> MLLMJudge:
     """Load a local image-text-to-text model + processor as a judge, or refuse with a ValueError.
 
     Offline (``local_files_only``) and safetensors only: pickled ``.bin`` weights can run code
     on load, and so can remote code, which stays off unless ``trust_remote_code``.
+    ``sanity_check`` runs :meth:`MLLMJudge.check_vision` (four forwards) and raises
+    :class:`MLLMVisionError` if the model cannot tell red from blue.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -157,7 +257,10 @@ def load_mllm(folder: str, *, device: str | torch.device = "cpu", dtype: torch.d
         path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     _check_processor(path, processor)
-    return MLLMJudge(model.to(device), processor, family_of(config.model_type))
+    judge = MLLMJudge(model.to(device), processor, family_of(config.model_type))
+    if sanity_check:
+        judge.check_vision().raise_if_blind()
+    return judge
 
 
 def _checked_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
@@ -171,6 +274,12 @@ def _checked_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         raise ValueError(f"{path}: not a folder; expected a local transformers model folder")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: missing config.json; expected a transformers model folder")
+    try:
+        declared = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as error:  # not JSON, or JSON that is not an object
+        raise ValueError(f"{path}: config.json could not be read: {error}") from error
+    if declared in NOT_NATIVE:
+        raise ValueError(f"{path}: a '{declared}' model is {NOT_NATIVE[declared]}.")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
