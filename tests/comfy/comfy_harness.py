@@ -33,7 +33,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "creative_generation"  # name of the symlink under custom_nodes/
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "diffusers", "LLM", "loras")
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "diffusers", "LLM", "loras", "creative_concepts", "creative_embeds")
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 BINARY_TEXT = 3  # protocol.BinaryEventTypes.TEXT (progress_text)
 
@@ -285,12 +285,16 @@ class ComfyServer:
     Attributes: ``root`` (temp base dir), ``url`` (http://127.0.0.1:PORT), ``port``,
     ``custom_nodes_dir``, ``pack_dir`` (the symlink), ``user_dir``, ``output_dir``,
     ``temp_dir``, ``input_dir``, ``models`` (``{"checkpoints"|"clip_vision"|"diffusers"|"LLM"|
-    "loras": Path}``: drop model files there before queuing), ``extra_paths_yaml``,
+    "loras"|"creative_concepts"|"creative_embeds": Path}``: drop model files there before queuing), ``extra_paths_yaml``,
     ``log_path``, ``client_id``, ``startup_seconds``.
     """
 
     def __init__(self, root: Path, comfyui: Path | None = None, python: str | None = None,
-                 extra_args: list[str] | None = None, pack_source: Path = REPO):
+                 extra_args: list[str] | None = None, pack_source: Path = REPO,
+                 extra_packs: dict[str, Path] | None = None, share_from: "ComfyServer | None" = None):
+        """``extra_packs``: ``{dir_name: source}`` more custom node packs to symlink next to ours
+        (test-only helpers). ``share_from``: another server whose model folders and output dir
+        this one uses (a second process over the same files; user/temp/custom_nodes stay its own)."""
         self.root = Path(root)
         self.comfyui = Path(comfyui or comfyui_dir())
         self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -298,10 +302,11 @@ class ComfyServer:
         self.custom_nodes_dir = self.root / "custom_nodes"
         self.pack_dir = self.custom_nodes_dir / PACK_DIR_NAME
         self.user_dir = self.root / "user"
-        self.output_dir = self.root / "output"
+        self.output_dir = share_from.output_dir if share_from else self.root / "output"
         self.temp_dir = self.root / "temp"
         self.input_dir = self.root / "input"
-        self.models = {name: self.root / "models" / name for name in MODEL_FOLDERS}
+        self.models = dict(share_from.models) if share_from else {
+            name: self.root / "models" / name for name in MODEL_FOLDERS}
         self.extra_paths_yaml = self.root / "extra_model_paths.yaml"
         self.log_path = self.root / "comfyui.log"
         self.client_id = uuid.uuid4().hex
@@ -322,9 +327,13 @@ class ComfyServer:
             d.mkdir(parents=True, exist_ok=True)
         if not self.pack_dir.exists():
             self.pack_dir.symlink_to(Path(pack_source).resolve(), target_is_directory=True)
+        for dir_name, source in (extra_packs or {}).items():
+            link = self.custom_nodes_dir / dir_name
+            if not link.exists():
+                link.symlink_to(Path(source).resolve(), target_is_directory=True)
         lines = ["creative_generation_tests:", f"  base_path: {json.dumps(str(self.root))}", "  is_default: true",
                  "  custom_nodes: custom_nodes"]
-        lines += [f"  {name}: models/{name}" for name in MODEL_FOLDERS]
+        lines += [f"  {name}: {json.dumps(str(path))}" for name, path in self.models.items()]
         self.extra_paths_yaml.write_text("\n".join(lines) + "\n")
 
     # ---- lifecycle

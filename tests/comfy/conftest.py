@@ -13,7 +13,8 @@ Fixtures (all session-scoped, built on first use):
 * ``pack_nodes`` -> ``{node_id: V3 class}`` from the pack's ``comfy_entrypoint()``
   extension's ``get_node_list()`` (imports ComfyUI in-process first).
 * ``comfy_server`` -> a started :class:`comfy_harness.ComfyServer` (one per session) on
-  127.0.0.1 with the pack symlinked as ``custom_nodes/creative_generation``. Use
+  127.0.0.1 with the pack symlinked as ``custom_nodes/creative_generation`` and the test-only
+  pack ``test_support_pack/`` as ``custom_nodes/creative_generation_test_support``. Use
   ``.post_prompt(api) -> prompt_id | 400-body dict``, ``.wait(prompt_id, timeout) ->
   RunResult``, ``.run(api)``, ``.interrupt()``, ``.object_info()``, ``.history(id)``,
   ``.log_text()``, ``.import_times()``; model folders ``.models["checkpoints" | "clip_vision" |
@@ -21,6 +22,9 @@ Fixtures (all session-scoped, built on first use):
 * ``object_info`` -> the server's ``/object_info`` (fetched once).
 * ``ui_to_api`` -> ``f(workflow_dict) -> api_prompt`` converting a UI workflow with the
   server's object_info (comfy-cli's ``convert_ui_to_api``).
+* ``tiny_models`` -> :class:`example_models.TinyModels`: tiny stand-in models built once per
+  session, straight into ``comfy_server``'s model folders (``.install(server, model) -> name``,
+  ``.path(model)``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # works under any --im
 import comfy_harness  # noqa: E402
 
 _MISSING = comfy_harness.comfyui_missing_reason()
+SUPPORT_PACK = Path(__file__).resolve().parent / "test_support_pack"
+SUPPORT_PACK_DIR_NAME = "creative_generation_test_support"
 
 
 def _require_comfyui():
@@ -60,7 +66,8 @@ def pack_nodes(comfy_inprocess):
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     _require_comfyui()
-    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_server"))
+    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_server"),
+                                       extra_packs={SUPPORT_PACK_DIR_NAME: SUPPORT_PACK})
     try:
         server.start()
     except RuntimeError as e:
@@ -87,3 +94,10 @@ def ui_to_api(object_info):
         return comfy_harness.ui_to_api(workflow, object_info)
 
     return convert
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfy_server, comfy_inprocess):
+    import example_models
+
+    return example_models.TinyModels(comfy_server.models)
