@@ -111,7 +111,10 @@ class LoadMLLM(io.ComfyNode):
                     io.Combo.Input("dtype", options=s.DTYPES, default="auto", tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
                     io.Boolean.Input("trust_remote_code", default=False,
                                      tooltip="Run Python code shipped with the model folder. Off unless you trust it."),
-                    *_download_inputs("llava-hf/llava-v1.6-mistral-7b-hf")],
+                    *_download_inputs("llava-hf/llava-v1.6-mistral-7b-hf"),
+                    io.Boolean.Input("vision_check", default=True, optional=True,
+                                     tooltip="On load, ask about a plain red and a plain blue image and refuse a "
+                                             "model that cannot tell them apart (it would answer blind).")],
             outputs=[s.MLLM.Output(display_name="mllm")])
 
     @classmethod
@@ -120,16 +123,17 @@ class LoadMLLM(io.ComfyNode):
                              "llava-hf/llava-v1.6-mistral-7b-hf")
 
     @classmethod
-    def fingerprint_inputs(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id=""):
+    def fingerprint_inputs(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="",
+                           vision_check=True):
         return cb.folder_fingerprint(cb.mllm_folders().get(model))
 
     @classmethod
     @cb.training_mode
-    def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id=""):
+    def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="", vision_check=True):
         folder = _folder(model, cb.mllm_folders(), "multimodal LLM", cb.LLM, allow_download, hf_repo_id)
         device, torch_dtype = cb.device_and_dtype(dtype)
         return io.NodeOutput(load_mllm(str(folder), device=device, dtype=torch_dtype,
-                                       trust_remote_code=trust_remote_code))
+                                       trust_remote_code=trust_remote_code, sanity_check=vision_check))
 
 
 class DecoderRendererNode(io.ComfyNode):
@@ -139,12 +143,12 @@ class DecoderRendererNode(io.ComfyNode):
             node_id="CreativeDecoderRenderer", display_name="Decoder Renderer (Creative)", category=f"{s.CATEGORY}/render",
             description="Fixes how embeddings are drawn (steps, guidance, size, seed). Feed it to the optimiser "
                         "(for the validity gate) and to Render Embeddings.",
-            inputs=[s.Decoder.Input("decoder"),
+            inputs=[s.Decoder.Input("decoder", tooltip="The decoder that pairs with the prior (Load Kandinsky Decoder)."),
                     io.Int.Input("steps", default=25, min=1, max=200, tooltip="Decoder denoising steps."),
                     io.Float.Input("guidance", default=4.0, min=1.0, max=30.0, step=0.1,
                                    tooltip="Decoder classifier-free guidance."),
-                    io.Int.Input("width", default=512, min=16, max=2048, step=16),
-                    io.Int.Input("height", default=512, min=16, max=2048, step=16),
+                    io.Int.Input("width", default=512, min=16, max=2048, step=16, tooltip="Image width in pixels."),
+                    io.Int.Input("height", default=512, min=16, max=2048, step=16, tooltip="Image height in pixels."),
                     io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise seed of the decoder."),
                     s.Prior.Input("prior", optional=True,
                                   tooltip="Optional: the prior, whose black-image embedding becomes the decoder's "
@@ -164,7 +168,8 @@ class RenderEmbeds(io.ComfyNode):
         return io.Schema(
             node_id="CreativeRenderEmbeds", display_name="Render Embeddings (Creative)", category=f"{s.CATEGORY}/render",
             description="Draws embeddings (a bank or a concept's samples) with a renderer.",
-            inputs=[s.Renderer.Input("renderer"), s.Embeds.Input("embeds"),
+            inputs=[s.Renderer.Input("renderer", tooltip="How to draw (Decoder Renderer)."),
+                    s.Embeds.Input("embeds", tooltip="The embeddings to draw (a bank or a concept's samples)."),
                     io.Int.Input("start", default=0, min=0, tooltip="First embedding of the bank to draw."),
                     io.Int.Input("count", default=4, min=1, max=256, tooltip="How many embeddings to draw.")],
             outputs=[io.Image.Output(display_name="images")],
@@ -186,7 +191,8 @@ class ApplyConcept(io.ComfyNode):
         return io.Schema(
             node_id="CreativeApplyConcept", display_name="Apply Concept to Prior (Creative)", category=f"{s.CATEGORY}",
             description="A prior that understands a learned concept's token; sample it with a prompt using the token.",
-            inputs=[s.Prior.Input("prior"), s.Concept.Input("concept")],
+            inputs=[s.Prior.Input("prior", tooltip="The prior the concept was trained on (checked)."),
+                    s.Concept.Input("concept", tooltip="A learned concept (Load Concept or the optimiser's output).")],
             outputs=[s.Prior.Output(display_name="prior"), io.String.Output(display_name="token")])
 
     @classmethod
