@@ -24,7 +24,8 @@ class PriorSampler(io.ComfyNode):
         return io.Schema(
             node_id="CreativePriorSampler", display_name="Prior Sampler (Creative)", category=s.CATEGORY,
             description="Samples N CLIP image embeddings for a prompt from the prior: the 'typical' set of §5.1.",
-            inputs=[s.Prior.Input("prior"),
+            inputs=[s.Prior.Input("prior", tooltip="The diffusion prior (Load Diffusion Prior, or an optimiser's "
+                                  "prior that knows its concept's token)."),
                     io.String.Input("prompt", default=s.PAPER_PROMPT, multiline=True,
                                     tooltip="The paper's template: 'Professional high-quality photo of a {subject}. "
                                             "photorealistic, 4k, HQ.' With a concept applied, use its token."),
@@ -60,7 +61,7 @@ class NormGaussianFit(io.ComfyNode):
             node_id="CreativeNormGaussianFit", display_name="Norm Gaussian Fit (Creative)", category=s.CATEGORY,
             description="PCA of the bank plus a full-covariance Gaussian in PCA space (Eq. 3-4): the norm whose "
                         "low-probability regions the optimiser seeks.",
-            inputs=[s.Embeds.Input("embeds"),
+            inputs=[s.Embeds.Input("embeds", tooltip="The typical set: a bank from Prior Sampler (paper: 5,000)."),
                     io.Int.Input("pca_dims", default=50, min=1, max=4096, tooltip="PCA dimensions k (paper: 50); "
                                  "must be smaller than the bank size.")],
             outputs=[s.Norm.Output(display_name="norm"), io.Image.Output(display_name="map")])
@@ -86,7 +87,7 @@ class AnchorLoss(io.ComfyNode):
             node_id="CreativeAnchorLoss", display_name="Anchor Loss (Creative)", category=s.CATEGORY,
             description="1 − cos(e, φ(category text)) with the prior's own text encoder (Eq. 6): keeps the concept "
                         "in its category.",
-            inputs=[s.Prior.Input("prior"),
+            inputs=[s.Prior.Input("prior", tooltip="The prior whose text encoder embeds the category prompt."),
                     io.String.Input("text", default=s.PAPER_PROMPT, multiline=True,
                                     tooltip="The category prompt P_pos, e.g. the paper's template for the subject."),
                     io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05, tooltip="Weight (paper: 1)."),
@@ -111,7 +112,7 @@ class NegativeCluster(io.ComfyNode):
             description="Repels the optimiser from a region you marked as unwanted: a Gaussian of those embeddings in "
                         "the norm's PCA space, added as +α·log Ĝ_neg (the paper's Eq. 7 prints the sign that would "
                         "attract; this implements its stated intent).",
-            inputs=[s.Norm.Input("norm"),
+            inputs=[s.Norm.Input("norm", tooltip="The norm the optimiser uses; the cluster is fitted in its PCA space."),
                     io.Float.Input("alpha", default=1.0, min=0.0, max=100.0, step=0.05, tooltip="Repulsion weight α."),
                     io.String.Input("label", default="negative", tooltip="Name shown in logs and plots."),
                     s.Embeds.Input("embeds", optional=True, tooltip="Unwanted embeddings (e.g. selected from a bank)."),
@@ -146,7 +147,7 @@ class MLLMValidityGate(io.ComfyNode):
             description="Every few steps the optimiser renders its concept and asks the MLLM whether it is still the "
                         "subject; P(yes) comes from the yes/no next-token logits. 'No' stops the run and keeps the "
                         "last state that passed.",
-            inputs=[s.MLLM.Input("mllm"),
+            inputs=[s.MLLM.Input("mllm", tooltip="The judge: an image-text-to-text model (Load Multimodal LLM)."),
                     io.String.Input("subject", default="", tooltip="Subject in the question; empty = the optimiser's."),
                     io.String.Input("question", default=PAPER_QUESTION, tooltip="Question template; {subject} is filled in."),
                     io.Int.Input("check_every", default=25, min=1, max=10_000, tooltip="Steps between checks (paper: 25)."),
@@ -166,7 +167,9 @@ class LoRAOptimizer(io.ComfyNode):
             node_id="CreativeLoRAOptimizer", display_name="Creative LoRA Optimizer (Creative)", category=s.CATEGORY,
             description="Trains a placeholder token and a rank-10 LoRA on the prior so its embedding moves to "
                         "low-probability regions of the norm (§5.2), held back by the loss terms and the gate.",
-            inputs=[s.Prior.Input("prior"), s.Norm.Input("norm"),
+            inputs=[s.Prior.Input("prior", tooltip="The prior to train the token and LoRA on (it is not modified: the "
+                                  "output prior carries the concept)."),
+                    s.Norm.Input("norm", tooltip="The norm (Norm Gaussian Fit) whose low-probability regions to seek."),
                     io.String.Input("subject", default="vehicle", tooltip="What the concept must remain (the gate "
                                     "asks about it; the token starts from this word)."),
                     s.Loss.Input("loss_terms", optional=True, tooltip="Anchor / negative-cluster terms."),
