@@ -63,6 +63,7 @@ class TinyModel:
     install_name: str  # file or folder name on the test server
     build: Callable[[Path, "TinyModels"], None]  # writes the model to the given path
     conditioning: tuple[int, int] | None = None  # (context_dim, pooled_dim) when built without a text encoder
+    loader_overrides: tuple[tuple[str, object], ...] = ()  # loader inputs to set when this stand-in is swapped in
     doc: str = ""
 
 
@@ -70,13 +71,17 @@ WORKFLOW_MODELS: dict[tuple[str, str], TinyModel] = {}  # (folder, name the work
 TEST_MODELS: dict[str, TinyModel] = {}  # install_name -> model, for tests that name them directly
 
 
-def register(folder: str, *workflow_names: str, install_name: str,
-             conditioning: tuple[int, int] | None = None) -> Callable:
+def register(folder: str, *workflow_names: str, install_name: str, conditioning: tuple[int, int] | None = None,
+             loader_overrides: dict | None = None) -> Callable:
     """Decorator: ``build(target, models)`` makes the stand-in for ``workflow_names`` in ``folder``
-    (no names: a test-only model, found by ``install_name`` in :data:`TEST_MODELS`)."""
+    (no names: a test-only model, found by ``install_name`` in :data:`TEST_MODELS`).
+
+    ``loader_overrides``: inputs of the loader node to set when the stand-in replaces a model
+    (only where the loader has that input), for what a random tiny model cannot do."""
 
     def deco(build: Callable[[Path, "TinyModels"], None]):
-        model = TinyModel(folder, install_name, build, conditioning, (build.__doc__ or "").strip())
+        model = TinyModel(folder, install_name, build, conditioning, tuple((loader_overrides or {}).items()),
+                          (build.__doc__ or "").strip())
         for name in workflow_names:
             key = (folder, name)
             if key in WORKFLOW_MODELS:
@@ -175,9 +180,11 @@ def _k21_decoder(target: Path, models: TinyModels) -> None:
     build_tiny_k21_decoder(target, embed_dim=768)
 
 
-@register("LLM", "llava-v1.6-mistral-7b-hf", install_name="tiny-llava-next")
+@register("LLM", "llava-v1.6-mistral-7b-hf", install_name="tiny-llava-next", loader_overrides={"vision_check": False})
 def _llava_next(target: Path, models: TinyModels) -> None:
-    """llava-hf/llava-v1.6-mistral-7b-hf: a tiny LLaVA-NeXT (CLIP tower + Llama)."""
+    """llava-hf/llava-v1.6-mistral-7b-hf: a tiny LLaVA-NeXT (CLIP tower + Llama). Its weights are
+    random, so it answers blind and Load MLLM's red/blue vision check would (rightly) refuse it:
+    the test switches that check off."""
     from creative_generation.nodes.engine.tiny.mllm import build_tiny_llava_next
 
     build_tiny_llava_next(target)
@@ -193,6 +200,27 @@ def _sd21_unclip_l(target: Path, models: TinyModels) -> None:
 
     comfy_harness.import_comfy()
     tiny_checkpoints.build_tiny_sd21_unclip_l(target)
+
+
+# creative_k22_prior_to_sdxl: the Kandinsky 2.2 prior (1280-d) and the SDXL checkpoint it renders with.
+@register("diffusers", "kandinsky-2-2-prior", install_name="tiny-kandinsky-2-2-prior")
+def _k22_prior(target: Path, models: TinyModels) -> None:
+    """kandinsky-community/kandinsky-2-2-prior: a tiny Kandinsky 2.2 prior with the real 1280-d
+    embedding width (CLIP ViT-bigG/14), so its embeddings fit SDXL revision."""
+    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+
+    build_tiny_prior(target, family="kandinsky-2.2", embed_dim=1280)
+
+
+@register("checkpoints", "sd_xl_base_1.0.safetensors", install_name="tiny-sdxl.safetensors", conditioning=(2048, 1280))
+def _sdxl(target: Path, models: TinyModels) -> None:
+    """stabilityai/stable-diffusion-xl-base-1.0: detected as SDXL (1280-d image embeddings through
+    unCLIPConditioning = revision); TAESD VAE, no text encoders (CONDITIONING 77x2048 + pooled 1280)."""
+    import comfy_harness
+    import tiny_sdxl
+
+    comfy_harness.import_comfy()
+    tiny_sdxl.save(tiny_sdxl.sdxl_state_dict(), target)
 
 
 @register("creative_concepts", "creative-vehicle_00001.safetensors", install_name="tiny-creative-vehicle.safetensors")

@@ -18,9 +18,11 @@ The rewrite, rule by rule (nothing else in the workflow changes):
 
 1. **Models.** Each loader widget listed in ``example_models.MODEL_INPUTS`` names a model; the
    registry there maps it to a tiny seeded stand-in of the same family and embedding width,
-   installed in the test server's model folder; the widget gets the stand-in's name.
-   ``allow_download`` must be off in the committed file (tests never download). An unknown
-   model name, or an unknown loader node type, fails the test (never a skip).
+   installed in the test server's model folder; the widget gets the stand-in's name. Loader
+   inputs a random stand-in cannot honour are set as its registry entry says (the tiny LLaVA
+   answers blind, so Load MLLM's ``vision_check`` goes off). ``allow_download`` must be off in
+   the committed file (tests never download). An unknown model name, or an unknown loader node
+   type, fails the test (never a skip).
 2. **Text encoders.** Tiny checkpoints carry no text encoder (a real one is hundreds of MB), so
    their loader's CLIP output is ``None`` and ``CLIPTextEncode`` would fail. Each
    ``CLIPTextEncode`` fed by such a checkpoint becomes ``TestSupportZeroConditioning`` (from
@@ -284,6 +286,11 @@ def rewrite_for_test(api: dict, object_info: dict, server, tiny_models) -> tuple
             inputs[name] = tiny_models.install(server, model)
             stand_in[nid] = model
             changes.append(f"{nid} {kind}.{name}: {value} -> {inputs[name]}")
+            schema = {**object_info[kind]["input"].get("required", {}), **object_info[kind]["input"].get("optional", {})}
+            for key, forced in model.loader_overrides:
+                if key in schema:
+                    changes.append(f"{nid} {kind}.{key}: {inputs.get(key)!r} -> {forced!r} (tiny stand-in)")
+                    inputs[key] = forced
         if inputs.get("allow_download") is True:
             raise AssertionError(f"node {nid} {kind} has allow_download on")
     for nid, node in api.items():  # 2. text encoders of checkpoints without one
