@@ -180,15 +180,23 @@ def preprocess_images(images: torch.Tensor, size: int, mean, std) -> torch.Tenso
     return (x - m) / s
 
 
+def _portable_config(config: dict) -> str:
+    """A config as JSON without the keys that record where and with what it was loaded."""
+    return json.dumps({k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")},
+                      sort_keys=True, default=str)
+
+
 def prior_identity(family: str, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
     """A content fingerprint of the prior: configs plus a few weight tensors, cheap to compute.
 
     Hashing multi-GB files would take minutes; configs + the positional embedding, the output
-    statistics and the text projection differ between any two trained priors.
+    statistics and the text projection differ between any two trained priors. Load paths and
+    library versions are left out, so the same prior in another folder or on another machine
+    keeps its identity (and accepts its concepts).
     """
     h = hashlib.sha256()
-    h.update(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
-    h.update(json.dumps(text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(_portable_config(dict(transformer.config)).encode())
+    h.update(_portable_config(text_encoder.config.to_dict()).encode())
     state = transformer.state_dict()
     for key in ("positional_embedding", "clip_mean", "clip_std", "prd_embedding"):
         if key in state:

@@ -248,10 +248,6 @@ def test_other_prior_is_refused(chain, run):
         run("CreativeApplyConcept", prior=other, concept=concept)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: prior_identity() hashes the diffusers/transformers configs "
-                                       "including '_name_or_path' (the folder the prior was loaded from), so the "
-                                       "same prior in another folder (another machine, a moved models dir) gets "
-                                       "another identity and refuses its own concepts")
 def test_concept_applies_to_the_same_prior_in_another_folder(models, chain, run):
     shutil.copytree(models / "diffusers" / "prior-a", models / "diffusers" / "prior-a-copy", dirs_exist_ok=True)
     moved, = run("CreativeLoadPrior", prior="prior-a-copy", dtype="auto")

@@ -55,6 +55,8 @@ def test_identity_is_content_based(tiny_prior_dir, tmp_path):
     assert a.identity == b.identity and a.identity.startswith("kandinsky-2.2:")
     other = load_prior(str(build_tiny_prior(tmp_path / "other", seed=7)))
     assert other.identity != a.identity
+    shutil.copytree(tiny_prior_dir, tmp_path / "moved" / "elsewhere")
+    assert load_prior(str(tmp_path / "moved" / "elsewhere")).identity == a.identity, "the load path is not identity"
 
 
 def test_encode_images(prior):
