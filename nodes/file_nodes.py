@@ -149,26 +149,34 @@ class SelectEmbeds(io.ComfyNode):
 class EmbedsToClipVision(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        from .core_render_nodes import ANY, TARGETS
+
         return io.Schema(
             node_id="CreativeEmbedsToCLIPVision", display_name="Embeddings to CLIP Vision Output (Creative)",
             category=f"{s.CATEGORY}/render",
             description="Turns embeddings into a core CLIP_VISION_OUTPUT so core unCLIPConditioning -> KSampler can "
-                        "render them with an SD 2.1 unCLIP (768/1024-d) or SDXL revision (1280-d) model.",
+                        "render them: 768-d (Kandinsky 2.1 / Karlo priors) with SD 2.1 unCLIP-L, 1024-d with SD 2.1 "
+                        "unCLIP-H, 1280-d (Kandinsky 2.2 prior) with SDXL (revision). Other widths are refused.",
             inputs=[s.Embeds.Input("embeds"),
                     io.Int.Input("start", default=0, min=0, tooltip="First embedding to pass on."),
-                    io.Int.Input("count", default=1, min=1, max=64, tooltip="How many (one image each).")],
+                    io.Int.Input("count", default=1, min=1, max=64,
+                                 tooltip="How many to pass on. unCLIPConditioning blends several into one "
+                                         "conditioning (core sums them); for one image each use count 1 per node, "
+                                         "or the Core Model Renderer."),
+                    io.Combo.Input("target", options=list(TARGETS), default=ANY, optional=True,
+                                   tooltip="The model the embeddings go to; their width must match it. 'any' accepts "
+                                           "768, 1024 and 1280.")],
             outputs=[io.ClipVisionOutput.Output(display_name="clip_vision_output")])
 
     @classmethod
-    def execute(cls, embeds, start, count):
-        import comfy.clip_vision
+    def execute(cls, embeds, start, count, target="any"):
+        from .core_render_nodes import check_width, clip_vision_output
 
+        check_width(embeds.dim, target, embeds.prior_identity)
         chosen = embeds.embeds[start:start + count]
         if not len(chosen):
             raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
-        out = comfy.clip_vision.Output()
-        out["image_embeds"] = chosen.to(torch.float32).clone()
-        return io.NodeOutput(out)
+        return io.NodeOutput(clip_vision_output(chosen))
 
 
 NODES = [SaveEmbeds, LoadEmbeds, SaveConcept, LoadConcept, EncodeImages, SelectEmbeds, EmbedsToClipVision]
