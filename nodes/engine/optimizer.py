@@ -53,8 +53,10 @@ class OptimConfig:
     def validate(self) -> None:
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}.")
-        if self.steps < 1 or self.prior_steps < 1 or self.rank < 1:
-            raise ValueError("steps, prior_steps and rank must be at least 1.")
+        if self.steps < 1 or self.rank < 1:
+            raise ValueError("steps and rank must be at least 1.")
+        if self.prior_steps < 2:
+            raise ValueError("prior_steps must be at least 2: the unCLIP scheduler spaces timesteps over steps - 1.")
         if "{token}" not in self.template:
             raise ValueError("The prompt template must contain '{token}', e.g. 'a photo of a {token}'.")
 

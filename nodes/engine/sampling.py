@@ -157,8 +157,10 @@ def sample_embeddings(prior: Prior, prompt: str, count: int, *, batch_size: int 
     calling diffusers' prior pipeline batch after batch with that generator.
     ``progress(done, count)`` is called after each batch; raising from it cancels.
     """
-    if count < 1 or batch_size < 1 or steps < 1:
-        raise ValueError("count, batch_size and steps must all be at least 1.")
+    if count < 1 or batch_size < 1:
+        raise ValueError("count and batch_size must be at least 1.")
+    if steps < 2:
+        raise ValueError("steps must be at least 2: the unCLIP scheduler spaces its timesteps over steps - 1.")
     prior.activate()
     generator = torch.Generator("cpu").manual_seed(int(seed))
     out = []

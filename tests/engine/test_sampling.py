@@ -76,6 +76,11 @@ def test_seeded_and_prompt_encoded_once(prior):
     assert not torch.allclose(a, sample_embeddings(prior, PROMPT, 30, batch_size=7, seed=6))
 
 
+def test_one_step_is_refused_clearly(prior):
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_embeddings(prior, PROMPT, 4, steps=1)
+
+
 def test_progress_and_cancel(prior):
     seen = []
     sample_embeddings(prior, PROMPT, 10, batch_size=4, progress=lambda d, n: seen.append((d, n)))
