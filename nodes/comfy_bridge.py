@@ -122,7 +122,9 @@ def training_mode(fn):
     ComfyUI executes nodes under ``torch.inference_mode()``; tensors created there can never
     take part in autograd, and the optimiser backpropagates through the prior, the norm and the
     loss terms. So every node that creates or uses them runs with inference mode off, and
-    memory is released when it ends, on success, error or cancel alike.
+    GPU memory is released when it ends, on success, error or cancel alike. On the CPU there is
+    nothing to hand back (reference counting already freed the tensors), and a full
+    ``gc.collect()`` costs ~0.4 s per node in a ComfyUI process's heap, so it runs only with CUDA.
     """
 
     @functools.wraps(fn)
@@ -131,8 +133,8 @@ def training_mode(fn):
             with torch.inference_mode(False):
                 return fn(*args, **kwargs)
         finally:
-            gc.collect()
             if torch.cuda.is_available():
+                gc.collect()
                 torch.cuda.empty_cache()
 
     return wrapper
