@@ -42,9 +42,10 @@ class WundtSweep(io.ComfyNode):
             description="Runs the optimiser for each pullback configuration and seed, and measures novelty (log-"
                         "likelihood under the norm, percentile in the bank), validity (an independent judge's "
                         "'is the subject' rate) and diversity at the given steps: the paper's Wundt curve.",
-            inputs=[s.Prior.Input("prior"), s.Norm.Input("norm"),
+            inputs=[s.Prior.Input("prior", tooltip="The prior to optimise concepts on."),
+                    s.Norm.Input("norm", tooltip="The norm novelty is measured against."),
                     s.Embeds.Input("embeds", tooltip="The typical bank the norm was fitted on."),
-                    io.String.Input("subject", default="vehicle"),
+                    io.String.Input("subject", default="vehicle", tooltip="What the concepts must remain."),
                     io.String.Input("steps", default="0, 50, 100, 200, 300, 500, 1000",
                                     tooltip="Steps at which to measure (the paper's curve)."),
                     io.String.Input("configs", default="none, anchor, gate, both",
@@ -52,8 +53,10 @@ class WundtSweep(io.ComfyNode):
                     io.String.Input("seeds", default="0", tooltip="Seeds, e.g. '0, 1, 2'."),
                     io.String.Input("anchor_text", default=s.PAPER_PROMPT, multiline=True,
                                     tooltip="Category text of the anchor configurations."),
-                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7),
-                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA"),
+                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+                                   tooltip="AdamW learning rate (paper: 1e-4)."),
+                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
+                                   tooltip="What to train (paper: token + LoRA)."),
                     io.Int.Input("samples", default=32, min=2, max=4096, tooltip="Samples per measurement."),
                     s.Loss.Input("loss_terms", optional=True, tooltip="Extra terms for every configuration "
                                  "(e.g. negative clusters)."),

@@ -32,7 +32,9 @@ class SaveEmbeds(io.ComfyNode):
             node_id="CreativeSaveEmbeds", display_name="Save Embeddings (Creative)", category=f"{s.CATEGORY}/files",
             description="Writes a bank (embeddings + provenance) as safetensors to output/creative/embeds; it then "
                         "appears in Load Embeddings.",
-            inputs=[s.Embeds.Input("embeds"), io.String.Input("filename_prefix", default="bank")],
+            inputs=[s.Embeds.Input("embeds", tooltip="The bank to save (embeddings + where they came from)."),
+                    io.String.Input("filename_prefix", default="bank",
+                                    tooltip="File name start; a counter is appended (bank_00001.safetensors).")],
             outputs=[], is_output_node=True)
 
     @classmethod
@@ -68,7 +70,9 @@ class SaveConcept(io.ComfyNode):
             node_id="CreativeSaveConcept", display_name="Save Concept (Creative)", category=f"{s.CATEGORY}/files",
             description="Writes the concept (token embedding + LoRA + provenance in the metadata) as one safetensors "
                         "file to output/creative/concepts; it then appears in Load Concept.",
-            inputs=[s.Concept.Input("concept"), io.String.Input("filename_prefix", default="concept")],
+            inputs=[s.Concept.Input("concept", tooltip="The optimiser's concept output."),
+                    io.String.Input("filename_prefix", default="concept",
+                                    tooltip="File name start; a counter is appended (concept_00001.safetensors).")],
             outputs=[], is_output_node=True)
 
     @classmethod
@@ -105,7 +109,8 @@ class EncodeImages(io.ComfyNode):
             node_id="CreativeEncodeImages", display_name="Encode Images (Creative)", category=f"{s.CATEGORY}",
             description="CLIP image embeddings of images with the prior's image encoder (e.g. images you marked as "
                         "unwanted, for a negative cluster).",
-            inputs=[s.Prior.Input("prior"), io.Image.Input("images")],
+            inputs=[s.Prior.Input("prior", tooltip="The prior whose CLIP image encoder embeds the images."),
+                    io.Image.Input("images", tooltip="Images to embed.")],
             outputs=[s.Embeds.Output(display_name="embeds")])
 
     @classmethod
@@ -136,7 +141,7 @@ class SelectEmbeds(io.ComfyNode):
         return io.Schema(
             node_id="CreativeSelectEmbeds", display_name="Select Embeddings (Creative)", category=f"{s.CATEGORY}",
             description="Keeps the embeddings at the given positions, e.g. the ones whose renders you marked as ugly.",
-            inputs=[s.Embeds.Input("embeds"),
+            inputs=[s.Embeds.Input("embeds", tooltip="The bank to pick from."),
                     io.String.Input("indices", default="0", tooltip="Positions to keep, e.g. '0, 3, 5-7'.")],
             outputs=[s.Embeds.Output(display_name="embeds")])
 
@@ -157,7 +162,7 @@ class EmbedsToClipVision(io.ComfyNode):
             description="Turns embeddings into a core CLIP_VISION_OUTPUT so core unCLIPConditioning -> KSampler can "
                         "render them: 768-d (Kandinsky 2.1 / Karlo priors) with SD 2.1 unCLIP-L, 1024-d with SD 2.1 "
                         "unCLIP-H, 1280-d (Kandinsky 2.2 prior) with SDXL (revision). Other widths are refused.",
-            inputs=[s.Embeds.Input("embeds"),
+            inputs=[s.Embeds.Input("embeds", tooltip="Embeddings from a prior, e.g. a concept's samples."),
                     io.Int.Input("start", default=0, min=0, tooltip="First embedding to pass on."),
                     io.Int.Input("count", default=1, min=1, max=64,
                                  tooltip="How many to pass on. unCLIPConditioning blends several into one "
