@@ -94,10 +94,11 @@ class Progress:
         self.node_id, self.total = node_id, total
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
-    def __call__(self, done: int, text: str | None = None, preview=None) -> None:
+    def __call__(self, done: int, text: str | None = None, preview=None, total: int | None = None) -> None:
         import comfy.model_management
 
         comfy.model_management.throw_exception_if_processing_interrupted()
+        self.total = total or self.total
         self.bar.update_absolute(done, self.total, preview)
         if text:
             self.text(text)
@@ -141,15 +142,23 @@ def training_mode(fn):
 
 
 def device_and_dtype(choice: str) -> tuple[torch.device, torch.dtype]:
-    """ComfyUI's compute device; "auto" = bf16 (or fp16) on a GPU, fp32 on the CPU."""
+    """ComfyUI's compute device and a dtype for it.
+
+    "auto" asks ComfyUI (which honours --force-fp32/--force-fp16): bf16 where it is fast, else
+    fp16, else fp32; always fp32 on the CPU. An explicit choice overrides.
+    """
     import comfy.model_management as mm
 
     device = mm.get_torch_device()
     named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if choice in named:
         return device, named[choice]
-    if device.type == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return device, torch.float32
+    if mm.should_use_bf16(device):
+        return device, torch.bfloat16
+    if mm.should_use_fp16(device):
+        return device, torch.float16
     return device, torch.float32
 
 

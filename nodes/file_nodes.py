@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from comfy_api.latest import io, ui
 
 import folder_paths
