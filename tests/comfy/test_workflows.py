@@ -13,6 +13,9 @@ Two tests per file:
   checkpoints without one replaced), queued with ``POST /prompt`` and run to success; then the
   outputs are checked (saved images exist with the expected size and count, previews exist,
   saved concepts load, token previews show the token).
+* ``test_tiny_sd21_unclip_l_is_detected_as_sd21_unclip_l``: the SD 2.1 unCLIP-L stand-in goes
+  through core's detection as ``SD21UnclipL`` (else the image embedding would be ignored and the
+  workflow would still "succeed").
 
 The rewrite, rule by rule (nothing else in the workflow changes):
 
@@ -390,3 +393,19 @@ def _source_output_name(api: dict, object_info: dict, link) -> str | None:
     info = object_info.get(api[link[0]]["class_type"], {})
     names = info.get("output_name") or []
     return names[link[1]] if link[1] < len(names) else None
+
+
+def test_tiny_sd21_unclip_l_is_detected_as_sd21_unclip_l(tiny_models):
+    """The stand-in for sd21-unclip-l.ckpt loads through core's detection as SD 2.1 unCLIP-L:
+    a model that were not unCLIP would ignore the image embedding and the workflow would still
+    "succeed"."""
+    import comfy.sd
+    import comfy.supported_models
+
+    path = tiny_models.path(em.resolve("checkpoints", "sd21-unclip-l.ckpt"))
+    model, clip, vae, clip_vision = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, output_clipvision=True)[:4]
+    assert type(model.model).__name__ == "SD21UNCLIP"
+    assert type(model.model.model_config) is comfy.supported_models.SD21UnclipL
+    assert model.model.model_config.unet_config["adm_in_channels"] == 1536  # 768-d embedding + noise level
+    assert clip is None and clip_vision is None and vae is not None
