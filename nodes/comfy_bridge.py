@@ -142,15 +142,23 @@ def training_mode(fn):
 
 
 def device_and_dtype(choice: str) -> tuple[torch.device, torch.dtype]:
-    """ComfyUI's compute device; "auto" = bf16 (or fp16) on a GPU, fp32 on the CPU."""
+    """ComfyUI's compute device and a dtype for it.
+
+    "auto" asks ComfyUI (which honours --force-fp32/--force-fp16): bf16 where it is fast, else
+    fp16, else fp32; always fp32 on the CPU. An explicit choice overrides.
+    """
     import comfy.model_management as mm
 
     device = mm.get_torch_device()
     named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if choice in named:
         return device, named[choice]
-    if device.type == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return device, torch.float32
+    if mm.should_use_bf16(device):
+        return device, torch.bfloat16
+    if mm.should_use_fp16(device):
+        return device, torch.float16
     return device, torch.float32
 
 

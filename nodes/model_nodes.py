@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import comfy_bridge as cb
+from . import memory
 from . import sockets as s
 from .engine.mllm import load_mllm
 from .engine.prior import load_prior
@@ -64,8 +65,9 @@ class LoadPrior(io.ComfyNode):
     @cb.training_mode
     def execute(cls, prior, dtype, allow_download=False, hf_repo_id=""):
         folder = _folder(prior, cb.prior_folders(), "prior", cb.DIFFUSERS, allow_download, hf_repo_id)
-        device, torch_dtype = cb.device_and_dtype(dtype)
-        return io.NodeOutput(load_prior(str(folder), device=device, dtype=torch_dtype))
+        _, torch_dtype = cb.device_and_dtype(dtype)
+        _, offload = memory.devices(memory.budget.PRIOR)  # ComfyUI loads it onto the GPU when a node uses it
+        return io.NodeOutput(memory.register_prior(load_prior(str(folder), device=offload, dtype=torch_dtype)))
 
 
 class LoadDecoder(io.ComfyNode):
@@ -95,8 +97,9 @@ class LoadDecoder(io.ComfyNode):
     @cb.training_mode
     def execute(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
         folder = _folder(decoder, cb.decoder_folders(), "decoder", cb.DIFFUSERS, allow_download, hf_repo_id)
-        device, torch_dtype = cb.device_and_dtype(dtype)
-        return io.NodeOutput(load_decoder(str(folder), device=device, dtype=torch_dtype))
+        _, torch_dtype = cb.device_and_dtype(dtype)
+        _, offload = memory.devices(memory.budget.DECODER)
+        return io.NodeOutput(memory.register_decoder(load_decoder(str(folder), device=offload, dtype=torch_dtype)))
 
 
 class LoadMLLM(io.ComfyNode):
@@ -131,9 +134,17 @@ class LoadMLLM(io.ComfyNode):
     @cb.training_mode
     def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="", vision_check=True):
         folder = _folder(model, cb.mllm_folders(), "multimodal LLM", cb.LLM, allow_download, hf_repo_id)
-        device, torch_dtype = cb.device_and_dtype(dtype)
-        return io.NodeOutput(load_mllm(str(folder), device=device, dtype=torch_dtype,
-                                       trust_remote_code=trust_remote_code, sanity_check=vision_check))
+        _, torch_dtype = cb.device_and_dtype(dtype)
+        _, offload = memory.devices(memory.budget.MLLM)  # kept off the GPU except while it answers
+        judge = memory.register_mllm(load_mllm(str(folder), device=offload, dtype=torch_dtype,
+                                               trust_remote_code=trust_remote_code))
+        if vision_check:
+            memory.use(judge)
+            try:
+                judge.check_vision().raise_if_blind()
+            finally:
+                memory.offload(judge)
+        return io.NodeOutput(judge)
 
 
 class DecoderRendererNode(io.ComfyNode):
@@ -158,6 +169,7 @@ class DecoderRendererNode(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, decoder, steps, guidance, width, height, seed, prior=None):
+        memory.use(prior)
         negative = prior.zero_image_embed() if prior is not None else None
         return io.NodeOutput(DecoderRenderer(decoder, RenderSettings(steps, guidance, height, width, seed), negative))
 
@@ -182,6 +194,7 @@ class RenderEmbeds(io.ComfyNode):
         if not len(chosen):
             raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
         progress = cb.Progress(cls.hidden.unique_id, renderer.settings.steps)
+        memory.use(renderer)
         return io.NodeOutput(renderer(chosen, progress=lambda i, n: progress(i, total=n)))
 
 

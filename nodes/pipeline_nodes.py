@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
+from . import memory
 from . import sockets as s
 from .engine.bank import EmbeddingBank, encode_image_bank, sample_bank
 from .engine.gate import PAPER_QUESTION, ValidityGate
@@ -48,6 +49,9 @@ class PriorSampler(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, prompt, count, batch_size, steps, guidance, seed, negative_prompt):
+        estimate = memory.preflight_sampling(prior, prompt, negative_prompt, count=count, batch_size=batch_size,
+                                             steps=steps, guidance=guidance)  # refuses a run that cannot fit
+        memory.use(prior, memory_required=estimate.part("sampling activations").bytes)
         progress = cb.Progress(cls.hidden.unique_id, count)
         bank = sample_bank(prior, prompt, count, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed,
                            negative_prompt=negative_prompt,
@@ -217,6 +221,10 @@ class LoRAOptimizer(io.ComfyNode):
         cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
                           alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
                           template=prompt_template)
+        estimate = memory.preflight_optimisation(prior, subject=subject, template=prompt_template,
+                                                 prior_steps=prior_steps, guidance=guidance, rank=lora_rank,
+                                                 train=cfg.train, gate=gate, renderer=renderer)
+        gate, renderer = memory.gated_models(prior, gate, renderer, estimate)  # loads the prior for training
         optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
         progress = cb.Progress(cls.hidden.unique_id, steps)
         result = optimizer.run(lambda entry: progress(entry["step"], _describe(entry)))

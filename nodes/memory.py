@@ -1,0 +1,318 @@
+"""One memory budget with ComfyUI: our models under its model management, and pre-flight checks.
+
+The prior, the decoder and the MLLM are plain torch modules (diffusers / transformers). Each
+is wrapped in a ``comfy.model_patcher.ModelPatcher`` with ComfyUI's load device (the GPU) and
+offload device (normally the CPU), loaded with ``comfy.model_management.load_models_gpu`` right
+before a node uses it, and from then on listed in ``current_loaded_models``: ComfyUI's "Unload
+models" (``POST /free``), its eviction when another model needs room, and its memory reports
+all cover them, exactly as they cover a checkpoint.
+
+* Loaders put weights on the offload device in the dtype chosen for the load device;
+  :func:`use` moves a model to the load device (a no-op move on a CPU-only machine, where both
+  are the CPU, but the model is still registered).
+* Our modules cannot run split across devices (they have no ``comfy.ops`` casting layers), so
+  :class:`WholeModelPatcher` loads and unloads them all-or-nothing.
+* During an optimisation run the MLLM is loaded for each gate check and offloaded right after;
+  the decoder stays loaded until ComfyUI needs its room; the prior is reloaded with its training
+  memory reserved after every check (:func:`gated_models`).
+* :func:`preflight_sampling` / :func:`preflight_optimisation` estimate a run's peak memory
+  (``engine/budget.py``) and refuse, with numbers and what to change, a run that cannot fit.
+
+The engine stays ComfyUI-free: only this module (and the nodes) import ``comfy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import torch
+
+from .engine import budget
+
+PATCHER_ATTR = "_creative_patcher"  # set on the model's main module; shared by every view of the model
+log = logging.getLogger(__name__)
+
+
+class _Modules(torch.nn.Module):
+    """One model's torch modules under one ModelPatcher, so ComfyUI moves them together."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module | None], device: torch.device):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict({k: m for k, m in modules.items() if m is not None})
+        self.device = device  # ModelPatcher reads and updates this
+
+    def get_dtype(self) -> torch.dtype:  # ModelPatcher.model_dtype()
+        return next(self.parameters()).dtype
+
+
+# Named per model so ComfyUI's log says "Requested to load CreativePrior".
+class CreativePrior(_Modules):
+    pass
+
+
+class CreativeDecoder(_Modules):
+    pass
+
+
+class CreativeMLLM(_Modules):
+    pass
+
+
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher for modules without ComfyUI's casting layers: always entirely on one device.
+
+    ComfyUI's low-VRAM mode moves part of a model out and casts weights on the fly inside
+    ``comfy.ops`` layers; diffusers/transformers layers would instead see weights on two devices.
+    So a partial load loads everything, and a partial unload frees nothing (ComfyUI then unloads
+    the whole model).
+    """
+
+    def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
+        return super().partially_load(device_to, 1e32, *args, **kwargs)
+
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+        return 0
+
+
+def devices(kind: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) ComfyUI assigns: the MLLM offloads like a text encoder."""
+    offload = mm.text_encoder_offload_device() if kind == budget.MLLM else mm.unet_offload_device()
+    return mm.get_torch_device(), offload
+
+
+def _register(holder_cls: type, key: torch.nn.Module, modules: dict, kind: str) -> WholeModelPatcher:
+    load, offload = devices(kind)
+    first = next(m for m in modules.values() if m is not None)
+    holder = holder_cls(modules, next(first.parameters()).device)
+    patcher = WholeModelPatcher(holder, load_device=load, offload_device=offload)
+    key.__dict__[PATCHER_ATTR] = patcher  # a plain attribute, outside nn.Module's bookkeeping
+    return patcher
+
+
+def register_prior(prior):
+    """Put a :class:`..engine.prior.Prior` (transformer + text/image encoders) under model management."""
+    _register(CreativePrior, prior.transformer, {"transformer": prior.transformer, "text_encoder": prior.text_encoder,
+                                                 "image_encoder": prior.image_encoder}, budget.PRIOR)
+    return prior
+
+
+def register_decoder(decoder):
+    """Put a :class:`..engine.render.KandinskyDecoder`'s pipeline modules (UNet, MoVQ, 2.1's text encoder)
+    under model management."""
+    pipe = decoder.pipeline
+    _register(CreativeDecoder, pipe.unet, {"unet": pipe.unet, "movq": pipe.movq,
+                                           "text_encoder": getattr(pipe, "text_encoder", None)}, budget.DECODER)
+    return decoder
+
+
+def register_mllm(judge):
+    """Put an :class:`..engine.mllm.MLLMJudge`'s model under model management."""
+    _register(CreativeMLLM, judge.model, {"model": judge.model}, budget.MLLM)
+    return judge
+
+
+# Attribute paths from what the nodes pass around to the module holding the patcher.
+_PATHS = (("transformer",), ("pipeline", "unet"), ("decoder", "pipeline", "unet"), ("model",), ("judge", "model"),
+          ("inner", "transformer"), ("inner", "decoder", "pipeline", "unet"), ("inner", "model"))
+
+
+def patcher_of(obj) -> WholeModelPatcher | None:
+    """The patcher of a prior, decoder, renderer, MLLM judge or gate; ``None`` if it is not managed."""
+    if obj is None:
+        return None
+    if isinstance(obj, comfy.model_patcher.ModelPatcher):
+        return obj
+    for path in _PATHS:
+        target = obj
+        for name in path:
+            target = getattr(target, name, None)
+            if target is None:
+                break
+        if isinstance(target, torch.nn.Module) and PATCHER_ATTR in target.__dict__:
+            return target.__dict__[PATCHER_ATTR]
+    return None
+
+
+def _patchers(objs) -> list[WholeModelPatcher]:
+    out: list[WholeModelPatcher] = []
+    for obj in objs:
+        p = patcher_of(obj)
+        if p is not None and all(p is not q for q in out):
+            out.append(p)
+    return out
+
+
+def use(*objs, memory_required: int = 0) -> list[WholeModelPatcher]:
+    """Load these models onto ComfyUI's compute device (registering them), keeping ``memory_required``
+    bytes free for the work that follows; ComfyUI unloads other models if it must."""
+    patchers = _patchers(objs)
+    if patchers:
+        mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=True)
+    return patchers
+
+
+def offload(*objs) -> None:
+    """Move these models back to their offload device and out of ComfyUI's loaded list."""
+    patchers = _patchers(objs)
+    if not patchers:
+        return
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if any(loaded.model is p for p in patchers):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+    mm.soft_empty_cache()
+
+
+def is_loaded(obj) -> bool:
+    """Whether ComfyUI lists this model among its loaded models."""
+    p = patcher_of(obj)
+    return p is not None and any(loaded.model is p for loaded in mm.current_loaded_models)
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+
+def _resident(obj) -> bool:
+    """Weights that occupy the compute device's memory whatever ComfyUI does: load device = offload
+    device (a CPU-only machine, --gpu-only), or a model we do not manage."""
+    p = patcher_of(obj)
+    return p is None or p.load_device == p.offload_device
+
+
+def check(estimate: budget.Estimate, models: dict[str, object], device: torch.device | None = None) -> None:
+    """Refuse (``InsufficientMemoryError``) when the estimate cannot fit ComfyUI's free memory.
+
+    On a GPU, memory ComfyUI can free by unloading models (any, ours included) counts as
+    available, and ComfyUI's reserve (``--reserve-vram``) as needed. Weights that stay in the
+    device's memory anyway (CPU-only: they were loaded into RAM) are already used, not needed.
+    """
+    device = device or mm.get_torch_device()
+    free = int(mm.get_free_memory(device))
+    reclaimable = 0
+    if device.type != "cpu":
+        reclaimable = int(sum(loaded.model_loaded_memory() for loaded in mm.current_loaded_models
+                              if loaded.device == device and loaded.model is not None))
+        reserve = int(mm.extra_reserved_memory())
+        estimate.parts.append(budget.Part("ComfyUI reserve", reserve, "--reserve-vram"))
+        estimate.phases = [dataclasses.replace(ph, parts=(*ph.parts, "ComfyUI reserve")) for ph in estimate.phases]
+    resident = {kind for kind, obj in models.items() if obj is not None and _resident(obj)}
+    estimate.check(free, device=str(device), resident=resident, reclaimable=reclaimable)
+    everything = estimate.all_resident(resident)
+    if everything > free + reclaimable:
+        log.info("Creative Generation: %s needs %s with every model on %s at once; it fits only by moving "
+                 "models in and out between phases (slower).", estimate.what, budget.fmt_bytes(everything), device)
+
+
+def preflight_sampling(prior, prompt: str, negative_prompt: str, *, count: int, batch_size: int, steps: int,
+                       guidance: float) -> budget.Estimate:
+    """Estimate a Prior Sampler run and refuse it if it cannot fit; returns the estimate."""
+    device = mm.get_torch_device()
+    tokens = budget.prompt_token_count(prior.tokenizer_for_concept(), prompt, negative_prompt)
+    estimate = budget.sampling_estimate(budget.PriorShape.of(prior), prompt_tokens=tokens,
+                                        batch=min(batch_size, count), steps=steps, guidance=guidance,
+                                        on_gpu=device.type != "cpu")
+    check(estimate, {budget.PRIOR: prior}, device)
+    return estimate
+
+
+def _mllm_tokens(judge, question: str, height: int, width: int, patch: int) -> tuple[int, int]:
+    """(input tokens, vision patches) the judge's processor makes of a ``width`` x ``height`` image."""
+    try:
+        from PIL import Image
+
+        inputs = judge.inputs(Image.new("RGB", (width, height)), question)
+        pixels = inputs.get("pixel_values")
+        temporal = int(getattr(getattr(judge.model.config, "vision_config", None), "temporal_patch_size", 1) or 1)
+        return int(inputs["input_ids"].shape[-1]), budget.vision_patches(pixels, patch, temporal)
+    except Exception as error:  # an unusual processor: fall back to a generous guess
+        log.debug("Creative Generation: could not count MLLM tokens (%s); assuming 2,048", error)
+        return 2048, 2048
+
+
+def preflight_optimisation(prior, *, subject: str, template: str, prior_steps: int, guidance: float, rank: int,
+                           train: str, gate=None, renderer=None) -> budget.Estimate:
+    """Estimate a Creative LoRA Optimizer run (training + gate checks) and refuse it if it cannot fit."""
+    device = mm.get_torch_device()
+    prompt = template.format(token=subject)
+    tokens = budget.prompt_token_count(prior.tokenizer, prompt, "") + 1  # the placeholder may take one more
+    decoder_shape, render = None, (512, 512, 4.0)
+    decoder = getattr(renderer, "decoder", None)
+    if renderer is not None:
+        decoder_shape = budget.DecoderShape.of(decoder)
+        s = getattr(renderer, "settings", None)
+        if s is not None:
+            render = (int(s.height), int(s.width), float(s.guidance))
+    judge = getattr(gate, "judge", None)
+    mllm_shape, m_tokens, m_patches = None, 0, 0
+    if judge is not None and isinstance(getattr(judge, "model", None), torch.nn.Module):
+        mllm_shape = budget.MLLMShape.of(judge.model)
+        question = gate.question.format(subject=gate.subject or subject)
+        m_tokens, m_patches = _mllm_tokens(judge, question, render[0], render[1], mllm_shape.vision_patch)
+    estimate = budget.optimisation_estimate(
+        budget.PriorShape.of(prior), prompt_tokens=tokens, prior_steps=prior_steps, guidance=guidance, rank=rank,
+        train=train, decoder=decoder_shape, render=render, mllm=mllm_shape, mllm_tokens=m_tokens,
+        mllm_vision_tokens=m_patches, on_gpu=device.type != "cpu")
+    check(estimate, {budget.PRIOR: prior, budget.DECODER: decoder, budget.MLLM: judge}, device)
+    return estimate
+
+
+def _work(estimate: budget.Estimate, *names: str) -> int:
+    return sum(p.bytes for p in estimate.parts if p.name in names)
+
+
+# --------------------------------------------------------------------------- an optimisation run
+
+
+class ManagedJudge:
+    """A gate judge whose model is loaded for each question and offloaded right after."""
+
+    def __init__(self, inner, before: Callable[[], None], after: Callable[[], None]):
+        self.inner, self._before, self._after = inner, before, after
+
+    def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor:
+        self._before()
+        try:
+            return self.inner.p_yes(images, question)
+        finally:
+            self._after()
+
+    def __getattr__(self, name):  # history, family, ... of the wrapped judge
+        return getattr(self.inner, name)
+
+
+class ManagedRenderer:
+    """A renderer whose decoder is loaded (with room for the render) before it draws."""
+
+    def __init__(self, inner, before: Callable[[], None]):
+        self.inner, self._before = inner, before
+
+    def __call__(self, embeds: torch.Tensor, progress=None) -> torch.Tensor:
+        self._before()
+        return self.inner(embeds, progress=progress)
+
+    def __getattr__(self, name):  # settings, decoder, ...
+        return getattr(self.inner, name)
+
+
+def gated_models(prior, gate, renderer, estimate: budget.Estimate):
+    """Load the prior for training; return the gate and renderer wrapped so that each check loads the
+    decoder, then the MLLM, offloads the MLLM afterwards and reloads the prior for the next step."""
+    training = _work(estimate, "training state", "training activations")
+    use(prior, memory_required=training)
+    if renderer is not None and patcher_of(renderer) is not None:
+        draws, rendering = renderer, _work(estimate, "render activations")
+        renderer = ManagedRenderer(draws, lambda: use(draws, memory_required=rendering))
+    if gate is not None and patcher_of(gate.judge) is not None:
+        judge, asking = gate.judge, _work(estimate, "MLLM forward")
+
+        def after() -> None:
+            offload(judge)
+            use(prior, memory_required=training)
+
+        gate = dataclasses.replace(gate, judge=ManagedJudge(judge, lambda: use(judge, memory_required=asking), after))
+    return gate, renderer
