@@ -13,7 +13,7 @@ from .engine.gate import PAPER_QUESTION, ValidityGate
 from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm, negative_cluster
 from .engine.norm import GaussianNorm
 from .engine.optimizer import CreativeOptimizer, OptimConfig
-from .engine.plots import plot_embedding_map, plot_log
+from .engine.plots import annotate, plot_embedding_map, plot_log
 
 TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}
 SEED = dict(default=0, min=0, max=2**63 - 1)
@@ -229,14 +229,16 @@ class LoRAOptimizer(io.ComfyNode):
         progress = cb.Progress(cls.hidden.unique_id, steps)
         result = optimizer.run(lambda entry: progress(entry["step"], _describe(entry)))
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
-        images = [r["gate_image"] for r in result.log if "gate_image" in r]
-        gate_images = torch.stack(images) if images else torch.zeros(1, 64, 64, 3)
+        checks = [r for r in result.log if "gate_image" in r]
+        gate_images = torch.stack([r["gate_image"] for r in checks]) if checks else torch.zeros(1, 64, 64, 3)
+        captions = [f"step {r['step']}: P(yes) {r['gate_p_yes']:.2f} {'yes' if r['gate_passed'] else 'NO'}"
+                    for r in checks]
         clusters = [(t.name, t.cluster) for t in terms if isinstance(t, NegativeClusterTerm)]
         log = {"entries": [{k: v for k, v in r.items() if k != "gate_image"} for r in result.log],
                "stop_reason": result.stop_reason, "steps_run": result.steps_run, "accepted_step": result.accepted_step}
         return io.NodeOutput(prior.with_concept(result.concept), result.concept, log, result.concept.token,
                              gate_images, plot_log(result.log), plot_embedding_map(norm, None, result.path, clusters),
-                             ui=ui.PreviewImage(gate_images, cls=cls) if images else None)
+                             ui=ui.PreviewImage(annotate(gate_images, captions), cls=cls) if checks else None)
 
 
 def _describe(entry: dict) -> str:

@@ -137,3 +137,17 @@ def plot_sweep(rows: list[dict], width: int = 768, height: int = 300) -> torch.T
     for j, c in enumerate(configs):
         draw.text((MARGIN + 110 * j, height - 16), c, fill=PALETTE[j % len(PALETTE)])
     return _to_image(img)
+
+
+def annotate(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
+    """Copies of ``images`` ``[B,H,W,3]`` with a caption strip (e.g. the gate's step and P(yes))."""
+    out = []
+    for image, label in zip(images, labels):
+        pil = Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        strip = Image.new("RGB", (pil.width, 14), "black")
+        ImageDraw.Draw(strip).text((2, 1), label, fill=(255, 255, 255))
+        canvas = Image.new("RGB", (pil.width, pil.height + 14))
+        canvas.paste(pil, (0, 0))
+        canvas.paste(strip, (0, pil.height))
+        out.append(_to_image(canvas)[0])
+    return torch.stack(out)
