@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -183,4 +184,42 @@ class EmbedsToClipVision(io.ComfyNode):
         return io.NodeOutput(clip_vision_output(chosen))
 
 
-NODES = [SaveEmbeds, LoadEmbeds, SaveConcept, LoadConcept, EncodeImages, SelectEmbeds, EmbedsToClipVision]
+def log_summary(log: dict) -> str:
+    """A few lines a person can read: how the run ended and where its numbers went."""
+    entries = log["entries"]
+    lines = [f"stop: {log['stop_reason']} after {log['steps_run']} steps; kept the state of step {log['accepted_step']}"]
+    if entries:
+        first, last = entries[0], entries[-1]
+        lines.append(f"log-likelihood under the norm: {first['log_likelihood']:.4g} -> {last['log_likelihood']:.4g}")
+        if "anchor_cos" in last:
+            lines.append(f"anchor cosine: {first['anchor_cos']:.3f} -> {last['anchor_cos']:.3f}")
+        lines.append(f"seconds per step: {sum(e['seconds'] for e in entries) / len(entries):.3f}")
+    lines += [f"gate at step {e['step']}: P(yes) {e['gate_p_yes']:.3f} -> {'yes' if e['gate_passed'] else 'NO'}"
+              for e in entries if "gate_p_yes" in e]
+    return "\n".join(lines)
+
+
+class SaveLog(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreativeSaveLog", display_name="Save Optimisation Log (Creative)", category=f"{s.CATEGORY}/files",
+            description="Writes the optimiser's per-step log (every loss term, log-likelihood, Mahalanobis distance, "
+                        "anchor cosine, gate P(yes) and decision, seconds) as JSON to output/creative/logs and shows "
+                        "a summary.",
+            inputs=[s.Log.Input("log", tooltip="The optimiser's log output."),
+                    io.String.Input("filename_prefix", default="run", tooltip="File name prefix.")],
+            outputs=[io.String.Output(display_name="summary")], is_output_node=True)
+
+    @classmethod
+    def execute(cls, log, filename_prefix):
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, str(cb.output_folder("logs")))
+        path = Path(folder) / f"{name}_{counter:05}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(log, indent=1))
+        tmp.replace(path)
+        summary = log_summary(log)
+        return io.NodeOutput(summary, ui=ui.PreviewText(f"{summary}\nsaved {path.name} in {path.parent}"))
+
+
+NODES = [SaveEmbeds, LoadEmbeds, SaveConcept, LoadConcept, EncodeImages, SelectEmbeds, EmbedsToClipVision, SaveLog]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +254,17 @@ def test_concept_applies_to_the_same_prior_in_another_folder(models, chain, run)
     moved, = run("CreativeLoadPrior", prior="prior-a-copy", dtype="auto")
     concept = run("CreativeLoRAOptimizer", **_optimiser_inputs(chain, steps=1))[1]
     run("CreativeApplyConcept", prior=moved, concept=concept)
+
+
+def test_log_is_saved_as_json_with_a_summary(chain, run, comfy_inprocess):
+    import json
+
+    log = run("CreativeLoRAOptimizer", **_optimiser_inputs(chain, steps=3))[2]
+    summary, = run("CreativeSaveLog", log=log, filename_prefix="unit-log")
+    saved = sorted((Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "logs").glob("unit-log_*.json"))
+    assert saved and not list(saved[-1].parent.glob("*.tmp"))
+    data = json.loads(saved[-1].read_text())
+    assert [e["step"] for e in data["entries"]] == [1, 2, 3] and data["stop_reason"] == "max_steps"
+    assert {"loss", "creative", "log_likelihood", "mahalanobis", "seconds"} <= set(data["entries"][0])
+    assert summary.startswith("stop: max_steps after 3 steps; kept the state of step 3")
+    assert "log-likelihood under the norm" in summary
