@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from comfy_api.latest import io
 
 from . import comfy_bridge as cb
@@ -21,20 +24,37 @@ def _download_inputs(example: str) -> list:
                             "Used only when allow_download is on.")]
 
 
-def _folder(choice: str, options: dict, what: str, kind: str, allow_download: bool, hf_repo_id: str):
-    if allow_download and hf_repo_id.strip():
-        return cb.download(hf_repo_id, kind)
-    return cb.resolve(choice, options, what, kind)
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model folder a loader lists: its name, ComfyUI folder, finder and an example repo."""
+
+    what: str
+    folder: str
+    find: Callable[[], dict]
+    example: str
+
+    def options(self) -> list[str]:
+        return sorted(self.find())
+
+    def check(self, choice: str, allow_download: bool, hf_repo_id: str) -> bool | str:
+        if (allow_download and hf_repo_id.strip()) or choice in self.find():
+            return True
+        return (f"No {self.what} '{choice}' found in models/{self.folder}. Download e.g. {self.example} into "
+                f"models/{self.folder}/ (a diffusers/transformers folder) and refresh, or switch on allow_download "
+                "with hf_repo_id.")
+
+    def fingerprint(self, choice: str) -> str:
+        return cb.folder_fingerprint(self.find().get(choice))
+
+    def resolve(self, choice: str, allow_download: bool, hf_repo_id: str):
+        if allow_download and hf_repo_id.strip():
+            return cb.download(hf_repo_id, self.folder)
+        return cb.resolve(choice, self.find(), self.what, self.folder)
 
 
-def _check_choice(choice: str, options: dict, what: str, kind: str, allow_download: bool, hf_repo_id: str,
-                  example: str) -> bool | str:
-    if allow_download and hf_repo_id.strip():
-        return True
-    if choice in options:
-        return True
-    return (f"No {what} '{choice}' found in models/{kind}. Download e.g. {example} into models/{kind}/ "
-            f"(a diffusers/transformers folder) and refresh, or switch on allow_download with hf_repo_id.")
+PRIOR = ModelKind("prior", cb.DIFFUSERS, cb.prior_folders, "kandinsky-community/kandinsky-2-1-prior")
+DECODER = ModelKind("decoder", cb.DIFFUSERS, cb.decoder_folders, "kandinsky-community/kandinsky-2-2-decoder")
+MLLM = ModelKind("multimodal LLM", cb.LLM, cb.mllm_folders, "llava-hf/llava-v1.6-mistral-7b-hf")
 
 
 class LoadPrior(io.ComfyNode):
@@ -44,27 +64,26 @@ class LoadPrior(io.ComfyNode):
             node_id="CreativeLoadPrior", display_name="Load Diffusion Prior (Creative)", category=f"{s.CATEGORY}/loaders",
             description="Loads a text-to-image-embedding diffusion prior (Kandinsky 2.1/2.2 prior, Karlo) from a "
                         "diffusers folder in models/diffusers.",
-            inputs=[io.Combo.Input("prior", options=sorted(cb.prior_folders()),
+            inputs=[io.Combo.Input("prior", options=PRIOR.options(),
                                    tooltip="A diffusers prior folder under models/diffusers, e.g. "
                                            "kandinsky-2-1-prior (the paper's model)."),
                     io.Combo.Input("dtype", options=s.DTYPES, default="auto",
                                    tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
-                    *_download_inputs("kandinsky-community/kandinsky-2-1-prior")],
+                    *_download_inputs(PRIOR.example)],
             outputs=[s.Prior.Output(display_name="prior")])
 
     @classmethod
     def validate_inputs(cls, prior, allow_download=False, hf_repo_id=""):
-        return _check_choice(prior, cb.prior_folders(), "prior", cb.DIFFUSERS, allow_download, hf_repo_id,
-                             "kandinsky-community/kandinsky-2-1-prior")
+        return PRIOR.check(prior, allow_download, hf_repo_id)
 
     @classmethod
     def fingerprint_inputs(cls, prior, dtype, allow_download=False, hf_repo_id=""):
-        return cb.folder_fingerprint(cb.prior_folders().get(prior))
+        return PRIOR.fingerprint(prior)
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, dtype, allow_download=False, hf_repo_id=""):
-        folder = _folder(prior, cb.prior_folders(), "prior", cb.DIFFUSERS, allow_download, hf_repo_id)
+        folder = PRIOR.resolve(prior, allow_download, hf_repo_id)
         _, torch_dtype = cb.device_and_dtype(dtype)
         _, offload = memory.devices(memory.budget.PRIOR)  # ComfyUI loads it onto the GPU when a node uses it
         return io.NodeOutput(memory.register_prior(load_prior(str(folder), device=offload, dtype=torch_dtype)))
@@ -77,26 +96,25 @@ class LoadDecoder(io.ComfyNode):
             node_id="CreativeLoadDecoder", display_name="Load Kandinsky Decoder (Creative)",
             category=f"{s.CATEGORY}/loaders",
             description="Loads the decoder that pairs with a prior (Kandinsky 2.1 or 2.2) from models/diffusers.",
-            inputs=[io.Combo.Input("decoder", options=sorted(cb.decoder_folders()),
+            inputs=[io.Combo.Input("decoder", options=DECODER.options(),
                                    tooltip="A diffusers decoder folder under models/diffusers, e.g. kandinsky-2-1 or "
                                            "kandinsky-2-2-decoder."),
                     io.Combo.Input("dtype", options=s.DTYPES, default="auto", tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
-                    *_download_inputs("kandinsky-community/kandinsky-2-2-decoder")],
+                    *_download_inputs(DECODER.example)],
             outputs=[s.Decoder.Output(display_name="decoder")])
 
     @classmethod
     def validate_inputs(cls, decoder, allow_download=False, hf_repo_id=""):
-        return _check_choice(decoder, cb.decoder_folders(), "decoder", cb.DIFFUSERS, allow_download, hf_repo_id,
-                             "kandinsky-community/kandinsky-2-2-decoder")
+        return DECODER.check(decoder, allow_download, hf_repo_id)
 
     @classmethod
     def fingerprint_inputs(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
-        return cb.folder_fingerprint(cb.decoder_folders().get(decoder))
+        return DECODER.fingerprint(decoder)
 
     @classmethod
     @cb.training_mode
     def execute(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
-        folder = _folder(decoder, cb.decoder_folders(), "decoder", cb.DIFFUSERS, allow_download, hf_repo_id)
+        folder = DECODER.resolve(decoder, allow_download, hf_repo_id)
         _, torch_dtype = cb.device_and_dtype(dtype)
         _, offload = memory.devices(memory.budget.DECODER)
         return io.NodeOutput(memory.register_decoder(load_decoder(str(folder), device=offload, dtype=torch_dtype)))
@@ -109,12 +127,12 @@ class LoadMLLM(io.ComfyNode):
             node_id="CreativeLoadMLLM", display_name="Load Multimodal LLM (Creative)", category=f"{s.CATEGORY}/loaders",
             description="Loads an image-text-to-text model (LLaVA-NeXT, Qwen2-VL, ...) from models/LLM for the "
                         "validity gate. Text-only models are refused.",
-            inputs=[io.Combo.Input("model", options=sorted(cb.mllm_folders()),
+            inputs=[io.Combo.Input("model", options=MLLM.options(),
                                    tooltip="A transformers folder under models/LLM, e.g. llava-v1.6-mistral-7b-hf."),
                     io.Combo.Input("dtype", options=s.DTYPES, default="auto", tooltip="auto: bf16/fp16 on GPU, fp32 on CPU."),
                     io.Boolean.Input("trust_remote_code", default=False,
                                      tooltip="Run Python code shipped with the model folder. Off unless you trust it."),
-                    *_download_inputs("llava-hf/llava-v1.6-mistral-7b-hf"),
+                    *_download_inputs(MLLM.example),
                     io.Boolean.Input("vision_check", default=True, optional=True,
                                      tooltip="On load, ask about a plain red and a plain blue image and refuse a "
                                              "model that cannot tell them apart (it would answer blind).")],
@@ -122,18 +140,17 @@ class LoadMLLM(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model, allow_download=False, hf_repo_id=""):
-        return _check_choice(model, cb.mllm_folders(), "multimodal LLM", cb.LLM, allow_download, hf_repo_id,
-                             "llava-hf/llava-v1.6-mistral-7b-hf")
+        return MLLM.check(model, allow_download, hf_repo_id)
 
     @classmethod
     def fingerprint_inputs(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="",
                            vision_check=True):
-        return cb.folder_fingerprint(cb.mllm_folders().get(model))
+        return MLLM.fingerprint(model)
 
     @classmethod
     @cb.training_mode
     def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="", vision_check=True):
-        folder = _folder(model, cb.mllm_folders(), "multimodal LLM", cb.LLM, allow_download, hf_repo_id)
+        folder = MLLM.resolve(model, allow_download, hf_repo_id)
         _, torch_dtype = cb.device_and_dtype(dtype)
         _, offload = memory.devices(memory.budget.MLLM)  # kept off the GPU except while it answers
         judge = memory.register_mllm(load_mllm(str(folder), device=offload, dtype=torch_dtype,
