@@ -22,14 +22,7 @@ class Cancelled(Exception):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 64x64 renders gain nothing from intra-op threads, and on a busy 2-core machine the
-    extra thread's spin-waits made them 3-10x slower (0.35 s vs 1-4 s per render)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # spin-waits made tiny renders 3-10x slower
 
 
 @pytest.fixture(scope="module")
