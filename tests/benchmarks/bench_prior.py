@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_prior.py [--width 256 --layers 6 --count 500 --batch 100]
 
-Prints one table (best of 3 runs of each, interleaved in one process). Sampling: ``sample_embeddings`` (prompt encoded once, prefix keys/values
+Prints one table: best of 3 rounds in which the two sides run alternately (same machine load). Sampling: ``sample_embeddings`` (prompt encoded once, prefix keys/values
 cached, padding dropped) against ``KandinskyV22PriorPipeline`` called batch after batch with the
 same generator, on the same random prior (moderate size), with the max difference of the
 outputs. Optimisation: seconds per ``CreativeOptimizer`` step (text encoder + prior steps with
@@ -35,13 +35,15 @@ from nodes.engine.tiny.prior import build_tiny_prior  # noqa: E402
 PROMPT = PAPER_TEMPLATE.format(subject="vehicle")
 
 
-def timed(fn, repeats: int = 3):
-    best, out = float("inf"), None
+def side_by_side(ref, ours, repeats: int = 3):
+    """Best time of each over ``repeats`` rounds run alternately, so both see the same machine load."""
+    best, outs = [float("inf"), float("inf")], [None, None]
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for i, fn in enumerate((ref, ours)):
+            t = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best, outs
 
 
 def diffusers_bank(prior, count, batch, steps, guidance, seed):
@@ -98,20 +100,26 @@ def main() -> None:
 
     kw = dict(count=args.count, batch=args.batch, steps=args.steps, guidance=args.guidance, seed=0)
     diffusers_bank(prior, 2 * args.batch // args.batch, 2, args.steps, args.guidance, 1)  # warm-up
-    t_ref, ref = timed(lambda: diffusers_bank(prior, **kw))
-    t_ours, ours = timed(lambda: sample_embeddings(prior, PROMPT, args.count, batch_size=args.batch,
-                                                   steps=args.steps, guidance=args.guidance, seed=0))
+    (t_ref, t_ours), (ref, ours) = side_by_side(
+        lambda: diffusers_bank(prior, **kw),
+        lambda: sample_embeddings(prior, PROMPT, args.count, batch_size=args.batch, steps=args.steps,
+                                  guidance=args.guidance, seed=0))
     diff = float((ours - ref).abs().max())
 
     bank = sample_bank(prior, PROMPT, 256, batch_size=128, seed=0)
     norm = GaussianNorm.fit(bank, 16)
     terms = [CreativeTerm(norm), AnchorTerm.from_prior(prior, PROMPT)]
     cfg = OptimConfig(steps=args.opt_steps, prior_steps=args.steps, guidance=args.guidance, template="a photo of a {token}")
-    t_opt, _ = timed(lambda: CreativeOptimizer(prior, norm, "vehicle", terms, cfg).run())
-    for p_ in prior.transformer.parameters():
-        p_.requires_grad_(True)
-    t_bare, _ = timed(lambda: [bare_step(prior, args.steps, args.guidance, s) for s in range(args.opt_steps)])
-    prior.transformer.requires_grad_(False)
+
+    def bare():
+        prior.transformer.requires_grad_(True)
+        try:
+            for s in range(args.opt_steps):
+                bare_step(prior, args.steps, args.guidance, s)
+        finally:
+            prior.transformer.requires_grad_(False)
+
+    (t_bare, t_opt), _ = side_by_side(bare, lambda: CreativeOptimizer(prior, norm, "vehicle", terms, cfg).run())
 
     rows = [("bank sampling", f"{args.count / t_ref:.1f} emb/s", f"{args.count / t_ours:.1f} emb/s", t_ref / t_ours,
              f"max |diff| {diff:.2e}"),
