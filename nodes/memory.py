@@ -282,6 +282,8 @@ class ManagedJudge:
             self._after()
 
     def __getattr__(self, name):  # history, family, ... of the wrapped judge
+        if name.startswith("__") or name in ("inner", "_before", "_after"):  # copy/pickle probes, half-built
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
@@ -296,6 +298,8 @@ class ManagedRenderer:
         return self.inner(embeds, progress=progress)
 
     def __getattr__(self, name):  # settings, decoder, ...
+        if name.startswith("__") or name in ("inner", "_before"):
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 

@@ -3,9 +3,10 @@
 There is no GPU (and so no ``torch.cuda.max_memory_allocated``) here, so memory is measured
 two ways on the CPU:
 
-* **live tensor bytes**: a ``TorchDispatchMode`` sees every tensor an op creates and a
-  finalizer sees it freed; its peak is what a device allocator would have to hold (minus
-  allocator rounding). Weights exist before the block, so they are not counted.
+* **live tensor bytes** (``budget.LiveTensorBytes``): a ``TorchDispatchMode`` sees every
+  tensor an op creates and a finalizer sees it freed; its peak is what a device allocator would
+  have to hold (minus allocator rounding). Weights exist before the block, so they are not
+  counted.
 * **process RSS** (psutil, sampled in a thread) in a subprocess, for parameter bytes and for
   the activations of one large sampling batch (with glibc told to map large blocks one by one,
   so that RSS shows live memory rather than the allocator's cache).
@@ -21,7 +22,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import weakref
 from pathlib import Path
 
 import pytest
@@ -35,39 +35,11 @@ from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimC
 from creative_generation.nodes.engine.prior import load_prior
 from creative_generation.nodes.engine.sampling import sample_embeddings
 from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 PROMPT = "a photo of a car"
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the block that are alive at the same time."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = 0
-        self._alive: dict[int, int] = {}
-
-    def _track(self, storage) -> None:
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self._alive:
-            return
-        self._alive[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._freed, key)
-
-    def _freed(self, key: int) -> None:
-        self.current -= self._alive.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:  # views and in-place results share an input's storage: not new
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self._track(t.untyped_storage())
-        return out
+LiveBytes = budget.LiveTensorBytes
 
 
 @pytest.fixture(scope="module", params=[(256, 4, 4, 64), (128, 6, 2, 96)], ids=["w256-l4", "w128-l6"])
