@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
+from . import memory
 from . import sockets as s
 from .engine.evaluation import AskingJudge, Evaluator, format_table, mean_by, wundt_sweep
 from .engine.losses import AnchorTerm, CreativeTerm
@@ -84,6 +85,11 @@ class WundtSweep(io.ComfyNode):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
         if (gate is not None or judge is not None) and renderer is None:
             raise ValueError("the gate and the judge look at rendered images: connect a renderer.")
+        estimate = memory.preflight_optimisation(prior, subject=subject, template=OptimConfig.template,
+                                                 prior_steps=OptimConfig.prior_steps, guidance=OptimConfig.guidance,
+                                                 rank=OptimConfig.rank, train=TRAIN_CHOICES[train], gate=gate,
+                                                 renderer=renderer)
+        gate, renderer = memory.gated_models(prior, gate, renderer, estimate)  # loads the prior for training
         base = [CreativeTerm(norm), *(loss_terms or ())]
         anchor = AnchorTerm.from_prior(prior, anchor_text)
         table = {"none": (base, None), "anchor": (base + [anchor], None), "gate": (base, gate),

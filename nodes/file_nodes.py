@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from . import comfy_bridge as cb
+from . import memory
 from . import sockets as s
 from .engine.bank import EmbeddingBank, encode_image_bank
 from .engine.concept import Concept
@@ -116,6 +117,7 @@ class EncodeImages(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, images):
+        memory.use(prior)
         return io.NodeOutput(encode_image_bank(prior, images.clone()))
 
 

@@ -106,6 +106,7 @@ class AnchorLoss(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, text, weight, loss_terms=None):
+        memory.use(prior)
         return io.NodeOutput(_chain(loss_terms, AnchorTerm.from_prior(prior, text, weight)))
 
 
@@ -134,6 +135,7 @@ class NegativeCluster(io.ComfyNode):
         if images is not None:
             if prior is None:
                 raise ValueError("images were given but no prior: connect the prior so its image encoder can embed them.")
+            memory.use(prior)
             banks.append(encode_image_bank(prior, images.clone()))
         if not banks:
             raise ValueError("Give the unwanted region: connect embeds and/or images.")

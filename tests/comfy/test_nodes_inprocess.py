@@ -268,3 +268,25 @@ def test_log_is_saved_as_json_with_a_summary(chain, run, comfy_inprocess):
     assert {"loss", "creative", "log_likelihood", "mahalanobis", "seconds"} <= set(data["entries"][0])
     assert summary.startswith("stop: max_steps after 3 steps; kept the state of step 3")
     assert "log-likelihood under the norm" in summary
+
+
+def test_wundt_sweep_node(chain, run, pack_nodes):
+    gate, = run("CreativeMLLMValidityGate", mllm=chain["mllm"], subject="", question="Is this still a {subject}?",
+                check_every=2, threshold=0.0)
+    renderer, = run("CreativeDecoderRenderer", decoder=chain["decoder"], steps=2, guidance=4.0, width=32, height=32,
+                    seed=0, prior=chain["prior"])
+    plot, table = run("CreativeWundtSweep", prior=chain["prior"], norm=chain["norm"], embeds=chain["bank"],
+                      subject="vehicle", steps="0, 2", configs="none, both", seeds="0", anchor_text="a vehicle",
+                      learning_rate=1e-3, train="token + LoRA", samples=4, gate=gate, renderer=renderer,
+                      judge=chain["mllm"])
+    lines = table.splitlines()
+    assert lines[0].split() == ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
+    assert [ln.split()[:2] for ln in lines[1:]] == [["none", "0"], ["none", "2"], ["both", "0"], ["both", "2"]]
+    assert plot.ndim == 4 and plot.shape[-1] == 3
+    validate = pack_nodes["CreativeWundtSweep"].validate_inputs
+    assert "configs" in validate(subject="car", steps="0", configs="none, sometimes", seeds="0")
+    assert "steps" in validate(subject="car", steps="0, x", configs="none", seeds="0")
+    with pytest.raises(ValueError, match="no gate is connected"):
+        run("CreativeWundtSweep", prior=chain["prior"], norm=chain["norm"], embeds=chain["bank"], subject="vehicle",
+            steps="0", configs="gate", seeds="0", anchor_text="a vehicle", learning_rate=1e-3, train="token",
+            samples=4)
