@@ -1,0 +1,183 @@
+"""The mini world and its committed models: determinism, loading through the real loaders, quality.
+
+The models in ``models/miniworld/`` come from ``python -m nodes.engine.miniworld.train``; nothing
+is trained here. The quality checks are small but can fail: a prior that ignores its prompt, a
+decoder that draws noise, an MLLM that ignores the picture or a judge that guesses all fail them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from creative_generation.nodes.engine.miniworld import world as W
+from creative_generation.nodes.engine.miniworld.judge import load_judge
+
+MODELS = Path(__file__).resolve().parents[2] / "models" / "miniworld"
+FRESH_SEED = 424242  # scenes no model was trained or evaluated on
+
+
+def images_of(scenes: list[W.Scene]) -> torch.Tensor:
+    return W.to_image_tensor(W.draw_many(scenes))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster, and on a shared CPU much faster (no OpenMP waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    return json.loads((MODELS / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def prior():
+    from creative_generation.nodes.engine.prior import load_prior
+
+    return load_prior(str(MODELS / "prior"))
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge(MODELS / "judge")
+
+
+# ----------------------------------------------------------------------------------------- the world
+
+def test_world_is_deterministic():
+    a, b = W.sample_scenes(40, seed=7), W.sample_scenes(40, seed=7)
+    assert a == b
+    assert a != W.sample_scenes(40, seed=8)
+    assert np.array_equal(W.draw_many(a), W.draw_many(b))
+    caps = [W.caption(s, np.random.default_rng(3)) for s in a]
+    assert caps == [W.caption(s, np.random.default_rng(3)) for s in b]
+
+
+def test_world_draws_different_factors_differently():
+    base = W.make_scene("car", "red", "road")
+    pixels = W.draw(base)
+    assert pixels.shape == (W.SIZE, W.SIZE, 3) and pixels.dtype == np.uint8
+    for change in ({"kind": "tree"}, {"colour": "blue"}, {"background": "grass"}, {"size": "large"}):
+        other = W.make_scene(**{**{"kind": "car", "colour": "red", "background": "road"}, **change})
+        assert np.abs(W.draw(other).astype(int) - pixels.astype(int)).mean() > 2, change
+    with pytest.raises(ValueError, match="unknown colour"):
+        W.make_scene("car", "mauve", "road")
+
+
+def test_world_distribution_has_rare_combinations():
+    scenes = W.sample_scenes(6000, seed=11)
+    kinds = Counter(s.kind for s in scenes)
+    assert set(kinds) == set(W.KINDS) and min(kinds.values()) > 500
+    vehicles = [s for s in scenes if s.is_vehicle]
+    purple = sum(s.colour == "purple" for s in vehicles) / len(vehicles)
+    flowers = [s for s in scenes if s.kind == "flower"]
+    assert 0 < purple < 0.03 < sum(s.colour == "purple" for s in flowers) / len(flowers)
+    boats = [s for s in scenes if s.kind == "boat"]
+    assert sum(s.background == "grass" for s in boats) / len(boats) < 0.04
+    assert W.is_rare(W.make_scene("boat", "white", "grass")) and W.is_rare(W.make_scene("car", "purple", "road"))
+    assert not W.is_rare(W.make_scene("boat", "white", "water"))
+    assert ("car", "colour", "purple", 0.01) in W.rare_combinations()
+
+
+def test_captions_are_true_of_their_scene():
+    rng = np.random.default_rng(0)
+    for scene in W.sample_scenes(200, seed=5):
+        text, stated = W.caption(scene, rng)
+        assert W.matches(scene.labels(), stated) and text
+    car = W.make_scene("car", "red", "road")
+    assert W.caption_for(car.labels(), 0) == "Professional high-quality photo of a car. photorealistic, 4k, HQ."
+    assert W.caption_for({"category": "vehicle"}, 6) == "a photo of a vehicle"
+    assert W.caption_for({"kind": "airplane", "colour": "orange"}, 2) == "a photo of an orange airplane"
+    assert not W.matches(car.labels(), {"category": "plant"})
+
+
+# ----------------------------------------------------------------------------------------- the models
+
+def test_metrics_were_recorded(metrics):
+    for key in ("clip_zero_shot", "prior", "decoder", "mllm", "judge", "config"):
+        assert key in metrics
+    assert metrics["judge"]["kind"] > 0.9
+
+
+def test_prior_loads_and_follows_its_prompt(prior):
+    from creative_generation.nodes.engine.sampling import sample_embeddings
+
+    assert prior.family == "kandinsky-2.2" and prior.image_encoder is not None
+    samples = F.normalize(sample_embeddings(prior, "a photo of a red car", 32, steps=5, guidance=4.0, seed=0), dim=-1)
+    red_cars = [W.make_scene("car", "red", bg, size, seed=i) for i, (bg, size) in
+                enumerate([("road", "small"), ("road", "large"), ("grass", "medium"), ("road", "medium")])]
+    blue_cars = [W.make_scene("car", "blue", s.background, s.size, seed=s.seed) for s in red_cars]
+    trees = [W.make_scene("tree", "green", "grass", size, seed=i) for i, size in enumerate(W.SIZES)]
+    emb = {name: F.normalize(prior.encode_images(images_of(sc)), dim=-1)
+           for name, sc in (("red car", red_cars), ("blue car", blue_cars), ("tree", trees))}
+    sim = {name: float((samples @ e.T).mean()) for name, e in emb.items()}
+    assert sim["red car"] > sim["blue car"] > sim["tree"], sim
+    # The anchor text the paper uses means "vehicle" here: closer to car images than to trees.
+    vehicle = F.normalize(prior.encode_prompt(
+        ["Professional high-quality photo of a vehicle. photorealistic, 4k, HQ."]).text_embeds, dim=-1)
+    assert float((emb["red car"] @ vehicle.T).mean()) > float((emb["tree"] @ vehicle.T).mean())
+
+
+def test_decoder_renders_embeddings_the_judge_recognises(prior, judge, metrics):
+    from creative_generation.nodes.engine.render import load_decoder
+
+    decoder = load_decoder(MODELS / "decoder")
+    assert decoder.family == "kandinsky-2.2" and decoder.embed_dim == prior.embedding_dim
+    scenes = [W.make_scene(k, c, b, "large", seed=i) for i, (k, c, b) in enumerate(
+        [("car", "red", "road"), ("car", "blue", "road"), ("tree", "green", "grass"),
+         ("boat", "white", "water"), ("house", "yellow", "grass"), ("airplane", "white", "sky")])]
+    settings = metrics["decoder"]
+    images = decoder.render(prior.encode_images(images_of(scenes)), negative_embeds=prior.zero_image_embed(),
+                            seed=0, steps=settings["steps"], guidance=settings["guidance"],
+                            height=settings["size"], width=settings["size"])
+    assert images.shape == (6, settings["size"], settings["size"], 3)
+    kinds = [p["kind"] for p in judge.predict(images)]
+    assert kinds[0] == "car", kinds
+    assert sum(k == s.kind for k, s in zip(kinds, scenes)) >= 5, kinds
+
+
+def test_mllm_answers_from_the_image():
+    from creative_generation.nodes.engine.mllm import load_mllm
+
+    mllm = load_mllm(str(MODELS / "mllm"))
+    assert mllm.family.name == "LLaVA-NeXT"
+    scenes = W.sample_scenes(12, seed=FRESH_SEED)
+    images = images_of(scenes)
+    right, wrong = [], []
+    for i, scene in enumerate(scenes):
+        other = W.KINDS[(W.KINDS.index(scene.kind) + 3) % len(W.KINDS)]
+        right.append(float(mllm.p_yes(images[i:i + 1], f"Is this still a {scene.kind}? Yes or No.")[0]))
+        wrong.append(float(mllm.p_yes(images[i:i + 1], f"Is this still a {other}? Yes or No.")[0]))
+    right, wrong = np.array(right), np.array(wrong)
+    assert right.mean() > wrong.mean() + 0.4, (right, wrong)
+    assert ((right > 0.5).sum() + (wrong < 0.5).sum()) >= 20, (right, wrong)
+    car = images_of([W.make_scene("car", "red", "road")])
+    assert float(mllm.p_yes(car, "Is this still a vehicle? Yes or No.")[0]) > 0.5
+    tree = images_of([W.make_scene("tree", "green", "grass")])
+    assert float(mllm.p_yes(tree, "Is this still a vehicle? Yes or No.")[0]) < 0.5
+
+
+def test_judge_classifies_fresh_world_images(judge):
+    scenes = W.sample_scenes(300, seed=FRESH_SEED)
+    acc = judge.accuracy(images_of(scenes), [s.labels() for s in scenes])
+    assert acc["kind"] >= 0.9 and acc["colour"] >= 0.8 and acc["background"] >= 0.8, acc
+
+
+def test_judge_loader_refuses_other_folders(tmp_path):
+    with pytest.raises(ValueError, match="not a judge folder"):
+        load_judge(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="format"):
+        load_judge(tmp_path)
