@@ -15,6 +15,8 @@ import torch
 
 import folder_paths
 
+BUNDLED = "creative_bundled"  # the pack's own models/ (the mini world), listed next to the user's
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
 CONCEPTS = "creative_concepts"
 EMBEDS = "creative_embeds"
 LLM = "LLM"
@@ -27,6 +29,7 @@ def register_folders() -> None:
     output = Path(folder_paths.get_output_directory()) / "creative"
     if LLM not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(LLM, os.path.join(models, LLM))
+    folder_paths.add_model_folder_path(BUNDLED, str(BUNDLED_DIR))
     for name, sub in ((CONCEPTS, "concepts"), (EMBEDS, "embeds")):
         folder_paths.add_model_folder_path(name, os.path.join(models, name))
         folder_paths.add_model_folder_path(name, str(output / sub))
@@ -38,32 +41,41 @@ def output_folder(kind: str) -> Path:
     return Path(folder_paths.get_output_directory()) / "creative" / kind
 
 
-def _model_dirs(kind: str, marker: Callable[[Path], bool], depth: int = 2) -> dict[str, Path]:
-    """Sub-folders (up to ``depth`` levels) of every ``kind`` model path that satisfy ``marker``."""
+def _model_dirs(kinds: tuple[str, ...], marker: Callable[[Path], bool], depth: int = 2) -> dict[str, Path]:
+    """Sub-folders (up to ``depth`` levels) of every model path of ``kinds`` that satisfy ``marker``."""
     found: dict[str, Path] = {}
-    for base in folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []:
-        root = Path(base)
-        if not root.is_dir():
-            continue
-        frontier = [root]
-        for _ in range(depth):
-            frontier = [c for d in frontier for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
-            for folder in frontier:
-                if marker(folder):
-                    found.setdefault(folder.relative_to(root).as_posix(), folder)
+    for kind in kinds:
+        for base in folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []:
+            root = Path(base)
+            if not root.is_dir():
+                continue
+            frontier = [root]
+            for _ in range(depth):
+                frontier = [c for d in frontier for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+                for folder in frontier:
+                    if marker(folder):
+                        found.setdefault(folder.relative_to(root).as_posix(), folder)
     return found
 
 
 def prior_folders() -> dict[str, Path]:
-    return _model_dirs(DIFFUSERS, lambda p: (p / "prior" / "config.json").is_file())
+    return _model_dirs((DIFFUSERS, BUNDLED), lambda p: (p / "prior" / "config.json").is_file())
 
 
 def decoder_folders() -> dict[str, Path]:
-    return _model_dirs(DIFFUSERS, lambda p: (p / "movq" / "config.json").is_file())
+    return _model_dirs((DIFFUSERS, BUNDLED), lambda p: (p / "movq" / "config.json").is_file())
+
+
+def _has_processor(folder: Path) -> bool:
+    """A bundled transformers folder with a processor (the mini world's judge classifier has none)."""
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
 
 
 def mllm_folders() -> dict[str, Path]:
-    return _model_dirs(LLM, lambda p: (p / "config.json").is_file())
+    """Every transformers folder in models/LLM (text-only ones too, so the loader can say why it refuses
+    them), plus the bundled mini world's MLLM."""
+    return {**_model_dirs((LLM,), lambda p: (p / "config.json").is_file()), **_model_dirs((BUNDLED,), _has_processor)}
 
 
 def file_options(kind: str) -> list[str]:

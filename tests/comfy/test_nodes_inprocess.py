@@ -290,3 +290,23 @@ def test_wundt_sweep_node(chain, run, pack_nodes):
         run("CreativeWundtSweep", prior=chain["prior"], norm=chain["norm"], embeds=chain["bank"], subject="vehicle",
             steps="0", configs="gate", seeds="0", anchor_text="a vehicle", learning_rate=1e-3, train="token",
             samples=4)
+
+
+def test_bundled_mini_world_is_listed_and_loads(run, pack_nodes):
+    """The pack's own models/miniworld shows up in the loaders' lists and works offline."""
+    from creative_generation.nodes import comfy_bridge
+
+    assert "miniworld/prior" in comfy_bridge.prior_folders()
+    assert "miniworld/decoder" in comfy_bridge.decoder_folders()
+    assert "miniworld/mllm" in comfy_bridge.mllm_folders() and "miniworld/judge" not in comfy_bridge.mllm_folders()
+    prior, = run("CreativeLoadPrior", prior="miniworld/prior", dtype="auto")
+    mllm, = run("CreativeLoadMLLM", model="miniworld/mllm", dtype="auto", trust_remote_code=False, vision_check=True)
+    bank, = run("CreativePriorSampler", prior=prior, prompt="a photo of a red car", count=8, batch_size=8, steps=5,
+                guidance=4.0, seed=0, negative_prompt="")
+    decoder, = run("CreativeLoadDecoder", decoder="miniworld/decoder", dtype="auto")
+    renderer, = run("CreativeDecoderRenderer", decoder=decoder, steps=10, guidance=2.0, width=32, height=32, seed=0,
+                    prior=prior)
+    images, = run("CreativeRenderEmbeds", renderer=renderer, embeds=bank, start=0, count=2)
+    assert images.shape == (2, 32, 32, 3)
+    assert float(mllm.p_yes(images, "Is this a car? Yes or No.").mean()) > float(
+        mllm.p_yes(images, "Is this a tree? Yes or No.").mean())

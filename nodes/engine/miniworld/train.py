@@ -653,7 +653,6 @@ def train_mllm(cfg: Config, train: Split, model, processor):
                              {"params": [p for p in params if id(p) in vision_ids], "scale": cfg.mllm_vision_lr_scale}],
                             lr=cfg.mllm_lr, weight_decay=0.01)
     model.train()
-    n_probe = len(probe_px)
     for step in range(cfg.mllm_steps):
         # Every image is asked twice, once with a true and once with a false subject, so the image
         # alone never predicts the answer: the model has to read the question (it otherwise settles
