@@ -112,6 +112,18 @@ def import_comfy(scratch: Path | None = None) -> SimpleNamespace:
     return _COMFY
 
 
+def execute_node(node_cls, unique_id: str, **inputs):
+    """Run a V3 node as ComfyUI's executor does: a class clone carrying the hidden unique id, under
+    inference mode; returns the outputs tuple."""
+    import torch
+    from comfy_api.latest._io import Hidden
+
+    cls = node_cls.PREPARE_CLASS_CLONE({Hidden.unique_id: unique_id})
+    with torch.inference_mode():
+        out = cls.execute(**inputs)
+    return out.result if hasattr(out, "result") else out
+
+
 def run_async(coro_or_value):
     """Await ``coro_or_value`` if it is awaitable (comfy_entrypoint/get_node_list may be async)."""
     import asyncio

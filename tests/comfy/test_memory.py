@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 
+import comfy_harness
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -42,15 +43,7 @@ def mm(comfy_inprocess):
 @pytest.fixture(scope="module")
 def call(pack_nodes, comfy_inprocess):
     """``call(node_id, **inputs)`` -> outputs, executed as ComfyUI's executor does (class clone, inference mode)."""
-    from comfy_api.latest._io import Hidden
-
-    def run(node_id, **inputs):
-        cls = pack_nodes[node_id].PREPARE_CLASS_CLONE({Hidden.unique_id: f"mem-{node_id}"})
-        with torch.inference_mode():
-            out = cls.execute(**inputs)
-        return out.result if hasattr(out, "result") else out
-
-    return run
+    return lambda node_id, **inputs: comfy_harness.execute_node(pack_nodes[node_id], f"mem-{node_id}", **inputs)
 
 
 @pytest.fixture(scope="module")

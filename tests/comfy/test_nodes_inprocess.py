@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import comfy_harness
 import pytest
 import torch
 
@@ -108,15 +109,7 @@ def models(comfy_inprocess, tmp_path_factory):
 @pytest.fixture
 def run(pack_nodes, comfy_inprocess):
     """``run(node_id, **inputs)`` -> outputs tuple, executed like ComfyUI's executor does."""
-    from comfy_api.latest._io import Hidden
-
-    def call(node_id, **inputs):
-        cls = pack_nodes[node_id].PREPARE_CLASS_CLONE({Hidden.unique_id: f"test-{node_id}"})
-        with torch.inference_mode():
-            out = cls.execute(**inputs)
-        return out.result if hasattr(out, "result") else out
-
-    return call
+    return lambda node_id, **inputs: comfy_harness.execute_node(pack_nodes[node_id], f"test-{node_id}", **inputs)
 
 
 @pytest.fixture
@@ -133,12 +126,9 @@ def progress_log(comfy_inprocess):
 @pytest.fixture(scope="module")
 def chain(models, pack_nodes, comfy_inprocess):
     """Loaded models, a bank and a norm (shared by the execution tests)."""
-    from comfy_api.latest._io import Hidden
 
     def call(node_id, **inputs):
-        cls = pack_nodes[node_id].PREPARE_CLASS_CLONE({Hidden.unique_id: "chain"})
-        with torch.inference_mode():
-            return cls.execute(**inputs).result
+        return comfy_harness.execute_node(pack_nodes[node_id], "chain", **inputs)
 
     prior, = call("CreativeLoadPrior", prior="prior-a", dtype="auto")
     decoder, = call("CreativeLoadDecoder", decoder="decoder", dtype="auto")
