@@ -5,7 +5,9 @@
 - validity: the rate at which an *independent* judge (never used by the optimiser) says the
   rendered samples are the subject; the paper's "deceptive adherence" fools the gate, not it;
 - diversity: mean pairwise distance of the samples in the norm's whitened PCA space, relative
-  to the typical bank's (1.0 = as varied as typical samples).
+  to the typical bank's (1.0 = as varied as typical samples);
+- cluster distance (when a region was marked, e.g. a negative cluster): median Mahalanobis
+  distance of the samples to that cluster, in the cluster's own whitened space.
 The sweep runs the optimiser once per (configuration, subject, seed) and measures snapshots at
 given steps, which is the paper's creativity-vs-steps (Wundt) curve.
 """
@@ -36,10 +38,11 @@ class Measurement:
     novelty_percentile: float  # % of the typical bank with a lower log-likelihood than that median
     validity: float | None  # judge's "is the subject" rate, None without judge/renderer
     diversity: float  # mean pairwise whitened distance relative to the bank's
+    cluster_distance: float | None = None  # median Mahalanobis distance to the marked cluster, if any
 
     def as_dict(self) -> dict[str, float | None]:
         return {"novelty_ll": self.novelty_ll, "novelty_percentile": self.novelty_percentile,
-                "validity": self.validity, "diversity": self.diversity}
+                "validity": self.validity, "diversity": self.diversity, "cluster_distance": self.cluster_distance}
 
 
 def _pairwise_spread(norm: GaussianNorm, embeds: torch.Tensor) -> float:
@@ -57,6 +60,7 @@ class Evaluator:
     judge: SubjectJudge | None = None
     samples: int = 32
     rendered: int = 16
+    marked: GaussianNorm | None = None  # a region the samples should avoid (GaussianNorm.fit_cluster)
 
     def __post_init__(self) -> None:
         self._bank_ll = self.norm.log_prob(self.bank.embeds.double())
@@ -71,7 +75,8 @@ class Evaluator:
                 images = self.renderer(embeds[:self.rendered])
             validity = float(self.judge.is_subject(images, subject).float().mean())
         diversity = _pairwise_spread(self.norm, embeds) / self._bank_spread if self._bank_spread else 0.0
-        return Measurement(ll, pct, validity, diversity)
+        distance = None if self.marked is None else float(self.marked.mahalanobis(embeds.double()).median())
+        return Measurement(ll, pct, validity, diversity, distance)
 
     def measure_concept(self, prior: Prior, concept: Concept | None, prompt: str, subject: str,
                         seed: int = 0) -> Measurement:

@@ -19,6 +19,8 @@ Fixtures (all session-scoped, built on first use):
   RunResult``, ``.run(api)``, ``.interrupt()``, ``.object_info()``, ``.history(id)``,
   ``.log_text()``, ``.import_times()``; model folders ``.models["checkpoints" | "clip_vision" |
   "diffusers" | "LLM" | "loras"]``, ``.output_dir``, ``.input_dir``, ``.user_dir``.
+* ``comfyui_available`` -> nothing; skips (fails under CI) without a ComfyUI, for tests whose
+  code under test starts its own server (the main job).
 * ``object_info`` -> the server's ``/object_info`` (fetched once).
 * ``ui_to_api`` -> ``f(workflow_dict) -> api_prompt`` converting a UI workflow with the
   server's object_info (comfy-cli's ``convert_ui_to_api``).
@@ -50,6 +52,12 @@ def _require_comfyui():
             # not a reason to skip the integration tests silently.
             pytest.fail(_MISSING, pytrace=False)
         pytest.skip(_MISSING)
+
+
+@pytest.fixture(scope="session")
+def comfyui_available():
+    """Skip (or, under CI, fail) when there is no ComfyUI to start: for tests that start their own."""
+    _require_comfyui()
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,9 @@ MODEL_INPUTS: dict[str, dict[str, str]] = {
 }
 # Model folders whose files users make themselves (no download hint expected in a workflow).
 USER_MADE_FOLDERS = {"creative_concepts", "creative_embeds"}
+# The pack's own models (the mini world): listed by the loaders next to the user's, used as they are.
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"
+BUNDLED_FOLDERS = {"diffusers", "LLM"}  # loader folders the bundled models are listed in
 # Nodes that encode text with a loader's CLIP (input holding the prompt, CLIP input).
 TEXT_ENCODERS: dict[str, tuple[str, str]] = {
     "CLIPTextEncode": ("text", "clip"),
@@ -61,7 +64,7 @@ class UnknownModelError(LookupError):
 class TinyModel:
     folder: str  # ComfyUI model folder kind: "diffusers", "LLM", "checkpoints", "creative_concepts", ...
     install_name: str  # file or folder name on the test server
-    build: Callable[[Path, "TinyModels"], None]  # writes the model to the given path
+    build: Callable[[Path, "TinyModels"], None] | None  # writes the model to the given path; None: bundled
     conditioning: tuple[int, int] | None = None  # (context_dim, pooled_dim) when built without a text encoder
     loader_overrides: tuple[tuple[str, object], ...] = ()  # loader inputs to set when this stand-in is swapped in
     doc: str = ""
@@ -93,8 +96,16 @@ def register(folder: str, *workflow_names: str, install_name: str, conditioning:
     return deco
 
 
+def is_bundled(folder: str, name: str) -> bool:
+    """A model the pack ships (``models/miniworld/...``): no stand-in and no download hint needed."""
+    return folder in BUNDLED_FOLDERS and "/" in name and (BUNDLED_DIR / name).is_dir()
+
+
 def resolve(folder: str, name: str) -> TinyModel:
-    """The stand-in for model ``name`` of ``folder``, or :class:`UnknownModelError` saying what to add."""
+    """The stand-in for model ``name`` of ``folder``, or :class:`UnknownModelError` saying what to add.
+    A bundled model stands for itself."""
+    if is_bundled(folder, name):
+        return TinyModel(folder, name, None, doc="bundled with the pack")
     try:
         return WORKFLOW_MODELS[(folder, name)]
     except KeyError:
@@ -152,6 +163,8 @@ class TinyModels:
         into the loader's widget."""
         if isinstance(model, str):
             model = TEST_MODELS[model]
+        if model.build is None:  # bundled: the server lists it already
+            return model.install_name
         source = self.path(model)
         link = Path(server.models[model.folder]) / model.install_name
         if not link.exists() and not link.is_symlink():

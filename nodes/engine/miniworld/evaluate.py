@@ -1,10 +1,15 @@
 """Creativity on the mini world, measured: python -m nodes.engine.miniworld.evaluate [options].
 
-For each subject: sample a typical bank from the mini prior, fit the norm, then run the
-optimiser without pullback, with the anchor, with the MLLM gate and with both, measuring at the
-given steps novelty (log-likelihood under the norm, percentile within the bank), validity (the
-INDEPENDENT judge's rate of "is the subject"; the optimiser never sees it) and diversity. The
-typical bank itself is the reference row. Prints one table of means over subjects and seeds.
+For each subject: sample a typical bank from the mini prior and fit the norm, then run the
+optimiser and measure, at the given steps, novelty (log-likelihood under the norm, percentile
+within the bank), validity (the INDEPENDENT judge's rate of "is the subject"; the optimiser never
+sees it) and diversity. The typical bank itself is the reference row. Three studies, one table
+each (means over subjects and seeds):
+
+- wundt: no pullback, anchor, MLLM gate, both (the paper's creativity-vs-steps curve);
+- train: what is trained (token, LoRA, both), with both pullbacks (the paper's ablation);
+- negative: the full method without and with a negative cluster placed where the run without
+  it ended, with the samples' distance to that marked cluster.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,79 +25,128 @@ import torch
 from ..bank import PAPER_TEMPLATE, sample_bank
 from ..evaluation import Evaluator, format_table, mean_by, wundt_sweep
 from ..gate import ValidityGate
-from ..losses import AnchorTerm, CreativeTerm
+from ..losses import AnchorTerm, CreativeTerm, negative_cluster
 from ..mllm import load_mllm
 from ..norm import GaussianNorm
-from ..optimizer import OptimConfig
+from ..optimizer import CreativeOptimizer, OptimConfig
 from ..prior import load_prior
 from ..render import DecoderRenderer, RenderSettings, load_decoder
-from .judge import Judge, load_judge
-from .world import CATEGORY
+from ..sampling import sample_embeddings
+from .judge import KindJudge, load_judge
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"
 RENDER = RenderSettings(steps=10, guidance=2.0, height=32, width=32, seed=0)  # what the decoder was trained for
 COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
+METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance")
+STUDIES = ("wundt", "train", "negative")
+DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100"}
 
 
-@dataclass(frozen=True)
-class KindJudge:
-    """The independent judge as a validity judge: predicted kind (or its category) is the subject."""
+@dataclass
+class Subject:
+    """What every study of one subject shares: its prompt, typical bank, norm and evaluator."""
 
-    judge: Judge
+    name: str
+    prompt: str
+    evaluator: Evaluator
+    anchor: AnchorTerm
 
-    def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
-        kinds = [p["kind"] for p in self.judge.predict(images)]
-        return torch.tensor([k == subject or CATEGORY[k] == subject for k in kinds])
 
-
-def evaluate_subject(prior, renderer, gate, judge, subject: str, args) -> list[dict]:
-    prompt = PAPER_TEMPLATE.format(subject=subject)
+def prepare(prior, renderer, judge, name: str, args) -> tuple[Subject, dict]:
+    prompt = PAPER_TEMPLATE.format(subject=name)
     bank = sample_bank(prior, prompt, args.bank, batch_size=500, seed=0)
-    norm = GaussianNorm.fit(bank, args.dims)
-    evaluator = Evaluator(norm, bank, renderer, judge, samples=args.samples, rendered=args.samples)
-    typical = evaluator.measure_embeddings(bank.embeds[-args.samples:], subject)
-    rows = [{"config": "typical bank", "subject": subject, "seed": 0, "step": 0, **typical.as_dict()}]
-    base = [CreativeTerm(norm)]
-    anchor = AnchorTerm.from_prior(prior, prompt)
-    configs = {"none": (base, None), "anchor": (base + [anchor], None), "gate": (base, gate),
-               "both": (base + [anchor], gate)}
+    evaluator = Evaluator(GaussianNorm.fit(bank, args.dims), bank, renderer, judge, samples=args.samples,
+                          rendered=args.samples)
+    typical = evaluator.measure_embeddings(bank.embeds[-args.samples:], name)
+    row = {"config": "typical bank", "subject": name, "seed": 0, "step": 0, **typical.as_dict()}
+    return Subject(name, prompt, evaluator, AnchorTerm.from_prior(prior, prompt)), row
+
+
+def config(args, **changes) -> OptimConfig:
     # The concept is trained in the bank's own template, so step 0 starts inside the typical region
     # and the curve measures the optimiser, not the change of prompt.
     cfg = OptimConfig(lr=args.lr, train=args.train, template=PAPER_TEMPLATE.replace("{subject}", "{token}"))
-    return rows + wundt_sweep(prior, evaluator, subject, {c: configs[c] for c in args.configs}, args.steps, cfg,
-                              args.seeds)
+    return replace(cfg, **changes)
+
+
+def wundt(prior, gate, subj: Subject, args) -> list[dict]:
+    base = [CreativeTerm(subj.evaluator.norm)]
+    configs = {"none": (base, None), "anchor": (base + [subj.anchor], None), "gate": (base, gate),
+               "both": (base + [subj.anchor], gate)}
+    return wundt_sweep(prior, subj.evaluator, subj.name, configs, args.steps["wundt"], config(args), args.seeds)
+
+
+def train(prior, gate, subj: Subject, args) -> list[dict]:
+    both = {"both": ([CreativeTerm(subj.evaluator.norm), subj.anchor], gate)}
+    rows = []
+    for mode, label in (("token", "token"), ("lora", "LoRA"), ("both", "token + LoRA")):
+        for r in wundt_sweep(prior, subj.evaluator, subj.name, both, args.steps["train"], config(args, train=mode),
+                             args.seeds):
+            rows.append({**r, "config": label})
+    return rows
+
+
+def negative(prior, gate, subj: Subject, args) -> list[dict]:
+    """Mark where the full method ends as "ugly" (as a user would), then run it again repelled from there."""
+    terms = [CreativeTerm(subj.evaluator.norm), subj.anchor]
+    steps, rows = args.steps["negative"], []
+    for seed in args.seeds:
+        cfg = config(args, steps=max(steps), seed=seed)
+        first = CreativeOptimizer(prior, subj.evaluator.norm, subj.name, terms, cfg, gate,
+                                  subj.evaluator.renderer).run()
+        marked = sample_embeddings(prior.with_concept(first.concept), cfg.template.format(token=first.concept.token),
+                                   64, batch_size=64, seed=1000 + seed)
+        cluster = negative_cluster(subj.evaluator.norm, marked, alpha=args.alpha, label="marked")
+        evaluator = replace(subj.evaluator, marked=cluster.cluster)
+        for label, run_terms in (("without negative", terms), ("with negative", terms + [cluster])):
+            rows += wundt_sweep(prior, evaluator, subj.name, {label: (run_terms, gate)}, steps, cfg, [seed])
+    return rows
+
+
+def table(rows: list[dict], study: str) -> str:
+    columns = COLUMNS[:-1] + (["cluster_distance"] if study == "negative" else []) + ["n"]
+    return format_table(mean_by(rows, ("config", "step"), METRICS), columns)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--studies", default="wundt,train,negative", help=f"any of {', '.join(STUDIES)}")
     p.add_argument("--subjects", default="car,fish,house")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", default="0,50,100,200")
-    p.add_argument("--configs", default="none,anchor,gate,both")
+    for study in STUDIES:
+        p.add_argument(f"--{study}-steps", default=DEFAULT_STEPS[study], help=f"measurement steps of {study}")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--train", default="both", choices=["both", "token", "lora"])
+    p.add_argument("--train", default="both", choices=["both", "token", "lora"], help="wundt / negative studies")
+    p.add_argument("--alpha", type=float, default=1.0, help="negative cluster weight")
     p.add_argument("--bank", type=int, default=1000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--out", type=Path, default=Path("output/miniworld_eval.json"))
     args = p.parse_args()
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.steps = sorted({int(s) for s in args.steps.split(",")})
-    args.configs = [c.strip() for c in args.configs.split(",")]
+    studies = [x.strip() for x in args.studies.split(",")]
+    if unknown := set(studies) - set(STUDIES):
+        p.error(f"unknown studies {sorted(unknown)}")
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    args.steps = {st: sorted({int(x) for x in getattr(args, f"{st}_steps").split(",")}) for st in STUDIES}
     torch.set_num_threads(1)  # many tiny ops: a second thread only spin-waits on a shared 2-core machine
     t0 = time.perf_counter()
     prior = load_prior(str(MODELS / "prior"))
     renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RENDER, prior.zero_image_embed())
     gate = ValidityGate(load_mllm(str(MODELS / "mllm"), sanity_check=True), every=25)
     judge = KindJudge(load_judge(MODELS / "judge"))
-    rows = [r for subject in args.subjects.split(",") for r in evaluate_subject(prior, renderer, gate, judge,
-                                                                                  subject.strip(), args)]
-    summary = mean_by(rows, ("config", "step"), ("novelty_ll", "novelty_percentile", "validity", "diversity"))
-    print(format_table(summary, COLUMNS))
-    print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; train {args.train}; bank {args.bank}; "
-          f"PCA {args.dims}; {args.samples} samples per measurement; {time.perf_counter() - t0:.0f} s")
+    results: dict[str, list[dict]] = {st: [] for st in studies}
+    for name in args.subjects.split(","):
+        subj, typical = prepare(prior, renderer, judge, name.strip(), args)
+        for st in studies:
+            results[st] += [typical] + {"wundt": wundt, "train": train, "negative": negative}[st](prior, gate, subj,
+                                                                                                   args)
+    for st in studies:
+        print(f"\n== {st} ==\n{table(results[st], st)}")
+    print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "
+          f"{args.samples} samples per measurement; {time.perf_counter() - t0:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1, default=str))
+    args.out.write_text(json.dumps({st: {"rows": rows, "summary": mean_by(rows, ("config", "step"), METRICS)}
+                                    for st, rows in results.items()}, indent=1, default=str))
 
 
 if __name__ == "__main__":

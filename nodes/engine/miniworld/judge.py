@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .world import CATEGORY
+
 FORMAT = "miniworld-judge/1"
 MEAN, STD = 0.5, 0.25
 
@@ -113,3 +115,14 @@ def load_judge(folder: str | Path) -> Judge:
     net = JudgeNet({name: len(names) for name, names in labels.items()}, width=int(config["width"]))
     net.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
     return Judge(net.eval(), labels, int(config["input_size"]), str(folder))
+
+
+@dataclass(frozen=True)
+class KindJudge:
+    """The independent judge as a validity judge: predicted kind (or its category) is the subject."""
+
+    judge: Judge
+
+    def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
+        kinds = [p["kind"] for p in self.judge.predict(images)]
+        return torch.tensor([k == subject or CATEGORY[k] == subject for k in kinds])
