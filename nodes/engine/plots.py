@@ -29,8 +29,28 @@ def _scaler(values: np.ndarray, lo_px: float, hi_px: float):
     return lambda v: lo_px + (float(v) - lo) / span * (hi_px - lo_px), lo, hi
 
 
-def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, tuple[list, list]], marks=()) -> None:
-    """One line chart in ``box``; each series is (x, y); ``marks`` are (x, colour) vertical ticks."""
+def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at each point (fewer at the start): the trend under per-step noise."""
+    sums = np.cumsum(np.concatenate([np.zeros((1, *values.shape[1:])), values]), axis=0)
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (sums[idx] - sums[lo]) / (idx - lo).reshape(-1, *[1] * (values.ndim - 1))
+
+
+def _smoothing_window(n: int) -> int:
+    """Each optimiser step draws fresh noise, so single steps scatter; a tenth of the run shows the trend."""
+    return max(1, n // 10)
+
+
+def _lighter(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(int(c + (255 - c) * 0.65) for c in colour)
+
+
+def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, tuple[list, list]], marks=(),
+           smooth: int = 1) -> None:
+    """One line chart in ``box``; each series is (x, y); ``marks`` are (x, colour) vertical ticks.
+
+    ``smooth`` > 1 draws the raw values light and their trailing mean over ``smooth`` points on top."""
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(160, 160, 160))
     draw.text((x0 + 4, y0 - 14), title, fill=(0, 0, 0))
@@ -45,8 +65,13 @@ def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, tuple[l
         draw.line([(fx(x), y0), (fx(x), y1)], fill=colour, width=1)
     for i, (name, (sx, sy)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        pts = [(fx(x), fy(y)) for x, y in zip(sx, sy) if math.isfinite(y)]
-        if len(pts) > 1:
+        finite = [(x, y) for x, y in zip(sx, sy) if math.isfinite(y)]
+        pts = [(fx(x), fy(y)) for x, y in finite]
+        if len(pts) > 1 and smooth > 1:
+            draw.line(pts, fill=_lighter(colour), width=1)
+            trend = _trailing_mean(np.array([y for _, y in finite], dtype=float), smooth)
+            draw.line([(fx(x), fy(y)) for (x, _), y in zip(finite, trend)], fill=colour, width=2)
+        elif len(pts) > 1:
             draw.line(pts, fill=colour, width=2)
         elif pts:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
@@ -56,7 +81,8 @@ def plot_log(log: list[dict], width: int = 768, panel_height: int = 150) -> torc
     """One panel per curve (total loss, each loss term, log-likelihood, P(yes)), each on its own scale.
 
     Terms differ by orders of magnitude (log-density ~1e3-1e6, anchor ~1), so sharing an axis
-    would flatten all but one. Gate checks are vertical ticks: green passed, red rejected.
+    would flatten all but one. Gate checks are vertical ticks: green passed, red rejected. Per-step
+    values are drawn light with their trailing mean (a tenth of the run) on top.
     """
     skip = {"step", "seconds", "mahalanobis", "anchor_cos", "gate_p_yes", "gate_passed", "gate_question", "gate_image"}
     first = log[0] if log else {}
@@ -72,8 +98,10 @@ def plot_log(log: list[dict], width: int = 768, panel_height: int = 150) -> torc
     for i, name in enumerate(names):
         x0, y0 = (i % cols) * pw + MARGIN, (i // cols) * panel_height + 20
         series = [(r["step"], float(r[name])) for r in log if name in r]
-        _panel(draw, (x0, y0, x0 + pw - MARGIN - 10, y0 + panel_height - 40), name,
-               {name: ([x for x, _ in series], [y for _, y in series])}, marks)
+        window = 1 if name == "gate_p_yes" else _smoothing_window(len(series))
+        title = name if window == 1 else f"{name} (dark: mean of {window} steps)"
+        _panel(draw, (x0, y0, x0 + pw - MARGIN - 10, y0 + panel_height - 40), title,
+               {name: ([x for x, _ in series], [y for _, y in series])}, marks, window)
     if not names:
         draw.text((10, 10), "no steps were run", fill=(0, 0, 0))
     return _to_image(img)
@@ -111,12 +139,15 @@ def plot_embedding_map(norm: GaussianNorm, bank: torch.Tensor | None = None, pat
         draw.text((fx(cx) + 4, fy(cy) - 6), label, fill=reds[i % len(reds)])
     if len(track):
         pts = [(fx(x), fy(y)) for x, y in track]
+        trend = [(fx(x), fy(y)) for x, y in _trailing_mean(track, _smoothing_window(len(track)))]
         if len(pts) > 1:
-            draw.line(pts, fill=blue, width=2)
-        (sx, sy), (ex, ey) = pts[0], pts[-1]
+            draw.line(pts, fill=_lighter(blue), width=1)
+            draw.line(trend, fill=blue, width=2)
+        (sx, sy), (ex, ey) = trend[0], trend[-1]
         draw.ellipse([sx - 4, sy - 4, sx + 4, sy + 4], outline=blue, width=2)
         draw.ellipse([ex - 4, ey - 4, ex + 4, ey + 4], fill=blue)
-        draw.text((MARGIN + 4, size - MARGIN + 4), "optimisation path (o start, * end)", fill=blue)
+        draw.text((MARGIN + 4, size - MARGIN + 4), "optimisation path: light per step, dark its trailing mean "
+                  "(o start, * end)", fill=blue)
     return _to_image(img)
 
 
