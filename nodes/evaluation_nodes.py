@@ -8,13 +8,14 @@ from . import comfy_bridge as cb
 from . import memory
 from . import sockets as s
 from .engine.evaluation import AskingJudge, Evaluator, format_table, mean_by, wundt_sweep
-from .engine.losses import AnchorTerm, CreativeTerm
+from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm
 from .engine.optimizer import OptimConfig
 from .engine.plots import plot_sweep
 from .pipeline_nodes import TRAIN_CHOICES
 
 CONFIGS = ("none", "anchor", "gate", "both")
 COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
+METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance")
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -60,7 +61,8 @@ class WundtSweep(io.ComfyNode):
                                    tooltip="What to train (paper: token + LoRA)."),
                     io.Int.Input("samples", default=32, min=2, max=4096, tooltip="Samples per measurement."),
                     s.Loss.Input("loss_terms", optional=True, tooltip="Extra terms for every configuration "
-                                 "(e.g. negative clusters)."),
+                                 "(e.g. negative clusters; the table then adds each run's median Mahalanobis "
+                                 "distance to the first cluster)."),
                     s.Gate.Input("gate", optional=True, tooltip="Needed by the gate / both configurations."),
                     s.Renderer.Input("renderer", optional=True, tooltip="Renders samples for the gate and the judge."),
                     s.MLLM.Input("judge", optional=True, tooltip="An independent judge of validity (ideally not the "
@@ -94,13 +96,15 @@ class WundtSweep(io.ComfyNode):
         anchor = AnchorTerm.from_prior(prior, anchor_text)
         table = {"none": (base, None), "anchor": (base + [anchor], None), "gate": (base, gate),
                  "both": (base + [anchor], gate)}
-        evaluator = Evaluator(norm, embeds, renderer, AskingJudge(judge) if judge is not None else None, samples)
+        marked = next((t.cluster for t in loss_terms or () if isinstance(t, NegativeClusterTerm)), None)
+        evaluator = Evaluator(norm, embeds, renderer, AskingJudge(judge) if judge is not None else None, samples,
+                              marked=marked)
         progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(parse_ints(seeds, "seeds")))
         rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
                            OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train]), parse_ints(seeds, "seeds"),
                            progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
-        summary = mean_by(rows, ("config", "step"), ("novelty_ll", "novelty_percentile", "validity", "diversity"))
-        text = format_table(summary, COLUMNS)
+        summary = mean_by(rows, ("config", "step"), METRICS)
+        text = format_table(summary, COLUMNS[:-1] + ["cluster_distance"] * (marked is not None) + ["n"])
         return io.NodeOutput(plot_sweep(summary), text, ui=ui.PreviewText(text))
 
 

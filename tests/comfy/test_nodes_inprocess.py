@@ -273,6 +273,12 @@ def test_wundt_sweep_node(chain, run, pack_nodes):
     assert lines[0].split() == ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
     assert [ln.split()[:2] for ln in lines[1:]] == [["none", "0"], ["none", "2"], ["both", "0"], ["both", "2"]]
     assert plot.ndim == 4 and plot.shape[-1] == 3
+    terms, = run("CreativeNegativeCluster", norm=chain["norm"], alpha=1.0, label="ugly", embeds=chain["bank"])
+    _, table = run("CreativeWundtSweep", prior=chain["prior"], norm=chain["norm"], embeds=chain["bank"],
+                   subject="vehicle", steps="0", configs="none", seeds="0", anchor_text="a vehicle",
+                   learning_rate=1e-3, train="token", samples=4, loss_terms=terms)
+    header, row = table.splitlines()
+    assert header.split()[-2:] == ["cluster_distance", "n"] and float(row.split()[-2]) > 0
     validate = pack_nodes["CreativeWundtSweep"].validate_inputs
     assert "configs" in validate(subject="car", steps="0", configs="none, sometimes", seeds="0")
     assert "steps" in validate(subject="car", steps="0, x", configs="none", seeds="0")

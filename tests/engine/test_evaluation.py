@@ -69,3 +69,14 @@ def test_asking_judge_thresholds_p_yes():
             return torch.tensor([0.2, 0.7])
 
     assert AskingJudge(Fixed()).is_subject(torch.zeros(2, 4, 4, 3), "car").tolist() == [False, True]
+
+
+def test_distance_to_a_marked_cluster(evaluator):
+    from dataclasses import replace
+
+    region = evaluator.bank.embeds[:64] + 3.0
+    marked = replace(evaluator, marked=evaluator.norm.fit_cluster(region))
+    inside = marked.measure_embeddings(region[:16], "vehicle").cluster_distance
+    away = marked.measure_embeddings(evaluator.bank.embeds[64:80], "vehicle").cluster_distance
+    assert inside < away
+    assert evaluator.measure_embeddings(region[:16], "vehicle").cluster_distance is None
