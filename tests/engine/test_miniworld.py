@@ -200,3 +200,34 @@ def test_judge_loader_refuses_other_folders(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="format"):
         load_judge(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- the evaluation script
+
+def test_evaluation_studies_on_the_mini_world(prior, judge):
+    """The script's three studies, tiny: labels and columns right, and the negative cluster really repels."""
+    from argparse import Namespace
+
+    from creative_generation.nodes.engine.gate import ValidityGate
+    from creative_generation.nodes.engine.miniworld import evaluate as E
+    from creative_generation.nodes.engine.miniworld.judge import KindJudge
+    from creative_generation.nodes.engine.mllm import load_mllm
+    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+
+    args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", alpha=1.0, seeds=[0],
+                     steps={"wundt": [0, 4], "train": [0, 4], "negative": [0, 4]})
+    renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
+                               prior.zero_image_embed())
+    gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=25)
+    subject, typical = E.prepare(prior, renderer, KindJudge(judge), "car", args)
+    assert typical["config"] == "typical bank" and typical["validity"] is not None
+
+    train = E.train(prior, gate, subject, args)
+    assert sorted({(r["config"], r["step"]) for r in train}) == sorted(
+        (c, s) for c in ("token", "LoRA", "token + LoRA") for s in (0, 4))
+
+    rows = {(r["config"], r["step"]): r for r in E.negative(prior, gate, subject, args)}
+    assert set(rows) == {(c, s) for c in ("without negative", "with negative") for s in (0, 4)}
+    assert rows[("with negative", 0)]["cluster_distance"] == rows[("without negative", 0)]["cluster_distance"]
+    assert rows[("with negative", 4)]["cluster_distance"] > rows[("without negative", 4)]["cluster_distance"]
+    assert "cluster_distance" in E.table(list(rows.values()), "negative").splitlines()[0]
