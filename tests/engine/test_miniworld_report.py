@@ -31,7 +31,7 @@ def test_report_measures_saved_files(tmp_path):
     samples = EmbeddingBank(torch.randn(12, 16, generator=g) * 3 + 2, {"prior": "p"})  # far from the bank
     bank.save(tmp_path / "bank.safetensors")
     samples.save(tmp_path / "samples.safetensors")
-    cars = [W.make_scene("car", "red", "road", seed=i) for i in range(6)]
+    cars = [W.make_scene("car", "red", "road", seed=i) for i in range(5)] + [W.make_scene("car", "purple", "road")]
     fish = [W.make_scene("fish", "orange", "water", seed=i) for i in range(4)] + [W.make_scene("bus", "yellow", "road")]
     log = {"entries": [{"step": 1, "log_likelihood": -3.0, "seconds": 0.5},
                        {"step": 2, "log_likelihood": -9.0, "seconds": 0.5, "gate_p_yes": 0.9, "gate_passed": True}],
@@ -44,10 +44,12 @@ def test_report_measures_saved_files(tmp_path):
 
     assert r["typical"]["validity"] == 1.0 and r["concept"]["validity"] == pytest.approx(0.2)  # 1 bus out of 5 renders
     assert r["concept"]["judge_sees"]["kind"] == {"fish": 4, "bus": 1}
+    assert r["typical"]["rare"] == pytest.approx(1 / 6)  # purple cars are 1 % of cars; red ones on roads common
     assert r["concept"]["novelty_percentile"] == 0.0 < r["typical"]["novelty_percentile"]
     assert r["concept"]["count"] == 12 and r["typical"]["count"] == 6  # typical = the rendered head of the bank
     assert r["optimisation"]["gate"] == [{"step": 2, "p_yes": 0.9, "passed": True}]
     text = format_report(r)
     assert "| validity: independent judge says \"vehicle\" | 100% | 20% |" in text
+    assert "| rare in the world: colour or background ≤ 2% likely for the judged kind | 17% | 0% |" in text
     assert "Gate at step 2: P(yes) 0.900 -> yes" in text and "fish 80%, bus 20%" in text
     assert contact_sheet(files.typical_images, columns=4).size == (4 * 64, 2 * 64)

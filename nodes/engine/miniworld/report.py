@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..bank import EmbeddingBank
@@ -49,9 +48,8 @@ def contact_sheet(paths: list[Path], columns: int = 8) -> Image.Image:
     return world.contact_sheet(load_pixels(paths), columns, scale=2)
 
 
-def _describe(judge: Judge, images: torch.Tensor) -> dict[str, dict[str, int]]:
+def _describe(predictions: list[dict[str, str]]) -> dict[str, dict[str, int]]:
     """How many images the judge puts in each class, per factor (most frequent first)."""
-    predictions = judge.predict(images)
     return {f: dict(Counter(p[f] for p in predictions).most_common()) for f in FACTORS}
 
 
@@ -66,7 +64,9 @@ def measure_run(files: RunFiles, subject: str, pca_dims: int, judge: Judge) -> d
         images = world.to_image_tensor(load_pixels(paths))
         m = evaluator.measure_embeddings(embeds, subject).as_dict()
         m["validity"] = float(KindJudge(judge).is_subject(images, subject).float().mean())
-        out[name] = {**m, "count": len(embeds), "rendered": len(paths), "judge_sees": _describe(judge, images)}
+        predictions = judge.predict(images)
+        m["rare"] = sum(map(world.is_rare, predictions)) / len(predictions)
+        out[name] = {**m, "count": len(embeds), "rendered": len(paths), "judge_sees": _describe(predictions)}
     if files.log is not None:
         log = json.loads(files.log.read_text())
         entries = log["entries"]
@@ -96,7 +96,9 @@ def format_report(r: dict) -> str:
              f"{100 - t['novelty_percentile']:.1f} | {100 - c['novelty_percentile']:.1f} |",
              f"| validity: independent judge says \"{r['subject']}\" | {t['validity']:.0%} | {c['validity']:.0%} |",
              f"| diversity: pairwise spread relative to the bank (1 = typical) | {t['diversity']:.2f} | "
-             f"{c['diversity']:.2f} |", "", "What the independent judge sees:", "",
+             f"{c['diversity']:.2f} |",
+             f"| rare in the world: colour or background ≤ {world.RARE_THRESHOLD:.0%} likely for the judged kind | "
+             f"{t['rare']:.0%} | {c['rare']:.0%} |", "", "What the independent judge sees:", "",
              "| factor | typical samples | creative concept |", "|---|---|---|"]
     lines += [f"| {f} | {_top(t['judge_sees'][f])} | {_top(c['judge_sees'][f])} |" for f in FACTORS]
     if opt := r.get("optimisation"):
