@@ -77,7 +77,9 @@ class HeadlessComfy:
                "--extra-model-paths-config", str(paths), "--output-directory", str(self.output_dir),
                "--temp-directory", str(base / "temp"), "--input-directory", str(base / "input"),
                "--user-directory", str(base / "user"), "--disable-auto-launch", "--disable-api-nodes",
-               "--database-url", "sqlite:///:memory:"]
+               "--database-url", "sqlite:///:memory:",
+               # only this pack: another copy of it, or other packs in the user's ComfyUI, cannot interfere
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME]
         if self.cpu if self.cpu is not None else not _has_cuda():
             cmd.append("--cpu")
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
