@@ -66,28 +66,34 @@ class WundtSweep(io.ComfyNode):
                     s.Gate.Input("gate", optional=True, tooltip="Needed by the gate / both configurations."),
                     s.Renderer.Input("renderer", optional=True, tooltip="Renders samples for the gate and the judge."),
                     s.MLLM.Input("judge", optional=True, tooltip="An independent judge of validity (ideally not the "
-                                 "gate's model); without it validity is not measured.")],
+                                 "gate's model); without it validity is not measured."),
+                    io.String.Input("prompt_template", default=OptimConfig.template, optional=True,
+                                    tooltip="Prompt the concept is trained and sampled in; {token} is its token. "
+                                            "Use the bank's prompt with {token} for the subject so that step 0 "
+                                            "is typical and the curve measures the optimiser alone.")],
             outputs=[io.Image.Output(display_name="plot"), io.String.Output(display_name="table")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject, steps, configs, seeds):
+    def validate_inputs(cls, subject, steps, configs, seeds, prompt_template=OptimConfig.template):
         try:
             parse_ints(steps, "steps"), parse_ints(seeds, "seeds"), parse_configs(configs)
         except ValueError as err:
             return str(err)
+        if "{token}" not in prompt_template:
+            return "prompt_template must contain {token}, e.g. 'a photo of a {token}'."
         return True if subject.strip() else "subject is empty: name what the concept must remain."
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, embeds, subject, steps, configs, seeds, anchor_text, learning_rate, train, samples,
-                loss_terms=None, gate=None, renderer=None, judge=None):
+                loss_terms=None, gate=None, renderer=None, judge=None, prompt_template=OptimConfig.template):
         chosen = parse_configs(configs)
         if gate is None and {"gate", "both"} & set(chosen):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
         if (gate is not None or judge is not None) and renderer is None:
             raise ValueError("the gate and the judge look at rendered images: connect a renderer.")
-        estimate = memory.preflight_optimisation(prior, subject=subject, template=OptimConfig.template,
+        estimate = memory.preflight_optimisation(prior, subject=subject, template=prompt_template,
                                                  prior_steps=OptimConfig.prior_steps, guidance=OptimConfig.guidance,
                                                  rank=OptimConfig.rank, train=TRAIN_CHOICES[train], gate=gate,
                                                  renderer=renderer)
@@ -101,7 +107,8 @@ class WundtSweep(io.ComfyNode):
                               marked=marked)
         progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(parse_ints(seeds, "seeds")))
         rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
-                           OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train]), parse_ints(seeds, "seeds"),
+                           OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train], template=prompt_template),
+                           parse_ints(seeds, "seeds"),
                            progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
         summary = mean_by(rows, ("config", "step"), METRICS)
         text = format_table(summary, COLUMNS[:-1] + ["cluster_distance"] * (marked is not None) + ["n"])

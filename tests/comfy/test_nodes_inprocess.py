@@ -282,6 +282,7 @@ def test_wundt_sweep_node(chain, run, pack_nodes):
     validate = pack_nodes["CreativeWundtSweep"].validate_inputs
     assert "configs" in validate(subject="car", steps="0", configs="none, sometimes", seeds="0")
     assert "steps" in validate(subject="car", steps="0, x", configs="none", seeds="0")
+    assert "{token}" in validate(subject="car", steps="0", configs="none", seeds="0", prompt_template="a car")
     with pytest.raises(ValueError, match="no gate is connected"):
         run("CreativeWundtSweep", prior=chain["prior"], norm=chain["norm"], embeds=chain["bank"], subject="vehicle",
             steps="0", configs="gate", seeds="0", anchor_text="a vehicle", learning_rate=1e-3, train="token",

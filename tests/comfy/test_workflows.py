@@ -33,7 +33,7 @@ The rewrite, rule by rule (nothing else in the workflow changes):
    conditioning widths: the zero CONDITIONING the real encoder's output has the shape of.
 3. **Sizes.** INT inputs above the caps in :data:`SHRINK` are lowered to them (5,000 samples
    -> 64, 50 PCA dims -> 8, 50 optimiser steps -> 2, 512 px renders -> 32 px, 25-50 denoising
-   steps -> 2, ...). Afterwards every INT input except seeds must be <= 64 px / 77 tokens:
+   steps -> 2, a sweep's steps -> "0, 2", ...). Afterwards every INT input except seeds must be <= 64 px / 77 tokens:
    a new workflow with a big number and no rule fails loudly instead of running for minutes.
 """
 
@@ -70,7 +70,10 @@ SHRINK: dict[str, dict[str, int]] = {
     "EmptyLatentImage": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": 1},
     "KSampler": {"steps": 2},
     "KSamplerAdvanced": {"steps": 2, "end_at_step": 2},
+    "CreativeWundtSweep": {"samples": 4},
 }
+# class_type -> {STRING input: value}: lists of steps/seeds replaced (rule 3 above, for text inputs).
+SHRINK_TEXT: dict[str, dict[str, str]] = {"CreativeWundtSweep": {"steps": "0, 2", "seeds": "0"}}
 INT_LIMIT = 64  # after the rewrite, no INT input (but seeds and the exceptions below) is larger
 INT_LIMIT_EXCEPT = {("TestSupportZeroConditioning", "tokens"), ("TestSupportZeroConditioning", "context_dim"),
                     ("TestSupportZeroConditioning", "pooled_dim")}
@@ -311,6 +314,10 @@ def rewrite_for_test(api: dict, object_info: dict, server, tiny_models) -> tuple
                                "context_dim": context_dim, "pooled_dim": pooled_dim}}
         changes.append(f"{nid} {node['class_type']} -> {em.ZERO_CONDITIONING}({context_dim}, {pooled_dim})")
     for nid, node in api.items():  # 3. sizes
+        for name, text in SHRINK_TEXT.get(node["class_type"], {}).items():
+            if node["inputs"].get(name) != text:
+                changes.append(f"{nid} {node['class_type']}.{name}: {node['inputs'].get(name)!r} -> {text!r}")
+                node["inputs"][name] = text
         for name, cap in SHRINK.get(node["class_type"], {}).items():
             value = node["inputs"].get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > cap:
