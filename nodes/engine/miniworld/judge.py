@@ -124,5 +124,9 @@ class KindJudge:
     judge: Judge
 
     def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
-        kinds = [p["kind"] for p in self.judge.predict(images)]
-        return torch.tensor([k == subject or CATEGORY[k] == subject for k in kinds])
+        return torch.tensor([shows(p, subject) for p in self.judge.predict(images)])
+
+
+def shows(prediction: dict[str, str], subject: str) -> bool:
+    """Whether a judged image is the subject: its predicted kind, or that kind's category, is the subject."""
+    return prediction["kind"] == subject or CATEGORY[prediction["kind"]] == subject

@@ -22,7 +22,7 @@ from ..bank import EmbeddingBank
 from ..evaluation import Evaluator
 from ..norm import GaussianNorm
 from . import world
-from .judge import Judge, KindJudge
+from .judge import Judge, shows
 
 FACTORS = ("kind", "colour", "background", "size")
 
@@ -63,8 +63,8 @@ def measure_run(files: RunFiles, subject: str, pca_dims: int, judge: Judge) -> d
                                 ("concept", samples, files.concept_images)):
         images = world.to_image_tensor(load_pixels(paths))
         m = evaluator.measure_embeddings(embeds, subject).as_dict()
-        m["validity"] = float(KindJudge(judge).is_subject(images, subject).float().mean())
-        predictions = judge.predict(images)
+        predictions = judge.predict(images)  # once: validity, rarity and the factor counts all read it
+        m["validity"] = sum(shows(p, subject) for p in predictions) / len(predictions)
         m["rare"] = sum(map(world.is_rare, predictions)) / len(predictions)
         out[name] = {**m, "count": len(embeds), "rendered": len(paths), "judge_sees": _describe(predictions)}
     if files.log is not None:
