@@ -123,15 +123,21 @@ def wundt_sweep(prior: Prior, evaluator: Evaluator, subject: str, configs: dict[
             run_cfg = replace(cfg, steps=max(max(steps), 1), seed=seed)
             result = CreativeOptimizer(prior, evaluator.norm, subject, terms, run_cfg, gate,
                                        evaluator.renderer).run(snapshot_at=frozenset(steps))
-            for step in sorted(steps):
-                concept = result.snapshots[step]
-                prompt = run_cfg.template.format(token=concept.token or subject)
-                m = evaluator.measure_concept(prior, concept, prompt, subject, seed=seed)
-                rows.append({"config": name, "subject": subject, "seed": seed, "step": step, **m.as_dict(),
-                             "stop_reason": result.stop_reason, "steps_run": result.steps_run})
+            rows += measure_snapshots(prior, evaluator, subject, result, run_cfg, name)
             done += 1
             if progress is not None:
                 progress(done, runs)
+    return rows
+
+
+def measure_snapshots(prior: Prior, evaluator: Evaluator, subject: str, result, cfg, name: str) -> list[dict]:
+    """One row per snapshot of an optimiser run (``run(snapshot_at=...)`` with ``cfg``), sampled with its seed."""
+    rows = []
+    for step, concept in sorted(result.snapshots.items()):
+        prompt = cfg.template.format(token=concept.token or subject)
+        m = evaluator.measure_concept(prior, concept, prompt, subject, seed=cfg.seed)
+        rows.append({"config": name, "subject": subject, "seed": cfg.seed, "step": step, **m.as_dict(),
+                     "stop_reason": result.stop_reason, "steps_run": result.steps_run})
     return rows
 
 

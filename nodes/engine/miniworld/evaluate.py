@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..bank import PAPER_TEMPLATE, sample_bank
-from ..evaluation import Evaluator, format_table, mean_by, wundt_sweep
+from ..evaluation import Evaluator, format_table, mean_by, measure_snapshots, wundt_sweep
 from ..gate import ValidityGate
 from ..losses import AnchorTerm, CreativeTerm, negative_cluster
 from ..mllm import load_mllm
@@ -93,13 +93,14 @@ def negative(prior, gate, subj: Subject, args) -> list[dict]:
     for seed in args.seeds:
         cfg = config(args, steps=max(steps), seed=seed)
         first = CreativeOptimizer(prior, subj.evaluator.norm, subj.name, terms, cfg, gate,
-                                  subj.evaluator.renderer).run()
+                                  subj.evaluator.renderer).run(snapshot_at=frozenset(steps))
         marked = sample_embeddings(prior.with_concept(first.concept), cfg.template.format(token=first.concept.token),
                                    64, batch_size=64, seed=1000 + seed)
         cluster = negative_cluster(subj.evaluator.norm, marked, alpha=args.alpha, label="marked")
         evaluator = replace(subj.evaluator, marked=cluster.cluster)
-        for label, run_terms in (("without negative", terms), ("with negative", terms + [cluster])):
-            rows += wundt_sweep(prior, evaluator, subj.name, {label: (run_terms, gate)}, steps, cfg, [seed])
+        rows += measure_snapshots(prior, evaluator, subj.name, first, cfg, "without negative")
+        rows += wundt_sweep(prior, evaluator, subj.name, {"with negative": (terms + [cluster], gate)}, steps, cfg,
+                            [seed])
     return rows
 
 
