@@ -88,7 +88,7 @@ class WundtSweep(io.ComfyNode):
     @cb.training_mode
     def execute(cls, prior, norm, embeds, subject, steps, configs, seeds, anchor_text, learning_rate, train, samples,
                 loss_terms=None, gate=None, renderer=None, judge=None, prompt_template=OptimConfig.template):
-        chosen = parse_configs(configs)
+        chosen, seed_list = parse_configs(configs), parse_ints(seeds, "seeds")
         if gate is None and {"gate", "both"} & set(chosen):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
         if (gate is not None or judge is not None) and renderer is None:
@@ -105,10 +105,9 @@ class WundtSweep(io.ComfyNode):
         marked = next((t.cluster for t in loss_terms or () if isinstance(t, NegativeClusterTerm)), None)
         evaluator = Evaluator(norm, embeds, renderer, AskingJudge(judge) if judge is not None else None, samples,
                               marked=marked)
-        progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(parse_ints(seeds, "seeds")))
+        progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(seed_list))
         rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
-                           OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train], template=prompt_template),
-                           parse_ints(seeds, "seeds"),
+                           OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train], template=prompt_template), seed_list,
                            progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
         summary = mean_by(rows, ("config", "step"), METRICS)
         text = format_table(summary, COLUMNS[:-1] + ["cluster_distance"] * (marked is not None) + ["n"])

@@ -49,15 +49,17 @@ def _outputs(prompt: dict, history: dict, root: Path) -> tuple[RunFiles, str, in
                 if n["inputs"]["prior"][0] == optimiser_id}
     found: dict[str, object] = {}
     for nid, node in prompt.items():
-        src = node["inputs"].get("embeds", [None])[0] if isinstance(node["inputs"].get("embeds"), list) else None
-        if node["class_type"] == "CreativeSaveEmbeds":
-            found["bank" if src == bank_source else "samples" if src in samplers else nid] = _saved_file(history, nid)
-        elif node["class_type"] == "CreativeSaveLog":
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CreativeSaveEmbeds" and inputs["embeds"][0] == bank_source:
+            found["bank"] = _saved_file(history, nid)
+        elif kind == "CreativeSaveEmbeds" and inputs["embeds"][0] in samplers:
+            found["samples"] = _saved_file(history, nid)
+        elif kind == "CreativeSaveLog":
             found["log"] = _saved_file(history, nid)
-        elif node["class_type"] == "SaveImage":
-            render = prompt[node["inputs"]["images"][0]]
-            if render["class_type"] == "CreativeRenderEmbeds":
-                which = "typical_images" if render["inputs"]["embeds"][0] == bank_source else "concept_images"
+        elif kind == "SaveImage" and prompt[inputs["images"][0]]["class_type"] == "CreativeRenderEmbeds":
+            rendered = prompt[inputs["images"][0]]["inputs"]["embeds"][0]
+            which = "typical_images" if rendered == bank_source else "concept_images" if rendered in samplers else None
+            if which:
                 found[which] = _image_paths(history, root, nid)
     files = RunFiles(found["bank"], found["samples"], found["typical_images"], found["concept_images"],
                      found.get("log"))
