@@ -50,3 +50,32 @@ def test_no_module_shadows_comfyui():
     forbidden = {"utils", "server", "execution", "app", "folder_paths", "latent_preview", "protocol", "comfy"}
     ours = {p.stem for p in (REPO / "nodes").rglob("*.py")} | {p.name for p in (REPO / "nodes").rglob("*") if p.is_dir()}
     assert not ours & forbidden
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules a file imports (relative ones resolved against its package), as dotted names under the repo."""
+    import ast
+
+    package = path.relative_to(REPO).with_suffix("").parts[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1]
+            found.add(".".join((*base, *(node.module.split(".") if node.module else ()))))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_layers_engine_nodes_testbed():
+    """The engine imports neither ComfyUI nor the nodes nor the test bed; no node module imports the test bed."""
+    for path in (REPO / "nodes").rglob("*.py"):
+        layer = path.relative_to(REPO / "nodes").parts[0]
+        imported = _imports(path)
+        if layer == "engine":
+            assert not {m for m in imported if m.split(".")[0] in {"comfy", "comfy_api", "folder_paths", "server"}}, path
+            assert all(m.startswith("nodes.engine") for m in imported if m.startswith("nodes.")), path
+        elif layer != "testbed":
+            assert not any(m.startswith("nodes.testbed") for m in imported), path

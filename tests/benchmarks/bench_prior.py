@@ -21,16 +21,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import importlib.util
+_RUN = importlib.util.spec_from_file_location(
+    "creative_run", Path(__file__).resolve().parents[2] / "nodes" / "testbed" / "run.py")
+run = importlib.util.module_from_spec(_RUN)
+_RUN.loader.exec_module(run)
+run.import_pack()  # the pack as `creative_generation`, never as top-level `nodes`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nodes.engine.bank import PAPER_TEMPLATE, sample_bank  # noqa: E402
-from nodes.engine.losses import AnchorTerm, CreativeTerm  # noqa: E402
-from nodes.engine.norm import GaussianNorm  # noqa: E402
-from nodes.engine.optimizer import CreativeOptimizer, OptimConfig  # noqa: E402
-from nodes.engine.prior import load_prior  # noqa: E402
-from nodes.engine.sampling import initial_latents, sample_embeddings  # noqa: E402
-from nodes.engine.tiny.prior import build_tiny_prior  # noqa: E402
+from creative_generation.nodes.engine.bank import PAPER_TEMPLATE, sample_bank  # noqa: E402
+from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm  # noqa: E402
+from creative_generation.nodes.engine.norm import GaussianNorm  # noqa: E402
+from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig  # noqa: E402
+from creative_generation.nodes.engine.prior import load_prior  # noqa: E402
+from creative_generation.nodes.engine.sampling import initial_latents, sample_embeddings  # noqa: E402
+from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior  # noqa: E402
 
 PROMPT = PAPER_TEMPLATE.format(subject="vehicle")
 

@@ -23,7 +23,7 @@ Measured, per dtype (CPU: small counts so it ends in minutes; GPU: the paper's c
 * one gate check: the no-grad prior sample of the concept plus one MLLM yes/no forward on a
   512x512 image (the decoder render is left out: a fixed random image stands in);
 * memory next to ``engine/budget.py``'s estimate: on GPU ``torch.cuda.max_memory_allocated``;
-  on CPU the peak of live tensors (``budget.LiveTensorBytes``, in an extra untimed pass: what a
+  on CPU the peak of live tensors (``LiveTensorBytes``, in an extra untimed pass: what a
   device allocator would hold beyond the weights) and the process's peak RSS;
 * GPU only: a 5,000-embedding bank in batches of 500 (paper: under 1 min on an A100) and 50
   optimisation steps with 2 validity checks (paper: under 2 min), MLLM kept on the GPU.
@@ -42,19 +42,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import importlib.util
+_RUN = importlib.util.spec_from_file_location(
+    "creative_run", Path(__file__).resolve().parents[2] / "nodes" / "testbed" / "run.py")
+run = importlib.util.module_from_spec(_RUN)
+_RUN.loader.exec_module(run)
+run.import_pack()  # the pack as `creative_generation`, never as top-level `nodes`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from nodes.engine import budget
-from nodes.engine.bank import PAPER_TEMPLATE
-from nodes.engine.gate import ValidityGate
-from nodes.engine.losses import AnchorTerm, CreativeTerm
-from nodes.engine.norm import GaussianNorm
-from nodes.engine.optimizer import CreativeOptimizer, OptimConfig
-from nodes.engine.prior import Prior
-from nodes.engine.sampling import sample_embeddings
+from creative_generation.nodes.engine import budget
+from creative_generation.nodes.engine.bank import PAPER_TEMPLATE
+from creative_generation.nodes.engine.gate import ValidityGate
+from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm
+from creative_generation.nodes.engine.norm import GaussianNorm
+from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig
+from creative_generation.nodes.engine.prior import Prior
+from creative_generation.nodes.engine.sampling import sample_embeddings
+from creative_generation.nodes.testbed.live_bytes import LiveTensorBytes
 
 PROMPT = PAPER_TEMPLATE.format(subject="vehicle")
 QUESTION = "Is this still a vehicle? Yes or No."
@@ -69,7 +75,7 @@ def build_prior(layers: int = 20, seed: int = 0) -> Prior:
     from diffusers import PriorTransformer, UnCLIPScheduler
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from nodes.engine.tiny.tokenizer import save_clip_tokenizer
+    from creative_generation.nodes.testbed.tiny.tokenizer import save_clip_tokenizer
 
     torch.manual_seed(seed)
     transformer = PriorTransformer(num_attention_heads=32, attention_head_dim=64, num_layers=layers, embedding_dim=768,
@@ -106,8 +112,8 @@ def build_mllm(text_layers: int = 20, vision_depth: int = 16, seed: int = 0):
         Qwen2VLVideoProcessor,
     )
 
-    from nodes.engine.mllm import MLLMJudge, family_of
-    from nodes.engine.tiny.mllm import (
+    from creative_generation.nodes.engine.mllm import MLLMJudge, family_of
+    from creative_generation.nodes.testbed.tiny.mllm import (
         QWEN2_VL_SPECIALS,
         QWEN2_VL_TEMPLATE,
         word_tokenizer,
@@ -232,7 +238,7 @@ def estimate_for(prior: Prior, judge, size: int) -> budget.Estimate:
 
 def live_peak(fn) -> int:
     """Peak bytes of tensors ``fn`` allocates (an untimed pass: tracking costs a little per op)."""
-    with budget.LiveTensorBytes() as live:
+    with LiveTensorBytes() as live:
         fn()
     return live.peak
 

@@ -180,7 +180,7 @@ class TinyModels:
 def _k21_prior(target: Path, models: TinyModels) -> None:
     """kandinsky-community/kandinsky-2-1-prior: a tiny Kandinsky 2.1 prior with the real 768-d
     embedding width (CLIP ViT-L/14), so its embeddings fit SD 2.1 unCLIP-L and the 2.1 decoder."""
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     build_tiny_prior(target, family="kandinsky-2.1", embed_dim=768)
 
@@ -188,7 +188,7 @@ def _k21_prior(target: Path, models: TinyModels) -> None:
 @register("diffusers", "kandinsky-2-1", install_name="tiny-kandinsky-2-1")
 def _k21_decoder(target: Path, models: TinyModels) -> None:
     """kandinsky-community/kandinsky-2-1: a tiny Kandinsky 2.1 decoder taking 768-d embeddings."""
-    from creative_generation.nodes.engine.tiny.decoder import build_tiny_k21_decoder
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k21_decoder
 
     build_tiny_k21_decoder(target, embed_dim=768)
 
@@ -198,7 +198,7 @@ def _llava_next(target: Path, models: TinyModels) -> None:
     """llava-hf/llava-v1.6-mistral-7b-hf: a tiny LLaVA-NeXT (CLIP tower + Llama). Its weights are
     random, so it answers blind and Load MLLM's red/blue vision check would (rightly) refuse it:
     the test switches that check off."""
-    from creative_generation.nodes.engine.tiny.mllm import build_tiny_llava_next
+    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
 
     build_tiny_llava_next(target)
 
@@ -220,7 +220,7 @@ def _sd21_unclip_l(target: Path, models: TinyModels) -> None:
 def _k22_prior(target: Path, models: TinyModels) -> None:
     """kandinsky-community/kandinsky-2-2-prior: a tiny Kandinsky 2.2 prior with the real 1280-d
     embedding width (CLIP ViT-bigG/14), so its embeddings fit SDXL revision."""
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     build_tiny_prior(target, family="kandinsky-2.2", embed_dim=1280)
 
@@ -265,7 +265,7 @@ def train_concept(prior_folder: Path, target: Path, subject: str = "vehicle", st
 @register("diffusers", install_name="tiny-prior-a")
 def _prior_a(target: Path, models: TinyModels) -> None:
     """A 32-d Kandinsky-2.2-layout tiny prior (fast; behaviour tests)."""
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     build_tiny_prior(target, seed=0)
 
@@ -273,7 +273,7 @@ def _prior_a(target: Path, models: TinyModels) -> None:
 @register("diffusers", install_name="tiny-prior-b")
 def _prior_b(target: Path, models: TinyModels) -> None:
     """Same architecture as tiny-prior-a, other weights: a *different* prior (other identity)."""
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     build_tiny_prior(target, seed=1)
 
@@ -281,7 +281,7 @@ def _prior_b(target: Path, models: TinyModels) -> None:
 @register("diffusers", install_name="tiny-k22-decoder")
 def _k22_decoder(target: Path, models: TinyModels) -> None:
     """A tiny Kandinsky 2.2 decoder for 32-d embeddings (pairs with tiny-prior-a/b)."""
-    from creative_generation.nodes.engine.tiny.decoder import build_tiny_k22_decoder
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
 
     build_tiny_k22_decoder(target)
 
@@ -301,7 +301,7 @@ def _text_only_llm(target: Path, models: TinyModels) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from creative_generation.nodes.engine.tiny.mllm import word_tokenizer
+    from creative_generation.nodes.testbed.tiny.mllm import word_tokenizer
 
     tokenizer = word_tokenizer(("<s>", "</s>"), bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)

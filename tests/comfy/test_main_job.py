@@ -1,4 +1,4 @@
-"""The README's main job, as a user runs it: ``python -m nodes.miniworld_run --out DIR``.
+"""The README's main job, as a user runs it: ``python nodes/testbed/run.py main_job --out DIR``.
 
 A real ComfyUI server (its own process, started by the job) executes
 ``example_workflows/creative_miniworld.json`` on the bundled mini-world models at full size
@@ -19,7 +19,7 @@ import comfy_harness
 
 def test_main_job_writes_images_plots_and_report(tmp_path, comfyui_available):
     out = tmp_path / "miniworld"
-    proc = subprocess.run([sys.executable, "-m", "nodes.miniworld_run", "--out", str(out)], cwd=comfy_harness.REPO,
+    proc = subprocess.run([sys.executable, "nodes/testbed/run.py", "main_job", "--out", str(out)], cwd=comfy_harness.REPO,
                           capture_output=True, text=True, timeout=900)
     log = (out / "comfyui.log").read_text(errors="replace")[-3000:] if (out / "comfyui.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n--- comfyui.log ---\n{log}"

@@ -49,9 +49,9 @@ def call(pack_nodes, comfy_inprocess):
 @pytest.fixture(scope="module")
 def loaded(comfy_inprocess, tmp_path_factory, call):
     """Tiny prior, Kandinsky 2.2 decoder and LLaVA-NeXT, loaded through the pack's loader nodes."""
-    from creative_generation.nodes.engine.tiny.decoder import build_tiny_k22_decoder
-    from creative_generation.nodes.engine.tiny.mllm import build_tiny_llava_next
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
+    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     root = tmp_path_factory.mktemp("memory_models")
     build_tiny_prior(root / "diffusers" / "mem-prior", seed=3)
@@ -257,7 +257,7 @@ def test_gpu_accounting_counts_weights_to_move_and_what_comfy_can_free(loaded, m
 
 
 def test_post_free_unloads_our_prior_and_results_stay_the_same(comfy_server):
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     name = "mem-server-prior"
     if not (comfy_server.models["diffusers"] / name).exists():

@@ -91,9 +91,9 @@ def test_prior_steps_start_at_two(pack_nodes):
 def models(comfy_inprocess, tmp_path_factory):
     """Tiny 32-d prior (two, with different weights), Kandinsky 2.2 decoder and LLaVA-NeXT,
     registered in this process's ComfyUI model folders."""
-    from creative_generation.nodes.engine.tiny.decoder import build_tiny_k22_decoder
-    from creative_generation.nodes.engine.tiny.mllm import build_tiny_llava_next
-    from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
+    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
     root = tmp_path_factory.mktemp("inprocess_models")
     build_tiny_prior(root / "diffusers" / "prior-a", seed=0)

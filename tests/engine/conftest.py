@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from creative_generation.nodes.engine.prior import load_prior
-from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
 
 @pytest.fixture(scope="session")

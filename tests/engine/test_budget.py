@@ -3,7 +3,7 @@
 There is no GPU (and so no ``torch.cuda.max_memory_allocated``) here, so memory is measured
 two ways on the CPU:
 
-* **live tensor bytes** (``budget.LiveTensorBytes``): a ``TorchDispatchMode`` sees every
+* **live tensor bytes** (``testbed.live_bytes.LiveTensorBytes``): a ``TorchDispatchMode`` sees every
   tensor an op creates and a finalizer sees it freed; its peak is what a device allocator would
   have to hold (minus allocator rounding). Weights exist before the block, so they are not
   counted.
@@ -34,12 +34,13 @@ from creative_generation.nodes.engine.norm import GaussianNorm
 from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig
 from creative_generation.nodes.engine.prior import load_prior
 from creative_generation.nodes.engine.sampling import sample_embeddings
-from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+from creative_generation.nodes.testbed.live_bytes import LiveTensorBytes
+from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
 PROMPT = "a photo of a car"
 
 
-LiveBytes = budget.LiveTensorBytes
+LiveBytes = LiveTensorBytes
 
 
 @pytest.fixture(scope="module", params=[(256, 4, 4, 64), (128, 6, 2, 96)], ids=["w256-l4", "w128-l6"])
@@ -132,7 +133,7 @@ def test_optimiser_step_memory_matches_the_measured_peak(sized_prior, sized_norm
 
 def test_decoder_render_heuristic_is_within_a_factor_two(tmp_path):
     from creative_generation.nodes.engine.render import load_decoder
-    from creative_generation.nodes.engine.tiny.decoder import build_tiny_k22_decoder
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
 
     decoder = load_decoder(build_tiny_k22_decoder(tmp_path / "decoder", embed_dim=32))
     shape = budget.DecoderShape.of(decoder)
@@ -148,7 +149,7 @@ def test_decoder_render_heuristic_is_within_a_factor_two(tmp_path):
 
 def test_mllm_forward_heuristic_is_within_a_factor_two(tmp_path):
     from creative_generation.nodes.engine.mllm import load_mllm
-    from creative_generation.nodes.engine.tiny.mllm import build_tiny_llava_next
+    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
     from PIL import Image
 
     judge = load_mllm(str(build_tiny_llava_next(tmp_path / "llava")))
@@ -198,11 +199,13 @@ def test_phases_and_refusal_message():
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time, tempfile
     import psutil, torch
-    sys.path.insert(0, {repo!r})
-    from nodes.engine import budget
-    from nodes.engine.prior import load_prior
-    from nodes.engine.sampling import sample_embeddings
-    from nodes.engine.tiny.prior import build_tiny_prior
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("creative_run", {run!r})
+    run = importlib.util.module_from_spec(spec); spec.loader.exec_module(run); run.import_pack()
+    from creative_generation.nodes.engine import budget
+    from creative_generation.nodes.engine.prior import load_prior
+    from creative_generation.nodes.engine.sampling import sample_embeddings
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
     torch.set_num_threads(1)
     folder = build_tiny_prior(tempfile.mkdtemp() + "/prior", width=512, layers=8, heads=8, embed_dim=64,
                               text_layers=2)
@@ -240,7 +243,7 @@ def test_process_rss_agrees_with_weights_and_sampling_activations():
     # would show allocator caching (~1.5x here) rather than what is alive: give every block over
     # 64 KiB its own mapping, returned to the system when freed, as a device allocator would.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(repo=repo)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(run=str(Path(repo) / "nodes" / "testbed" / "run.py"))], capture_output=True, text=True,
                          timeout=300, env=env, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """The mini world and its committed models: determinism, loading through the real loaders, quality.
 
-The models in ``models/miniworld/`` come from ``python -m nodes.engine.miniworld.train``; nothing
+The models in ``models/miniworld/`` come from ``python nodes/testbed/run.py train``; nothing
 is trained here. The quality checks are small but can fail: a prior that ignores its prompt, a
 decoder that draws noise, an MLLM that ignores the picture or a judge that guesses all fail them.
 """
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from creative_generation.nodes.engine.miniworld import world as W
-from creative_generation.nodes.engine.miniworld.judge import load_judge
+from creative_generation.nodes.testbed.miniworld import world as W
+from creative_generation.nodes.testbed.miniworld.judge import load_judge
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "miniworld"
 FRESH_SEED = 424242  # scenes no model was trained or evaluated on
@@ -209,8 +209,8 @@ def test_evaluation_studies_on_the_mini_world(prior, judge):
     from argparse import Namespace
 
     from creative_generation.nodes.engine.gate import ValidityGate
-    from creative_generation.nodes.engine.miniworld import evaluate as E
-    from creative_generation.nodes.engine.miniworld.judge import KindJudge
+    from creative_generation.nodes.testbed.miniworld import evaluate as E
+    from creative_generation.nodes.testbed.miniworld.judge import KindJudge
     from creative_generation.nodes.engine.mllm import load_mllm
     from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from creative_generation.nodes.engine.bank import EmbeddingBank
-from creative_generation.nodes.engine.miniworld import world as W
-from creative_generation.nodes.engine.miniworld.judge import load_judge
-from creative_generation.nodes.engine.miniworld.report import RunFiles, contact_sheet, format_report, measure_run
+from creative_generation.nodes.testbed.miniworld import world as W
+from creative_generation.nodes.testbed.miniworld.judge import load_judge
+from creative_generation.nodes.testbed.miniworld.report import RunFiles, contact_sheet, format_report, measure_run
 
 JUDGE = Path(__file__).resolve().parents[2] / "models" / "miniworld" / "judge"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from creative_generation.nodes.engine.mllm import MLLMJudge, answer_token_ids, load_mllm
-from creative_generation.nodes.engine.tiny.mllm import (
+from creative_generation.nodes.testbed.tiny.mllm import (
     build_tiny_llava_next,
     build_tiny_qwen2_vl,
     word_tokenizer,

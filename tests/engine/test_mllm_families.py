@@ -25,7 +25,7 @@ from creative_generation.nodes.engine.mllm import (
     pixel_sha256,
     to_uint8,
 )
-from creative_generation.nodes.engine.tiny import mllm as tiny
+from creative_generation.nodes.testbed.tiny import mllm as tiny
 from PIL import Image
 
 QUESTION = "Is this still a dog? Yes or No."

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from creative_generation.nodes.engine.prior import PriorFolderError, detect_layout, load_prior
-from creative_generation.nodes.engine.tiny.prior import build_tiny_prior
+from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
 
 
 def test_layout_and_family(tiny_prior_dir, tiny_prior21_dir):

@@ -11,7 +11,7 @@ import torch
 from diffusers import KandinskyPipeline, KandinskyV22Pipeline
 
 from creative_generation.nodes.engine.render import DecoderFolderError, detect_decoder_family, load_decoder
-from creative_generation.nodes.engine.tiny.decoder import build_tiny_k21_decoder, build_tiny_k22_decoder
+from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k21_decoder, build_tiny_k22_decoder
 
 FAMILIES = ["kandinsky-2.2", "kandinsky-2.1"]
 PIPELINES = {"kandinsky-2.2": KandinskyV22Pipeline, "kandinsky-2.1": KandinskyPipeline}

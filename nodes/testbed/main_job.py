@@ -1,6 +1,6 @@
 """The main job: the paper's pipeline on the bundled mini world, through a real headless ComfyUI.
 
-    python -m nodes.miniworld_run --out output/miniworld
+    python nodes/testbed/run.py main_job --out output/miniworld
 
 Starts a ComfyUI server with this pack, queues ``example_workflows/creative_miniworld.json`` as
 a user would (typical bank -> norm -> token + LoRA optimisation with anchor and MLLM gate ->
@@ -17,8 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .engine.miniworld.judge import load_judge
-from .engine.miniworld.report import RunFiles, contact_sheet, format_report, measure_run
+from .miniworld.judge import load_judge
+from .miniworld.report import RunFiles, contact_sheet, format_report, measure_run
 from .headless import REPO, HeadlessComfy
 
 WORKFLOW = REPO / "example_workflows" / "creative_miniworld.json"

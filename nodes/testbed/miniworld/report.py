@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..bank import EmbeddingBank
-from ..evaluation import Evaluator
-from ..norm import GaussianNorm
+from ...engine.bank import EmbeddingBank
+from ...engine.evaluation import Evaluator
+from ...engine.norm import GaussianNorm
 from . import world
 from .judge import Judge, shows
 

@@ -1,4 +1,4 @@
-"""Creativity on the mini world, measured: python -m nodes.engine.miniworld.evaluate [options].
+"""Creativity on the mini world, measured: python nodes/testbed/run.py evaluate [options].
 
 For each subject: sample a typical bank from the mini prior and fit the norm, then run the
 optimiser and measure, at the given steps, novelty (log-likelihood under the norm, percentile
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from ..bank import PAPER_TEMPLATE, sample_bank
-from ..evaluation import Evaluator, format_table, mean_by, measure_snapshots, wundt_sweep
-from ..gate import ValidityGate
-from ..losses import AnchorTerm, CreativeTerm, negative_cluster
-from ..mllm import load_mllm
-from ..norm import GaussianNorm
-from ..optimizer import CreativeOptimizer, OptimConfig
-from ..prior import load_prior
-from ..render import DecoderRenderer, RenderSettings, load_decoder
-from ..sampling import sample_embeddings
+from ...engine.bank import PAPER_TEMPLATE, sample_bank
+from ...engine.evaluation import Evaluator, format_table, mean_by, measure_snapshots, wundt_sweep
+from ...engine.gate import ValidityGate
+from ...engine.losses import AnchorTerm, CreativeTerm, negative_cluster
+from ...engine.mllm import load_mllm
+from ...engine.norm import GaussianNorm
+from ...engine.optimizer import CreativeOptimizer, OptimConfig
+from ...engine.prior import load_prior
+from ...engine.render import DecoderRenderer, RenderSettings, load_decoder
+from ...engine.sampling import sample_embeddings
 from .judge import KindJudge, load_judge
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"

@@ -1,6 +1,6 @@
 """Train every mini-world model from the world alone, seeded, and save them in real model layouts.
 
-    python -m nodes.engine.miniworld.train --out models/miniworld
+    python nodes/testbed/run.py train --out models/miniworld
 
 Stages (each seeded on its own, so ``--from-stage`` reproduces a full run's later stages):
 
@@ -137,7 +137,7 @@ class Split:
 
 
 def make_split(n: int, seed: int, res: int) -> Split:
-    from ..prior import preprocess_images
+    from ...engine.prior import preprocess_images
 
     scenes = W.sample_scenes(n, seed)
     pixels = W.draw_many(scenes)
@@ -758,10 +758,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ eval
 
 def evaluate(cfg: Config, out: Path, test: Split) -> dict:
-    from ..mllm import load_mllm
-    from ..prior import load_prior
-    from ..render import load_decoder
-    from ..sampling import sample_embeddings
+    from ...engine.mllm import load_mllm
+    from ...engine.prior import load_prior
+    from ...engine.render import load_decoder
+    from ...engine.sampling import sample_embeddings
     from .judge import load_judge
 
     metrics: dict[str, dict] = {}
@@ -876,10 +876,10 @@ def metrics_table(metrics: dict) -> str:
 
 README = """# Mini-world models
 
-Small models trained only on the procedural mini world (`nodes/engine/miniworld/world.py`), so the
+Small models trained only on the procedural mini world (`nodes/testbed/miniworld/world.py`), so the
 whole creative pipeline runs offline, on a CPU, with no downloaded weights. Made by
 
-    python -m nodes.engine.miniworld.train --out models/miniworld
+    python nodes/testbed/run.py train --out models/miniworld
 
 (seeded; {wall:.0f} s on a shared 2-core CPU; see `metrics.json` for the configuration and stage times).
 
@@ -888,7 +888,7 @@ whole creative pipeline runs offline, on a CPU, with no downloaded weights. Made
 | `prior/` | Kandinsky 2.2 prior layout: `PriorTransformer` (x0 prediction, `clip_mean`/`clip_std` from the data), mini CLIP text tower (`text_encoder/`, real CLIP BPE `tokenizer/`) and vision tower (`image_encoder/`), `UnCLIPScheduler` | `nodes.engine.prior.load_prior` |
 | `decoder/` | Kandinsky 2.2 decoder layout: `UNet2DConditionModel` (image-embedding conditioning, x0 prediction), `VQModel` movq (32 px <-> 8x8x4), `DDIMScheduler`; render at {size} px, {steps} steps, guidance {guidance} | `nodes.engine.render.load_decoder` |
 | `mllm/` | tiny LLaVA-NeXT (vision tower initialised from the mini CLIP's) answering yes/no questions | `nodes.engine.mllm.load_mllm` |
-| `judge/` | independent CNN classifier of kind / colour / background / size, for evaluation only | `nodes.engine.miniworld.judge.load_judge` |
+| `judge/` | independent CNN classifier of kind / colour / background / size, for evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
 
 Embeddings are {width}-d (use PCA dims < {width}). Weights are float16; the loaders upcast. Only the
 CLIP token-table rows of words the world's captions use are non-zero.
@@ -898,7 +898,7 @@ CLIP token-table rows of words the world's captions use are non-zero.
 {table}
 
 Licences: weights are this project's own (same licence as the code); the CLIP BPE vocabulary in
-`prior/tokenizer/` is OpenAI's (MIT, see `nodes/engine/tiny/CLIP_BPE_LICENSE`).
+`prior/tokenizer/` is OpenAI's (MIT, see `nodes/testbed/tiny/CLIP_BPE_LICENSE`).
 """
 
 
@@ -942,7 +942,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import CLIPTokenizer
 
-    from ..prior import load_prior
+    from ...engine.prior import load_prior
 
     if start <= STAGES.index("clip"):
         t = time.time()
