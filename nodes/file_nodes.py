@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from . import memory
 from . import sockets as s
 from .engine.bank import EmbeddingBank, encode_image_bank
 from .engine.concept import Concept
+from .engine.safetensors_io import save_json
+from .engine.steplog import RunLog
 
 
 def _save_path(kind: str, prefix: str) -> Path:
@@ -188,16 +189,17 @@ class EmbedsToClipVision(io.ComfyNode):
 
 def log_summary(log: dict) -> str:
     """A few lines a person can read: how the run ended and where its numbers went."""
-    entries = log["entries"]
-    lines = [f"stop: {log['stop_reason']} after {log['steps_run']} steps; kept the state of step {log['accepted_step']}"]
-    if entries:
-        first, last = entries[0], entries[-1]
-        lines.append(f"log-likelihood under the norm: {first['log_likelihood']:.4g} -> {last['log_likelihood']:.4g}")
-        if "anchor_cos" in last:
-            lines.append(f"anchor cosine: {first['anchor_cos']:.3f} -> {last['anchor_cos']:.3f}")
-        lines.append(f"seconds per step: {sum(e['seconds'] for e in entries) / len(entries):.3f}")
-    lines += [f"gate at step {e['step']}: P(yes) {e['gate_p_yes']:.3f} -> {'yes' if e['gate_passed'] else 'NO'}"
-              for e in entries if "gate_p_yes" in e]
+    run = RunLog.from_json(log)
+    records = run.records
+    lines = [f"stop: {run.stop_reason} after {run.steps_run} steps; kept the state of step {run.accepted_step}"]
+    if records:
+        first, last = records[0], records[-1]
+        lines.append(f"log-likelihood under the norm: {first.log_likelihood:.4g} -> {last.log_likelihood:.4g}")
+        if "anchor_cos" in last.metrics:
+            lines.append(f"anchor cosine: {first.metrics['anchor_cos']:.3f} -> {last.metrics['anchor_cos']:.3f}")
+        lines.append(f"seconds per step: {sum(r.seconds for r in records) / len(records):.3f}")
+    lines += [f"gate at step {r.step}: P(yes) {r.gate.p_yes:.3f} -> {'yes' if r.gate.passed else 'NO'}"
+              for r in records if r.gate is not None]
     return "\n".join(lines)
 
 
@@ -216,10 +218,7 @@ class SaveLog(io.ComfyNode):
     @classmethod
     def execute(cls, log, filename_prefix):
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, str(cb.output_folder("logs")))
-        path = Path(folder) / f"{name}_{counter:05}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(log, indent=1))
-        tmp.replace(path)
+        path = save_json(Path(folder) / f"{name}_{counter:05}.json", log)
         summary = log_summary(log)
         return io.NodeOutput(summary, ui=ui.PreviewText(f"{summary}\nsaved {path.name} in {path.parent}"))
 

@@ -14,6 +14,7 @@ from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm, negati
 from .engine.norm import GaussianNorm
 from .engine.optimizer import CreativeOptimizer, OptimConfig
 from .engine.plots import annotate, plot_embedding_map, plot_log
+from .engine.steplog import StepRecord
 
 TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}
 SEED = dict(default=0, min=0, max=2**63 - 1)
@@ -229,26 +230,24 @@ class LoRAOptimizer(io.ComfyNode):
         gate, renderer = memory.gated_models(prior, gate, renderer, estimate)  # loads the prior for training
         optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
         progress = cb.Progress(cls.hidden.unique_id, steps)
-        result = optimizer.run(lambda entry: progress(entry["step"], _describe(entry)))
+        result = optimizer.run(lambda record: progress(record.step, _describe(record)))
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
-        checks = [r for r in result.log if "gate_image" in r]
-        gate_images = torch.stack([r["gate_image"] for r in checks]) if checks else torch.zeros(1, 64, 64, 3)
-        captions = [f"step {r['step']}: P(yes) {r['gate_p_yes']:.2f} {'yes' if r['gate_passed'] else 'NO'}"
-                    for r in checks]
+        checks = [r.gate for r in result.log if r.gate is not None and r.gate.image is not None]
+        gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
+        captions = [f"step {v.step}: P(yes) {v.p_yes:.2f} {'yes' if v.passed else 'NO'}" for v in checks]
         clusters = [(t.name, t.cluster) for t in terms if isinstance(t, NegativeClusterTerm)]
-        log = {"entries": [{k: v for k, v in r.items() if k != "gate_image"} for r in result.log],
-               "stop_reason": result.stop_reason, "steps_run": result.steps_run, "accepted_step": result.accepted_step}
+        log = result.run_log().to_json()  # the log socket carries what Save Optimisation Log writes
         return io.NodeOutput(prior.with_concept(result.concept), result.concept, log, result.concept.token,
                              gate_images, plot_log(result.log), plot_embedding_map(norm, None, result.path, clusters),
                              ui=ui.PreviewImage(annotate(gate_images, captions), cls=cls) if checks else None)
 
 
-def _describe(entry: dict) -> str:
-    parts = [f"step {entry['step']}", f"loss {entry['loss']:.4g}", f"log p {entry['log_likelihood']:.4g}"]
-    if "anchor_cos" in entry:
-        parts.append(f"anchor cos {entry['anchor_cos']:.3f}")
-    if "gate_p_yes" in entry:
-        parts.append(f"gate P(yes) {entry['gate_p_yes']:.3f} -> {'yes' if entry['gate_passed'] else 'NO'}")
+def _describe(record: StepRecord) -> str:
+    parts = [f"step {record.step}", f"loss {record.loss:.4g}", f"log p {record.log_likelihood:.4g}"]
+    if "anchor_cos" in record.metrics:
+        parts.append(f"anchor cos {record.metrics['anchor_cos']:.3f}")
+    if record.gate is not None:
+        parts.append(f"gate P(yes) {record.gate.p_yes:.3f} -> {'yes' if record.gate.passed else 'NO'}")
     return ", ".join(parts)
 
 

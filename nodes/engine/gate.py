@@ -7,7 +7,7 @@ state that passed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -21,10 +21,13 @@ class Judge(Protocol):
 
 @dataclass(frozen=True)
 class Verdict:
+    """What the gate answered at ``step``; ``image`` is the first image it judged (for previews)."""
+
     step: int
     question: str
     p_yes: float
     passed: bool
+    image: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -49,4 +52,4 @@ class ValidityGate:
     def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
         question = self.question.format(subject=self.subject or subject)
         p = float(self.judge.p_yes(images, question).float().mean())
-        return Verdict(step, question, p, p >= self.threshold)
+        return Verdict(step, question, p, p >= self.threshold, images[0].detach().cpu())

@@ -6,13 +6,25 @@ Each term has a ``name``, a ``weight`` and maps embeddings ``[B, D]`` to a scala
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .bank import EmbeddingBank
 from .norm import GaussianNorm
 from .prior import Prior
+
+
+class LossTerm(Protocol):
+    """What the optimiser needs of a term: a name for the log, a weight, and a scalar of ``e [B, D]``."""
+
+    name: str
+    weight: float
+
+    def __call__(self, e: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -69,12 +81,13 @@ class NegativeClusterTerm:
         return self.cluster.log_prob(e).mean()
 
 
-def negative_cluster(norm: GaussianNorm, embeds, alpha: float = 1.0, label: str = "negative") -> NegativeClusterTerm:
+def negative_cluster(norm: GaussianNorm, embeds: torch.Tensor | EmbeddingBank, alpha: float = 1.0,
+                     label: str = "negative") -> NegativeClusterTerm:
     """Fit a cluster of unwanted embeddings in the norm's PCA space and wrap it as a repelling term."""
     return NegativeClusterTerm(norm.fit_cluster(embeds), float(alpha), label)
 
 
-def evaluate(terms, e: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def objective(terms: Iterable[LossTerm], e: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted total and each term's unweighted value (names made unique for the log)."""
     total = e.new_zeros((), dtype=torch.float64)
     values: dict[str, float] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,11 +19,12 @@ import torch
 
 from . import __version__
 from .concept import LORA_TARGETS, Concept, activate_concept, add_lora, lora_state
-from .gate import ValidityGate
-from .losses import AnchorTerm, evaluate
+from .gate import ValidityGate, Verdict
+from .losses import AnchorTerm, LossTerm, objective
 from .norm import GaussianNorm
 from .prior import Prior
 from .sampling import build_prefix, denoise, initial_latents
+from .steplog import RunLog, StepRecord
 
 TRAIN_MODES = ("both", "token", "lora")
 
@@ -64,12 +65,16 @@ class OptimConfig:
 @dataclass
 class OptimResult:
     concept: Concept
-    log: list[dict[str, Any]]
+    log: list[StepRecord]
     stop_reason: str
     steps_run: int
     accepted_step: int
     path: list[torch.Tensor] = field(default_factory=list)  # embedding per step, for plots
     snapshots: dict[int, Concept] = field(default_factory=dict)  # concept at requested steps (sweeps)
+
+    def run_log(self) -> RunLog:
+        """The records and how the run ended, as the log output and the saved log carry them."""
+        return RunLog(self.log, self.stop_reason, self.steps_run, self.accepted_step)
 
 
 def placeholder_for(subject: str) -> str:
@@ -94,7 +99,7 @@ def _generate(view: Prior, prompt: str, negative: str, cfg: OptimConfig, generat
 class CreativeOptimizer:
     """One optimisation run; create it, then call :meth:`run`."""
 
-    def __init__(self, prior: Prior, norm: GaussianNorm, subject: str, terms: list, cfg: OptimConfig,
+    def __init__(self, prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[LossTerm], cfg: OptimConfig,
                  gate: ValidityGate | None = None, renderer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         cfg.validate()
         if not subject.strip():
@@ -106,7 +111,8 @@ class CreativeOptimizer:
             raise ValueError(f"The norm is {norm.embed_dim}-d but the prior makes {prior.embedding_dim}-d embeddings.")
         if gate is not None and renderer is None:
             raise ValueError("The validity gate needs a renderer to turn embeddings into images.")
-        self.prior, self.norm, self.subject, self.terms, self.cfg = prior.with_concept(None), norm, subject, terms, cfg
+        self.prior, self.norm, self.subject, self.cfg = prior.with_concept(None), norm, subject, cfg
+        self.terms = tuple(terms)
         self.gate, self.renderer = gate, renderer
         self.anchor = next((t for t in terms if isinstance(t, AnchorTerm)), None)
         self.token = (cfg.token or placeholder_for(subject)) if cfg.train != "lora" else ""
@@ -135,14 +141,12 @@ class CreativeOptimizer:
         lora = lora_state(self.prior.transformer, self.adapter) if self.cfg.train != "token" else {}
         return {"vector": None if vector is None else vector.detach().float().cpu().clone(), "lora": lora}
 
-    def _render_check(self, view: Prior, step: int) -> dict[str, Any]:
+    def _render_check(self, view: Prior, step: int) -> Verdict:
         with torch.no_grad():
             e = _generate(view, self._prompt(), self.cfg.negative_prompt, self.cfg,
                           torch.Generator("cpu").manual_seed(self.cfg.seed))
             images = self.renderer(e)
-        verdict = self.gate.ask(images, self.subject, step)
-        return {"gate_p_yes": verdict.p_yes, "gate_passed": verdict.passed, "gate_question": verdict.question,
-                "gate_image": images[0].detach().cpu()}
+        return self.gate.ask(images, self.subject, step)
 
     def _metrics(self, e: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():
@@ -152,9 +156,9 @@ class CreativeOptimizer:
                 out["anchor_cos"] = float(self.anchor.cosine(e).mean())
         return out
 
-    def run(self, callback: Callable[[dict[str, Any]], None] | None = None,
+    def run(self, callback: Callable[[StepRecord], None] | None = None,
             snapshot_at: frozenset[int] = frozenset()) -> OptimResult:
-        """Optimise; ``callback(entry)`` after each step may raise :class:`StopOptimisation`.
+        """Optimise; ``callback(record)`` after each step may raise :class:`StopOptimisation`.
 
         ``snapshot_at``: steps (0 = before training) whose state is also returned as a concept,
         for creativity-vs-steps sweeps: the current state, or with a gate the last state it
@@ -166,32 +170,34 @@ class CreativeOptimizer:
             params = ([vector] if vector is not None else []) + lora_params
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             good, good_step = self._snapshot(vector), 0
-            log, path, reason, step = [], [], "max_steps", 0
+            log: list[StepRecord] = []
+            path, reason, step = [], "max_steps", 0
             snapshots = {0: self._concept(good, 0, 0, "snapshot")} if 0 in snapshot_at else {}
             for step in range(1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 e = _generate(view, self._prompt(), cfg.negative_prompt, cfg,
                               torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + step))
-                loss, values = evaluate(self.terms, e)
+                loss, values = objective(self.terms, e)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                entry = {"step": step, "loss": float(loss.detach()), **values, **self._metrics(e.detach())}
+                metrics = self._metrics(e.detach())
                 path.append(e.detach().cpu()[0])
+                verdict = None
                 if self.gate is not None and (self.gate.due(step) or step == cfg.steps):
-                    entry.update(self._render_check(view, step))
-                    if not entry["gate_passed"]:
+                    verdict = self._render_check(view, step)
+                    if not verdict.passed:
                         reason = "gate_rejected"
                     else:
                         good, good_step = self._snapshot(vector), step
-                entry["seconds"] = time.perf_counter() - t0
-                log.append(entry)
+                record = StepRecord(step, float(loss.detach()), values, metrics, time.perf_counter() - t0, verdict)
+                log.append(record)
                 if step in snapshot_at and reason == "max_steps":  # with a gate: what it last vouched for
                     state, kept = (good, good_step) if self.gate is not None else (self._snapshot(vector), step)
                     snapshots[step] = self._concept(state, step, kept, "snapshot")
                 if callback is not None:
                     try:
-                        callback(entry)
+                        callback(record)
                     except StopOptimisation:
                         reason = "cancelled" if reason != "gate_rejected" else reason
                 if reason != "max_steps":

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .norm import GaussianNorm
+from .steplog import StepRecord
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]
@@ -77,32 +78,36 @@ def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, tuple[l
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
 
 
-def plot_log(log: list[dict], width: int = 768, panel_height: int = 150) -> torch.Tensor:
+def plot_log(log: list[StepRecord], width: int = 768, panel_height: int = 150) -> torch.Tensor:
     """One panel per curve (total loss, each loss term, log-likelihood, P(yes)), each on its own scale.
 
     Terms differ by orders of magnitude (log-density ~1e3-1e6, anchor ~1), so sharing an axis
     would flatten all but one. Gate checks are vertical ticks: green passed, red rejected. Per-step
     values are drawn light with their trailing mean (a tenth of the run) on top.
     """
-    skip = {"step", "seconds", "mahalanobis", "anchor_cos", "gate_p_yes", "gate_passed", "gate_question", "gate_image"}
-    first = log[0] if log else {}
-    names = [k for k in first if k not in skip and isinstance(first[k], (int, float))]
-    if any("gate_p_yes" in r for r in log):
-        names.append("gate_p_yes")
-    marks = [(r["step"], (44, 160, 44) if r["gate_passed"] else (214, 39, 40)) for r in log if "gate_passed" in r]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if log:
+        curves["loss"] = [(r.step, r.loss) for r in log]
+        for name in log[0].terms:  # a term named like a metric keeps its own panel
+            title = f"{name} (term)" if name in ("loss", "log_likelihood", "gate_p_yes") else name
+            curves[title] = [(r.step, r.terms[name]) for r in log if name in r.terms]
+        curves["log_likelihood"] = [(r.step, r.metrics["log_likelihood"]) for r in log]
+    checks = [r for r in log if r.gate is not None]
+    if checks:
+        curves["gate_p_yes"] = [(r.step, r.gate.p_yes) for r in checks]
+    marks = [(r.step, (44, 160, 44) if r.gate.passed else (214, 39, 40)) for r in checks]
     cols = 2
-    rows = max(1, math.ceil(len(names) / cols))
+    rows = max(1, math.ceil(len(curves) / cols))
     img = Image.new("RGB", (width, rows * panel_height), "white")
     draw = ImageDraw.Draw(img)
     pw = width // cols
-    for i, name in enumerate(names):
+    for i, (name, series) in enumerate(curves.items()):
         x0, y0 = (i % cols) * pw + MARGIN, (i // cols) * panel_height + 20
-        series = [(r["step"], float(r[name])) for r in log if name in r]
         window = 1 if name == "gate_p_yes" else _smoothing_window(len(series))
         title = name if window == 1 else f"{name} (dark: mean of {window} steps)"
         _panel(draw, (x0, y0, x0 + pw - MARGIN - 10, y0 + panel_height - 40), title,
                {name: ([x for x, _ in series], [y for _, y in series])}, marks, window)
-    if not names:
+    if not curves:
         draw.text((10, 10), "no steps were run", fill=(0, 0, 0))
     return _to_image(img)
 

@@ -290,7 +290,7 @@ def run_dtype(name: str, prior: Prior, judge, device: torch.device, args, rows: 
     norm = GaussianNorm.fit(bank, 50) if len(bank) > 100 else random_norm(prior)
     gpu_peak_reset(device)
     result = optimiser(prior, norm, args.opt_steps).run()
-    seconds = [e["seconds"] for e in result.log]
+    seconds = [r.seconds for r in result.log]
     later = seconds[1:] or seconds
     put("optimiser step: token + LoRA r10, 5 prior steps, CFG [s]: best (mean) of steps after the first",
         f"{min(later):.2f} ({sum(later) / len(later):.2f})")
@@ -322,7 +322,7 @@ def run_dtype(name: str, prior: Prior, judge, device: torch.device, args, rows: 
             gpu_peak_reset(device)
             t_run, res = timed(lambda: optimiser(prior, norm, args.run_steps, judge, StandInRenderer(args.image_size),
                                                  args.check_every).run(), device)
-            checks = sum("gate_p_yes" in entry for entry in res.log)
+            checks = sum(r.gate is not None for r in res.log)
             put(f"{args.run_steps} optimisation steps with {checks} validity checks [s]", f"{t_run:.1f}")
             if cuda:
                 memory("  peak GPU memory of that run [GiB] (estimate, all models resident)", gpu_peak(device),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm, evaluate, negative_cluster
+from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm, negative_cluster, objective
 from creative_generation.nodes.engine.norm import GaussianNorm
 
 
@@ -54,6 +54,6 @@ def test_negative_cluster_repels(norm):
 def test_evaluate_weights_and_unique_names(norm):
     e = torch.randn(2, 32, dtype=torch.float64)
     a, b = CreativeTerm(norm, 1.0), CreativeTerm(norm, 3.0)
-    total, values = evaluate([a, b], e)
+    total, values = objective([a, b], e)
     assert set(values) == {"creative", "creative_2"}
     assert torch.allclose(total, 4 * a(e))

@@ -51,13 +51,13 @@ def test_end_to_end(prior, setup, tmp_path):
     result = CreativeOptimizer(prior, norm, "vehicle", terms, _config(), ValidityGate(judge, every=25), render).run()
     bank_ll = norm.log_prob(bank.embeds.double())
     p5 = bank_ll.quantile(0.05)
-    assert result.log[0]["log_likelihood"] > p5, "the untrained token starts inside the typical region"
+    assert result.log[0].log_likelihood > p5, "the untrained token starts inside the typical region"
     assert result.stop_reason == "max_steps" and result.steps_run == 50 and result.accepted_step == 50
-    checked = [(r["step"], r["gate_p_yes"]) for r in result.log if "gate_p_yes" in r]
+    checked = [(r.step, r.gate.p_yes) for r in result.log if r.gate is not None]
     assert checked == [(25, pytest.approx(0.9)), (50, pytest.approx(0.8))]
     assert judge.questions == ["Is this still a vehicle? Yes or No."] * 2
-    for key in ("loss", "creative", "anchor", "log_likelihood", "mahalanobis", "anchor_cos", "seconds"):
-        assert all(key in r for r in result.log)
+    assert all(set(r.terms) == {"creative", "anchor"} for r in result.log)
+    assert all(set(r.metrics) == {"log_likelihood", "mahalanobis", "anchor_cos"} and r.seconds > 0 for r in result.log)
     result.concept.save(tmp_path / "concept.safetensors")
     concept = Concept.load(tmp_path / "concept.safetensors")
     assert concept.meta["base_prior"] == prior.identity and concept.meta["stop_reason"] == "max_steps"
@@ -72,7 +72,7 @@ def test_gate_no_rolls_back_to_last_yes(prior, setup):
     stopped = CreativeOptimizer(prior, norm, "vehicle", terms, _config(),
                                 ValidityGate(ScriptedJudge([0.9, 0.1]), every=25), render).run()
     assert stopped.stop_reason == "gate_rejected" and stopped.steps_run == 50 and stopped.accepted_step == 25
-    assert stopped.log[-1]["gate_passed"] is False
+    assert stopped.log[-1].gate.passed is False
     at25 = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=25)).run()
     assert torch.allclose(stopped.concept.token_embedding, at25.concept.token_embedding, atol=1e-6)
     for k, v in at25.concept.lora_state.items():
@@ -93,7 +93,7 @@ def test_cancel_returns_state_and_leaves_prior_clean(prior, setup):
     before = sample_embeddings(prior, "a photo of a car", 4, seed=2)
 
     def cancel_at_7(entry):
-        if entry["step"] == 7:
+        if entry.step == 7:
             raise StopOptimisation
 
     result = CreativeOptimizer(prior, norm, "vehicle", terms, _config()).run(cancel_at_7)
@@ -108,7 +108,7 @@ def test_train_modes(prior, setup, mode):
     result = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=3, train=mode)).run()
     assert (result.concept.token_embedding is None) == (mode == "lora")
     assert bool(result.concept.lora_state) == (mode == "lora")
-    assert result.log[-1]["log_likelihood"] != result.log[0]["log_likelihood"]
+    assert result.log[-1].log_likelihood != result.log[0].log_likelihood
 
 
 def test_negative_cluster_steers_away(prior, setup):
@@ -120,7 +120,7 @@ def test_negative_cluster_steers_away(prior, setup):
     again = sample_embeddings(prior.with_concept(steered.concept), TEMPLATE.format(token=steered.concept.token), 64,
                               seed=7)
     assert cluster.cluster.log_prob(again.double()).mean() < cluster.cluster.log_prob(ends.double()).mean()
-    assert "ugly" in steered.log[0]
+    assert "ugly" in steered.log[0].terms
 
 
 def test_refusals(prior, setup, tiny_prior21_dir):
