@@ -31,7 +31,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import torch
 
-from .engine import budget
+from .engine import budget, model_shapes
 
 PATCHER_ATTR = "_creative_patcher"  # set on the model's main module; shared by every view of the model
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def preflight_sampling(prior, prompt: str, negative_prompt: str, *, count: int, 
     """Estimate a Prior Sampler run and refuse it if it cannot fit; returns the estimate."""
     device = mm.get_torch_device()
     tokens = budget.prompt_token_count(prior.tokenizer_for_concept(), prompt, negative_prompt)
-    estimate = budget.sampling_estimate(budget.PriorShape.of(prior), prompt_tokens=tokens,
+    estimate = budget.sampling_estimate(model_shapes.PriorShape.of(prior), prompt_tokens=tokens,
                                         batch=min(batch_size, count), steps=steps, guidance=guidance,
                                         on_gpu=device.type != "cpu")
     check(estimate, {budget.PRIOR: prior}, device)
@@ -228,7 +228,7 @@ def _mllm_tokens(judge, question: str, height: int, width: int, patch: int) -> t
         inputs = judge.inputs(Image.new("RGB", (width, height)), question)
         pixels = inputs.get("pixel_values")
         temporal = int(getattr(getattr(judge.model.config, "vision_config", None), "temporal_patch_size", 1) or 1)
-        return int(inputs["input_ids"].shape[-1]), budget.vision_patches(pixels, patch, temporal)
+        return int(inputs["input_ids"].shape[-1]), model_shapes.vision_patches(pixels, patch, temporal)
     except Exception as error:  # an unusual processor: fall back to a generous guess
         log.debug("Creative Generation: could not count MLLM tokens (%s); assuming 2,048", error)
         return 2048, 2048
@@ -243,18 +243,18 @@ def preflight_optimisation(prior, *, subject: str, template: str, prior_steps: i
     decoder_shape, render = None, (512, 512, 4.0)
     decoder = getattr(renderer, "decoder", None)
     if renderer is not None:
-        decoder_shape = budget.DecoderShape.of(decoder)
+        decoder_shape = model_shapes.DecoderShape.of(decoder)
         s = getattr(renderer, "settings", None)
         if s is not None:
             render = (int(s.height), int(s.width), float(s.guidance))
     judge = getattr(gate, "judge", None)
     mllm_shape, m_tokens, m_patches = None, 0, 0
     if judge is not None and isinstance(getattr(judge, "model", None), torch.nn.Module):
-        mllm_shape = budget.MLLMShape.of(judge.model)
+        mllm_shape = model_shapes.MLLMShape.of(judge.model)
         question = gate.question.format(subject=gate.subject or subject)
         m_tokens, m_patches = _mllm_tokens(judge, question, render[0], render[1], mllm_shape.vision_patch)
     estimate = budget.optimisation_estimate(
-        budget.PriorShape.of(prior), prompt_tokens=tokens, prior_steps=prior_steps, guidance=guidance, rank=rank,
+        model_shapes.PriorShape.of(prior), prompt_tokens=tokens, prior_steps=prior_steps, guidance=guidance, rank=rank,
         train=train, decoder=decoder_shape, render=render, mllm=mllm_shape, mllm_tokens=m_tokens,
         mllm_vision_tokens=m_patches, on_gpu=device.type != "cpu")
     check(estimate, {budget.PRIOR: prior, budget.DECODER: decoder, budget.MLLM: judge}, device)

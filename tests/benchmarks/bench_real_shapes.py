@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from creative_generation.nodes.engine import budget
+from creative_generation.nodes.engine import budget, model_shapes
 from creative_generation.nodes.engine.bank import PAPER_TEMPLATE
 from creative_generation.nodes.engine.gate import ValidityGate
 from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm
@@ -220,14 +220,14 @@ def optimiser(prior, norm, steps, gate=None, renderer=None, check_every=25) -> C
 def estimate_for(prior: Prior, judge, size: int) -> budget.Estimate:
     from PIL import Image
 
-    shape = budget.PriorShape.of(prior)
+    shape = model_shapes.PriorShape.of(prior)
     tokens = budget.prompt_token_count(prior.tokenizer, "a photo of a <creative-vehicle>") + 1
     m_shape = m_tokens = m_patches = None
     if judge is not None:
-        m_shape = budget.MLLMShape.of(judge.model)
+        m_shape = model_shapes.MLLMShape.of(judge.model)
         inputs = judge.inputs(Image.new("RGB", (size, size)), QUESTION)
         m_tokens = int(inputs["input_ids"].shape[-1])
-        m_patches = budget.vision_patches(inputs["pixel_values"], m_shape.vision_patch, 2)
+        m_patches = model_shapes.vision_patches(inputs["pixel_values"], m_shape.vision_patch, 2)
     return budget.optimisation_estimate(shape, prompt_tokens=tokens, prior_steps=5, guidance=4.0, rank=10,
                                         mllm=m_shape, mllm_tokens=m_tokens or 0, mllm_vision_tokens=m_patches or 0,
                                         on_gpu=False)
@@ -260,9 +260,9 @@ def run_dtype(name: str, prior: Prior, judge, device: torch.device, args, rows: 
         fmt = (lambda n: f"{n / unit:.2f}") if unit == budget.GIB else (lambda n: f"{n / unit:.0f}")
         put(key, f"{fmt(measured)} ({fmt(estimate)})")
 
-    shape = budget.PriorShape.of(prior)
+    shape = model_shapes.PriorShape.of(prior)
     put("weights in memory: prior + text encoder (+ MLLM) [GiB]", f"{shape.weight_bytes / budget.GIB:.2f}" + (
-        f" + {budget.module_bytes(judge.model)[1] / budget.GIB:.2f}" if judge is not None else ""))
+        f" + {model_shapes.module_bytes(judge.model)[1] / budget.GIB:.2f}" if judge is not None else ""))
 
     # --- sampling: one batch (CPU) or the whole bank (GPU)
     sample_embeddings(prior, PROMPT, 1, batch_size=1, steps=2)  # warm-up (allocations, kernels)
@@ -398,7 +398,7 @@ def main() -> None:
     line = f"prior transformer {n_tf / 1e9:.3f} B + text encoder {n_te / 1e6:.0f} M params"
     if judge is not None:
         n_v = sum(x.numel() for x in judge.model.model.visual.parameters())
-        n_all = budget.module_bytes(judge.model)[0]
+        n_all = model_shapes.module_bytes(judge.model)[0]
         line += f"; MLLM {n_all / 1e9:.3f} B params (vision {n_v / 1e6:.0f} M), Qwen2-VL-2B shape, depth-cut"
     print(f"{line}; built in {time.perf_counter() - t:.0f} s")
 

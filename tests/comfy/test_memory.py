@@ -96,7 +96,7 @@ def _loaded_names(mm) -> list[str]:
 
 
 def test_loaders_wrap_models_in_patchers_with_comfys_devices(loaded, mem, mm):
-    from creative_generation.nodes.engine import budget
+    from creative_generation.nodes.engine import model_shapes
 
     cpu = torch.device("cpu")
     for key, holder in (("prior", "CreativePrior"), ("decoder", "CreativeDecoder"), ("mllm", "CreativeMLLM")):
@@ -109,7 +109,7 @@ def test_loaders_wrap_models_in_patchers_with_comfys_devices(loaded, mem, mm):
     prior = loaded["prior"]
     # ComfyUI sizes it from the state dict; the budget also counts non-persistent buffers (position ids)
     assert patcher_size(mem, prior) == pytest.approx(
-        budget.module_bytes(prior.transformer, prior.text_encoder, prior.image_encoder)[1], rel=0.01)
+        model_shapes.module_bytes(prior.transformer, prior.text_encoder, prior.image_encoder)[1], rel=0.01)
     # every view of the prior (a concept applied, the renderer, the gate) finds the same patcher
     assert mem.patcher_of(prior.with_concept(None)) is mem.patcher_of(prior)
     assert mem.patcher_of(loaded["renderer"]) is mem.patcher_of(loaded["decoder"])
@@ -226,7 +226,7 @@ def test_gpu_accounting_counts_weights_to_move_and_what_comfy_can_free(loaded, m
     """No GPU here: pretend the prior's load device is one and check the arithmetic of the refusal."""
     from types import SimpleNamespace
 
-    from creative_generation.nodes.engine import budget
+    from creative_generation.nodes.engine import budget, model_shapes
 
     gpu = torch.device("cuda", 0)
     prior = loaded["prior"]
@@ -234,7 +234,7 @@ def test_gpu_accounting_counts_weights_to_move_and_what_comfy_can_free(loaded, m
     monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 4 * MIB)
 
     def estimate():
-        return budget.sampling_estimate(budget.PriorShape.of(prior), prompt_tokens=8, batch=500, steps=5,
+        return budget.sampling_estimate(model_shapes.PriorShape.of(prior), prompt_tokens=8, batch=500, steps=5,
                                         guidance=4.0)
 
     need = estimate().peak()  # weights count: they must move onto the GPU

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from creative_generation.nodes.engine import budget
+from creative_generation.nodes.engine import budget, model_shapes
 from creative_generation.nodes.engine.bank import sample_bank
 from creative_generation.nodes.engine.concept import LORA_TARGETS, add_lora
 from creative_generation.nodes.engine.losses import CreativeTerm
@@ -70,7 +70,7 @@ def test_dtype_bytes_and_formatting():
 
 def test_weights_are_the_parameter_bytes(sized_prior):
     prior = sized_prior
-    shape = budget.PriorShape.of(prior)
+    shape = model_shapes.PriorShape.of(prior)
     modules = (prior.transformer, prior.text_encoder, prior.image_encoder)
     params = sum(p.numel() for m in modules for p in m.parameters())
     buffers = sum(b.numel() * b.element_size() for m in modules for b in m.buffers())
@@ -85,7 +85,7 @@ def test_tied_weights_are_counted_once():
     emb = torch.nn.Embedding(100, 8)
     head = torch.nn.Linear(8, 100, bias=False)
     head.weight = emb.weight
-    assert budget.module_bytes(emb, head) == (800, 3200)
+    assert model_shapes.module_bytes(emb, head) == (800, 3200)
 
 
 def test_lora_parameter_count_is_exact(sized_prior):
@@ -102,7 +102,7 @@ def test_lora_parameter_count_is_exact(sized_prior):
 
 @pytest.mark.parametrize("batch", [1, 16, 128])
 def test_sampling_activations_match_the_measured_peak(sized_prior, batch):
-    shape = budget.PriorShape.of(sized_prior)
+    shape = model_shapes.PriorShape.of(sized_prior)
     tokens = budget.prompt_token_count(sized_prior.tokenizer, PROMPT, "")
     estimate = budget.prior_sampling_activation_bytes(
         width=shape.width, layers=shape.layers, heads=shape.heads, ff_width=shape.ff_width, prompt_tokens=tokens,
@@ -120,7 +120,7 @@ def sized_norm(sized_prior):
 @pytest.mark.parametrize("train, prior_steps", [("both", 2), ("both", 5), ("lora", 3), ("token", 3)])
 def test_optimiser_step_memory_matches_the_measured_peak(sized_prior, sized_norm, train, prior_steps):
     prior, norm = sized_prior, sized_norm
-    shape = budget.PriorShape.of(prior)
+    shape = model_shapes.PriorShape.of(prior)
     cfg = OptimConfig(steps=2, prior_steps=prior_steps, guidance=4.0, train=train, rank=10)
     tokens = budget.prompt_token_count(prior.tokenizer, "a photo of a <creative-car>")
     est = budget.optimisation_estimate(shape, prompt_tokens=tokens, prior_steps=prior_steps, guidance=4.0, rank=10,
@@ -136,8 +136,8 @@ def test_decoder_render_heuristic_is_within_a_factor_two(tmp_path):
     from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
 
     decoder = load_decoder(build_tiny_k22_decoder(tmp_path / "decoder", embed_dim=32))
-    shape = budget.DecoderShape.of(decoder)
-    assert shape.weight_bytes == budget.module_bytes(decoder.pipeline.unet, decoder.pipeline.movq)[1]
+    shape = model_shapes.DecoderShape.of(decoder)
+    assert shape.weight_bytes == model_shapes.module_bytes(decoder.pipeline.unet, decoder.pipeline.movq)[1]
     for size in (64, 128):
         with torch.no_grad(), LiveBytes() as live:
             decoder.render(torch.randn(1, 32), steps=2, height=size, width=size, guidance=4.0)
@@ -153,13 +153,13 @@ def test_mllm_forward_heuristic_is_within_a_factor_two(tmp_path):
     from PIL import Image
 
     judge = load_mllm(str(build_tiny_llava_next(tmp_path / "llava")))
-    shape = budget.MLLMShape.of(judge.model)
+    shape = model_shapes.MLLMShape.of(judge.model)
     assert shape.params == sum(p.numel() for p in judge.model.parameters())
     question = "Is this still a car? Yes or No."
     for size in (32, 64):
         inputs = judge.inputs(Image.new("RGB", (size, size)), question)
         tokens = inputs["input_ids"].shape[-1]
-        patches = budget.vision_patches(inputs["pixel_values"], shape.vision_patch)
+        patches = model_shapes.vision_patches(inputs["pixel_values"], shape.vision_patch)
         with torch.no_grad(), LiveBytes() as live:
             judge.p_yes(torch.rand(1, size, size, 3), question)
         est = budget.mllm_activation_bytes(tokens=tokens, hidden=shape.hidden, layers=shape.layers,
@@ -172,10 +172,10 @@ def test_mllm_forward_heuristic_is_within_a_factor_two(tmp_path):
 
 
 def test_phases_and_refusal_message():
-    shape = budget.PriorShape(params=1_000_000_000, weight_bytes=4 * 10**9, dtype=torch.float32, width=2048,
+    shape = model_shapes.PriorShape(params=1_000_000_000, weight_bytes=4 * 10**9, dtype=torch.float32, width=2048,
                               layers=20, heads=32, ff_width=8192, embed_dim=768, text_width=768, text_layers=12,
                               text_heads=12, text_ff_width=3072)
-    mllm = budget.MLLMShape(params=7_000_000_000, weight_bytes=14 * 10**9, dtype=torch.bfloat16, hidden=4096,
+    mllm = model_shapes.MLLMShape(params=7_000_000_000, weight_bytes=14 * 10**9, dtype=torch.bfloat16, hidden=4096,
                             layers=32, intermediate=14336, heads=32, kv_heads=8, vision_hidden=1024,
                             vision_intermediate=4096, vision_heads=16)
     est = budget.optimisation_estimate(shape, prompt_tokens=10, prior_steps=5, guidance=4.0, rank=10, mllm=mllm,
@@ -202,7 +202,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     import importlib.util
     spec = importlib.util.spec_from_file_location("creative_run", {run!r})
     run = importlib.util.module_from_spec(spec); spec.loader.exec_module(run); run.import_pack()
-    from creative_generation.nodes.engine import budget
+    from creative_generation.nodes.engine import budget, model_shapes
     from creative_generation.nodes.engine.prior import load_prior
     from creative_generation.nodes.engine.sampling import sample_embeddings
     from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
@@ -225,7 +225,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     t = threading.Thread(target=watch); t.start()
     sample_embeddings(prior, "a photo of a car", 1500, batch_size=1500, steps=2, guidance=4.0)
     done.set(); t.join()
-    shape = budget.PriorShape.of(prior)
+    shape = model_shapes.PriorShape.of(prior)
     est = budget.prior_sampling_activation_bytes(width=shape.width, layers=shape.layers, heads=shape.heads,
         ff_width=shape.ff_width, prompt_tokens=budget.prompt_token_count(prior.tokenizer, "a photo of a car"),
         batch=1500, embed_dim=shape.embed_dim)
