@@ -7,7 +7,12 @@
 - diversity: mean pairwise distance of the samples in the norm's whitened PCA space, relative
   to the typical bank's (1.0 = as varied as typical samples);
 - cluster distance (when a region was marked, e.g. a negative cluster): median Mahalanobis
-  distance of the samples to that cluster, in the cluster's own whitened space.
+  distance of the samples to that cluster, in the cluster's own whitened space;
+- rare: the share of renders a rarity judge (if the judge is one) calls a rare combination;
+- creativity: the share of renders that are valid AND novel: the judge calls them the subject
+  and their log-likelihood is below the bank's 5th percentile, or the judge calls them rare. One
+  number that needs both in the same image, so neither typical valid samples nor far-away broken
+  ones score (the typical bank scores about 5 %, its own 5th percentile).
 The sweep runs the optimiser once per (configuration, subject, seed) and measures snapshots at
 given steps, which is the paper's creativity-vs-steps (Wundt) curve.
 """
@@ -32,6 +37,11 @@ class SubjectJudge(Protocol):
         """``[B]`` bool: does each image ``[B,H,W,3]`` show the subject?"""
 
 
+class RarityJudge(SubjectJudge, Protocol):
+    def is_rare(self, images: torch.Tensor, subject: str) -> torch.Tensor:
+        """``[B]`` bool: does each image show a combination its world seldom shows (a purple car)?"""
+
+
 @dataclass(frozen=True)
 class Measurement:
     novelty_ll: float  # median log-likelihood of the samples under the norm
@@ -39,10 +49,13 @@ class Measurement:
     validity: float | None  # judge's "is the subject" rate, None without judge/renderer
     diversity: float  # mean pairwise whitened distance relative to the bank's
     cluster_distance: float | None = None  # median Mahalanobis distance to the marked cluster, if any
+    rare: float | None = None  # share of renders a rarity judge calls a rare combination
+    creativity: float | None = None  # share of renders both valid and novel (rarer than the bank's 5 %, or rare)
 
     def as_dict(self) -> dict[str, float | None]:
         return {"novelty_ll": self.novelty_ll, "novelty_percentile": self.novelty_percentile,
-                "validity": self.validity, "diversity": self.diversity, "cluster_distance": self.cluster_distance}
+                "validity": self.validity, "diversity": self.diversity, "cluster_distance": self.cluster_distance,
+                "rare": self.rare, "creativity": self.creativity}
 
 
 def _pairwise_spread(norm: GaussianNorm, embeds: torch.Tensor) -> float:
@@ -61,22 +74,30 @@ class Evaluator:
     samples: int = 32
     rendered: int = 16
     marked: GaussianNorm | None = None  # a region the samples should avoid (GaussianNorm.fit_cluster)
+    novel_quantile: float = 0.05  # creativity counts a render novel below this quantile of the bank's likelihoods
 
     def __post_init__(self) -> None:
         self._bank_ll = self.norm.log_prob(self.bank.embeds.double())
         self._bank_spread = _pairwise_spread(self.norm, self.bank.embeds[:512])
+        self._novel_ll = float(torch.quantile(self._bank_ll, self.novel_quantile))
 
     def measure_embeddings(self, embeds: torch.Tensor, subject: str) -> Measurement:
-        ll = float(self.norm.log_prob(embeds.double()).median())
+        lls = self.norm.log_prob(embeds.double())
+        ll = float(lls.median())
         pct = float((self._bank_ll < ll).double().mean() * 100)
-        validity = None
+        validity = rare = creativity = None
         if self.renderer is not None and self.judge is not None:
             with torch.no_grad():
                 images = self.renderer(embeds[:self.rendered])
-            validity = float(self.judge.is_subject(images, subject).float().mean())
+            valid = self.judge.is_subject(images, subject).bool().cpu()
+            novel = lls[:len(valid)].cpu() < self._novel_ll
+            if hasattr(self.judge, "is_rare"):
+                seen_rare = self.judge.is_rare(images, subject).bool().cpu()
+                rare, novel = float(seen_rare.float().mean()), novel | seen_rare
+            validity, creativity = float(valid.float().mean()), float((valid & novel).float().mean())
         diversity = _pairwise_spread(self.norm, embeds) / self._bank_spread if self._bank_spread else 0.0
         distance = None if self.marked is None else float(self.marked.mahalanobis(embeds.double()).median())
-        return Measurement(ll, pct, validity, diversity, distance)
+        return Measurement(ll, pct, validity, diversity, distance, rare, creativity)
 
     def measure_concept(self, prior: Prior, concept: Concept | None, prompt: str, subject: str,
                         seed: int = 0) -> Measurement:

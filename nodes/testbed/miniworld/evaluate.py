@@ -3,13 +3,16 @@
 For each subject: sample a typical bank from the mini prior and fit the norm, then run the
 optimiser and measure, at the given steps, novelty (log-likelihood under the norm, percentile
 within the bank), validity (the INDEPENDENT judge's rate of "is the subject"; the optimiser never
-sees it) and diversity. The typical bank itself is the reference row. Three studies, one table
-each (means over subjects and seeds):
+sees it), diversity, the share of renders the judge calls a rare combination of the world, and
+creativity (the share of renders both valid and novel; engine.evaluation). The typical bank itself
+is the reference row. Four studies, one table each (means over subjects and seeds):
 
 - wundt: no pullback, anchor, MLLM gate, both (the paper's creativity-vs-steps curve);
 - train: what is trained (token, LoRA, both), with both pullbacks (the paper's ablation);
 - negative: the full method without and with a negative cluster placed where the run without
-  it ended, with the samples' distance to that marked cluster.
+  it ended, with the samples' distance to that marked cluster;
+- baselines: typical samples, the rarest gated bank samples, a ConceptLab-style token, the
+  paper's method and its ablations (baselines.py), with seconds and the spread over runs.
 """
 
 from __future__ import annotations
@@ -32,14 +35,29 @@ from ...engine.optimizer import CreativeOptimizer, OptimConfig
 from ...engine.prior import load_prior
 from ...engine.render import DecoderRenderer, RenderSettings, load_decoder
 from ...engine.sampling import sample_embeddings
+from . import world
+from .baselines import baselines as baseline_rows
 from .judge import KindJudge, load_judge
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"
 RENDER = RenderSettings(steps=10, guidance=2.0, height=32, width=32, seed=0)  # what the decoder was trained for
-COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
-METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance")
-STUDIES = ("wundt", "train", "negative")
-DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100"}
+COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity", "n"]
+METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance", "rare", "creativity",
+           "seconds")
+STUDIES = ("wundt", "train", "negative", "baselines")
+WUNDT_CONFIGS = ("none", "anchor", "gate", "both")
+DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100",
+                 "baselines": "0,25,50,100,200"}
+SPREAD = ("novelty_percentile", "validity", "diversity", "rare", "creativity", "seconds")  # baselines: mean ± sd
+
+
+@dataclass(frozen=True)
+class WorldJudge(KindJudge):
+    """The independent judge as validity judge and as rarity judge: does a render show a combination
+    rare in the world (colour or background <= 2 % likely for the kind the judge sees)?"""
+
+    def is_rare(self, images: torch.Tensor, subject: str) -> torch.Tensor:
+        return torch.tensor([world.is_rare(p) for p in self.judge.predict(images)])
 
 
 @dataclass
@@ -50,16 +68,19 @@ class Subject:
     prompt: str
     evaluator: Evaluator
     anchor: AnchorTerm
+    bank_seconds: float  # sampling the bank and fitting the norm, which every method but "typical" needs
 
 
 def prepare(prior, renderer, judge, name: str, args) -> tuple[Subject, dict]:
     prompt = PAPER_TEMPLATE.format(subject=name)
+    t0 = time.perf_counter()
     bank = sample_bank(prior, prompt, args.bank, batch_size=500, seed=0)
-    evaluator = Evaluator(GaussianNorm.fit(bank, args.dims), bank, renderer, judge, samples=args.samples,
-                          rendered=args.samples)
+    norm = GaussianNorm.fit(bank, args.dims)
+    seconds = time.perf_counter() - t0
+    evaluator = Evaluator(norm, bank, renderer, judge, samples=args.samples, rendered=args.samples)
     typical = evaluator.measure_embeddings(bank.embeds[-args.samples:], name)
-    row = {"config": "typical bank", "subject": name, "seed": 0, "step": 0, **typical.as_dict()}
-    return Subject(name, prompt, evaluator, AnchorTerm.from_prior(prior, prompt)), row
+    row = {"config": "typical bank", "subject": name, "seed": 0, "step": 0, **typical.as_dict(), "seconds": seconds}
+    return Subject(name, prompt, evaluator, AnchorTerm.from_prior(prior, prompt), seconds), row
 
 
 def config(args, **changes) -> OptimConfig:
@@ -73,6 +94,7 @@ def wundt(prior, gate, subj: Subject, args) -> list[dict]:
     base = [CreativeTerm(subj.evaluator.norm)]
     configs = {"none": (base, None), "anchor": (base + [subj.anchor], None), "gate": (base, gate),
                "both": (base + [subj.anchor], gate)}
+    configs = {name: configs[name] for name in args.configs}
     return wundt_sweep(prior, subj.evaluator, subj.name, configs, args.steps["wundt"], config(args), args.seeds)
 
 
@@ -104,7 +126,38 @@ def negative(prior, gate, subj: Subject, args) -> list[dict]:
     return rows
 
 
+def baselines(prior, gate, subj: Subject, args) -> list[dict]:
+    return baseline_rows(prior, gate, subj, config(args), args.steps["baselines"], args.seeds, args.samples,
+                         args.methods)
+
+
+def mean_sd_by(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
+    """Like ``mean_by``, with each value shown as "mean ± sample standard deviation" over the group."""
+    out = []
+    for row in mean_by(rows, keys, values):
+        members = [r for r in rows if all(r[k] == row[k] for k in keys)]
+        for v in values:
+            present = [float(m[v]) for m in members if m.get(v) is not None]
+            if len(present) > 1:
+                sd = float(torch.tensor(present, dtype=torch.float64).std())
+                row[v] = f"{row[v]:.3g} ± {sd:.2g}"
+        out.append(row)
+    return out
+
+
+def peaks(rows: list[dict], value: str = "creativity") -> dict[str, tuple[int, float]]:
+    """Per configuration, the measured step where the mean ``value`` is highest (the earliest on ties)."""
+    best: dict[str, tuple[int, float]] = {}
+    for r in sorted(mean_by(rows, ("config", "step"), (value,)), key=lambda r: (r["config"], r["step"] or 0)):
+        if r[value] is not None and (r["config"] not in best or r[value] > best[r["config"]][1]):
+            best[r["config"]] = (r["step"], r[value])
+    return best
+
+
 def table(rows: list[dict], study: str) -> str:
+    if study == "baselines":
+        columns = ["config", "step", *SPREAD, "n"]
+        return format_table(mean_sd_by(rows, ("config", "step"), SPREAD), columns)
     columns = COLUMNS[:-1] + (["cluster_distance"] if study == "negative" else []) + ["n"]
     return format_table(mean_by(rows, ("config", "step"), METRICS), columns)
 
@@ -118,6 +171,8 @@ def main() -> None:
         p.add_argument(f"--{study}-steps", default=DEFAULT_STEPS[study], help=f"measurement steps of {study}")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--train", default="both", choices=["both", "token", "lora"], help="wundt / negative studies")
+    p.add_argument("--configs", default=",".join(WUNDT_CONFIGS), help=f"wundt: any of {', '.join(WUNDT_CONFIGS)}")
+    p.add_argument("--methods", default="", help="baselines: labels to run (default: all but the broken ones)")
     p.add_argument("--alpha", type=float, default=1.0, help="negative cluster weight")
     p.add_argument("--bank", type=int, default=1000)
     p.add_argument("--dims", type=int, default=32)
@@ -128,21 +183,28 @@ def main() -> None:
     if unknown := set(studies) - set(STUDIES):
         p.error(f"unknown studies {sorted(unknown)}")
     args.seeds = [int(x) for x in args.seeds.split(",")]
+    args.configs = [x.strip() for x in args.configs.split(",")]
+    if unknown := set(args.configs) - set(WUNDT_CONFIGS):
+        p.error(f"unknown configs {sorted(unknown)}")
+    args.methods = [x.strip() for x in args.methods.split(",") if x.strip()] or None
     args.steps = {st: sorted({int(x) for x in getattr(args, f"{st}_steps").split(",")}) for st in STUDIES}
     torch.set_num_threads(1)  # many tiny ops: a second thread only spin-waits on a shared 2-core machine
     t0 = time.perf_counter()
     prior = load_prior(str(MODELS / "prior"))
     renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RENDER, prior.zero_image_embed())
     gate = ValidityGate(load_mllm(str(MODELS / "mllm"), sanity_check=True), every=25)
-    judge = KindJudge(load_judge(MODELS / "judge"))
+    judge = WorldJudge(load_judge(MODELS / "judge"))
     results: dict[str, list[dict]] = {st: [] for st in studies}
     for name in args.subjects.split(","):
         subj, typical = prepare(prior, renderer, judge, name.strip(), args)
         for st in studies:
-            results[st] += [typical] + {"wundt": wundt, "train": train, "negative": negative}[st](prior, gate, subj,
-                                                                                                   args)
+            study = {"wundt": wundt, "train": train, "negative": negative, "baselines": baselines}[st]
+            results[st] += [typical] + study(prior, gate, subj, args)
     for st in studies:
         print(f"\n== {st} ==\n{table(results[st], st)}")
+        if st == "wundt":
+            print("creativity peaks (step, mean): " + "; ".join(f"{c} {s} ({v:.3f})"
+                                                                for c, (s, v) in peaks(results[st]).items()))
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "
           f"{args.samples} samples per measurement; {time.perf_counter() - t0:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

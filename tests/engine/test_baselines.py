@@ -1,0 +1,80 @@
+"""The evaluation script's baselines study and the creativity score, tiny: one subject, a few steps.
+
+The measured study (docs/evaluation.md) runs 3 subjects x 3 seeds to 200 steps; here the table's
+shape is checked, and that a deliberately broken method (the paper's, with a zero learning rate)
+scores lower creativity than the real one, so the score can tell a method that does nothing.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+MODELS = Path(__file__).resolve().parents[2] / "models" / "miniworld"
+PAPER, BROKEN, CONCEPTLAB = "paper (token+LoRA, anchor, gate)", "broken: lr 0", "ConceptLab-style (token)"
+
+
+@pytest.fixture(scope="module")
+def study():
+    from creative_generation.nodes.engine.gate import ValidityGate
+    from creative_generation.nodes.engine.mllm import load_mllm
+    from creative_generation.nodes.engine.prior import load_prior
+    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+    from creative_generation.nodes.testbed.miniworld import evaluate as E
+    from creative_generation.nodes.testbed.miniworld.judge import load_judge
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, on a shared CPU much faster
+    try:
+        prior = load_prior(str(MODELS / "prior"))
+        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
+                                   prior.zero_image_embed())
+        gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=25)
+        args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"baselines": [0, 4]},
+                         methods=["typical", "rare select", PAPER, BROKEN, CONCEPTLAB])
+        subject, typical = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
+        yield E, [typical] + E.baselines(prior, gate, subject, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_table_has_every_method_and_step(study):
+    E, rows = study
+    assert sorted({(r["config"], r["step"]) for r in rows}, key=str) == sorted(
+        [("typical bank", 0), ("typical", None), ("rare select", None)]
+        + [(m, s) for m in (PAPER, BROKEN, CONCEPTLAB) for s in (0, 4)], key=str)
+    for r in rows:
+        assert 0 <= r["creativity"] <= r["validity"] and 0 <= r["rare"] <= 1 and r["seconds"] >= 0, r
+    header, *lines = E.table(rows, "baselines").splitlines()
+    assert header.split() == ["config", "step", *E.SPREAD, "n"] and len(lines) == 9
+    rare = next(r for r in rows if r["config"] == "rare select")
+    assert rare["selected"] == 8 and rare["novelty_percentile"] < 10, rare
+
+
+def test_broken_method_loses_to_the_real_one(study):
+    _, rows = study
+    at = {(r["config"], r["step"]): r for r in rows}
+    assert at[(BROKEN, 4)]["novelty_ll"] == at[(BROKEN, 0)]["novelty_ll"]  # lr 0: nothing moves
+    assert at[(PAPER, 4)]["creativity"] > at[(BROKEN, 4)]["creativity"], (at[(PAPER, 4)], at[(BROKEN, 4)])
+
+
+def test_conceptlab_names_kinds_of_the_category_as_negatives(study):
+    from creative_generation.nodes.testbed.miniworld import world
+
+    _, rows = study
+    named = next(r["negatives"] for r in rows if r["config"] == CONCEPTLAB).split(", ")
+    assert named and all(world.CATEGORY[k] == "vehicle" for k in named), named
+
+
+def test_conceptlab_loss_clamps_as_conceptlab_does():
+    from creative_generation.nodes.testbed.miniworld.baselines import ConceptLabLoss
+
+    pos, neg = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    loss = ConceptLabLoss(pos, [neg])
+    on_pos, on_neg = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert float(loss(on_pos)) == pytest.approx((1 - 0.28) + 0.2)  # pull saturated at 0.28, push floored at 0.2
+    assert float(loss(on_neg)) == pytest.approx(1.0 + 1.0)
+    assert float(ConceptLabLoss(pos)(on_neg)) == pytest.approx(1.0)  # no negatives named yet
