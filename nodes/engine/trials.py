@@ -1,0 +1,145 @@
+"""Automatic trials: a rejection by the validity gate becomes a direction for the next trial.
+
+In the paper a "no" from the gate ends the trial and a user starts over by hand, free to walk
+into the same invalid region again. Here each rejected trial's *rejected state* (the token and
+LoRA at the step the gate said no) is sampled from the prior, those embeddings are fitted as a
+negative cluster in the norm's PCA space (the same fit as the Negative Cluster node,
+:func:`losses.negative_cluster`), and a fresh trial starts: next seed, same settings, plus every
+cluster so far. It stops after ``trials`` trials or when the time budget is spent. Every trial
+returns the state its gate last accepted (as a single run does), with a log of why it stopped,
+where it ended and which cluster it added.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .concept import Concept
+from .gate import ValidityGate, Verdict
+from .losses import LossTerm, NegativeClusterTerm, negative_cluster
+from .norm import GaussianNorm
+from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
+from .plots import annotate, plot_embedding_map
+from .prior import Prior
+from .sampling import sample_embeddings
+from .steplog import StepRecord
+
+SEED_STRIDE = 1  # trial i runs with seed cfg.seed + i * SEED_STRIDE
+
+
+@dataclass
+class Trial:
+    """One trial: how it ended, what it kept, where its last state lies, the cluster it added."""
+
+    index: int
+    seed: int
+    result: OptimResult
+    end_embeds: torch.Tensor  # samples of the state the trial ended in (the rejected one, or the kept one)
+    end_log_likelihood: float  # their median log-likelihood under the norm
+    clusters_before: list[str]
+    cluster_added: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> bool:
+        return self.result.stop_reason == "gate_rejected"
+
+    def summary(self) -> dict:
+        r = self.result
+        return {"trial": self.index, "seed": self.seed, "stop_reason": r.stop_reason, "steps_run": r.steps_run,
+                "accepted_step": r.accepted_step, "end_log_likelihood": self.end_log_likelihood,
+                "clusters_in_effect": list(self.clusters_before), "cluster_added": self.cluster_added,
+                "seconds": self.seconds}
+
+
+@dataclass
+class TrialsResult:
+    trials: list[Trial]
+    clusters: list[tuple[str, GaussianNorm]]
+    stop_reason: str  # "trials" (all ran), "time_budget" or "cancelled"
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def concepts(self) -> list[Concept]:
+        """Each trial's kept concept: the state its gate last accepted."""
+        return [t.result.concept for t in self.trials]
+
+
+class _TrialOptimizer(CreativeOptimizer):
+    """The optimiser, also remembering the state the gate rejected (the run itself keeps the last accepted one)."""
+
+    rejected: Concept | None = None
+
+    def _render_check(self, view: Prior, step: int) -> Verdict:
+        verdict = super()._render_check(view, step)
+        if not verdict.passed:
+            vector = view.concept.token_embedding if view.concept is not None else None
+            self.rejected = self._concept(self._snapshot(vector), step, step, "gate_rejected")
+        return verdict
+
+
+def _end_state(prior: Prior, concept: Concept, subject: str, cfg: OptimConfig, count: int) -> torch.Tensor:
+    prompt = cfg.template.format(token=concept.token or subject)
+    return sample_embeddings(prior.with_concept(concept), prompt, count, batch_size=count, steps=cfg.prior_steps,
+                             guidance=cfg.guidance, seed=cfg.seed, negative_prompt=cfg.negative_prompt)
+
+
+def run_trials(prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[LossTerm], cfg: OptimConfig,
+               gate: ValidityGate, renderer: Callable[[torch.Tensor], torch.Tensor], *, trials: int = 3,
+               time_budget: float = 0.0, alpha: float = 1.0, cluster_samples: int = 16,
+               callback: Callable[[int, StepRecord], None] | None = None) -> TrialsResult:
+    """Up to ``trials`` optimisation runs; each rejection adds a negative cluster to the next runs.
+
+    ``time_budget`` seconds (0 = none) is checked before each new trial. ``callback(trial, record)``
+    runs after every step and may raise to cancel (a :class:`StopOptimisation` ends the trials
+    after the current one; other exceptions propagate).
+    """
+    if gate is None or renderer is None:
+        raise ValueError("Automatic trials need the validity gate and a renderer: a trial ends when the gate says no.")
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}.")
+    if cluster_samples < 2:
+        raise ValueError(f"cluster_samples must be at least 2 to fit a cluster, got {cluster_samples}.")
+    if time_budget < 0 or alpha < 0:
+        raise ValueError("time_budget and alpha must be >= 0.")
+    t_start, done, clusters, stop = time.monotonic(), [], [], "trials"
+    for i in range(trials):
+        if time_budget and done and time.monotonic() - t_start > time_budget:
+            stop = "time_budget"
+            break
+        t0 = time.monotonic()
+        run_cfg = replace(cfg, seed=cfg.seed + i * SEED_STRIDE)
+        extra = [NegativeClusterTerm(g, float(alpha), label) for label, g in clusters]
+        optimizer = _TrialOptimizer(prior, norm, subject, [*terms, *extra], run_cfg, gate, renderer)
+        hook = None if callback is None else (lambda record, i=i: callback(i, record))
+        result = optimizer.run(hook)
+        end = optimizer.rejected if result.stop_reason == "gate_rejected" else result.concept
+        with torch.no_grad():
+            end_embeds = _end_state(prior, end, subject, run_cfg, cluster_samples)
+            end_ll = float(norm.log_prob(end_embeds.double()).median())
+        trial = Trial(i, run_cfg.seed, result, end_embeds, end_ll, [label for label, _ in clusters])
+        if trial.rejected:
+            label = f"rejected {i + 1}"
+            clusters.append((label, negative_cluster(norm, end_embeds, alpha, label).cluster))
+            trial.cluster_added = label
+        trial.seconds = time.monotonic() - t0
+        done.append(trial)
+        if result.stop_reason == "cancelled":
+            stop = "cancelled"
+            break
+    return TrialsResult(done, clusters, stop, [t.summary() for t in done])
+
+
+def plot_trials(norm: GaussianNorm, result: TrialsResult, size: int = 384) -> torch.Tensor:
+    """One embedding map per trial, side by side: its path and the clusters it avoided (and the one it added)."""
+    panels = []
+    for t in result.trials:
+        shown = [(label, g) for label, g in result.clusters if label in t.clusters_before or label == t.cluster_added]
+        panel = plot_embedding_map(norm, None, t.result.path, shown, size=size)
+        caption = f"trial {t.index + 1}: {t.result.stop_reason} at step {t.result.steps_run}"
+        panels.append(annotate(panel, [caption])[0])
+    return torch.cat(panels, dim=1)[None]
