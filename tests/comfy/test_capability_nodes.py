@@ -77,3 +77,29 @@ def test_rare_select_validates_and_refuses(world, run, pack_nodes):
         run("CreativeRareSelect", norm=world["norm"], embeds=world["bank"], gate=world["gate"])
     with pytest.raises(ValueError, match="at least k"):
         run("CreativeRareSelect", norm=world["norm"], embeds=world["bank"], k=0)
+
+
+# --------------------------------------------------------------------------- Mix Concepts
+
+
+def _train(run, world, subject, seed, steps=3):
+    return run("CreativeLoRAOptimizer", prior=world["prior"], norm=world["norm"], subject=subject, steps=steps,
+               learning_rate=1e-2, lora_rank=2, train="token + LoRA", seed=seed, prompt_template="a photo of a {token}",
+               creative_weight=1.0, guidance=4.0, prior_steps=5)[1]
+
+
+def test_mix_concepts_node(world, run, pack_nodes, tmp_path):
+    from creative_generation.nodes.engine.concept import Concept
+
+    car, boat = _train(run, world, "car", 0), _train(run, world, "boat", 1)
+    prior, mixed, token = run("CreativeMixConcepts", prior=world["prior"], concept_a=car, concept_b=boat,
+                              weight_a=3.0, weight_b=1.0)
+    assert token == "<creative-mix-car-boat>" and prior.concept is mixed
+    assert [p["weight"] for p in mixed.meta["mixed_from"]] == [0.75, 0.25]
+    mixed.save(tmp_path / "mix.safetensors")
+    assert Concept.load(tmp_path / "mix.safetensors").lora_rank == 4
+    node = pack_nodes["CreativeMixConcepts"]
+    assert node.validate_inputs() is True and node.validate_inputs(weight_a=None, weight_b=None) is True
+    assert "positive weight" in node.validate_inputs(weight_a=0.0, weight_b=0.0)
+    with pytest.raises(ValueError, match="angle brackets"):
+        run("CreativeMixConcepts", prior=world["prior"], concept_a=car, concept_b=boat, token="two words")
