@@ -15,14 +15,16 @@ width; :func:`check_width` and :func:`model_embed_width` refuse mismatches early
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from comfy_api.latest import io
 
+from . import memory
 from . import sockets as s
+from .engine import budget
+from .engine.render import ProgressCallback
 
 # embedding width -> (image encoder and the priors that produce it, the core model that takes it)
 WIDTHS: dict[int, tuple[str, str]] = {
@@ -37,7 +39,6 @@ TARGETS: dict[str, int | None] = {
     "SD 2.1 unCLIP-H (1024)": 1024,
     "SDXL revision (1280)": 1280,
 }
-Progress = Callable[[int, int], None]
 
 
 def compatible_pairs() -> str:
@@ -146,7 +147,27 @@ class CoreRenderer:
     def embed_width(self) -> int:
         return model_embed_width(self.model)
 
-    def __call__(self, embeds: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+    def memory_estimate(self, count: int = 1) -> budget.Estimate:
+        """Memory of drawing ``count`` embeddings, from ComfyUI's own estimates: the sampler's minimum for one
+        latent (``memory_required``, as ComfyUI's sampler computes it), the VAE decode of one 512 px tile (the
+        floor core's decode falls back to) and the decoded images. The model's weights ComfyUI manages itself."""
+        st = self.settings
+        base = self.model.model
+        channels = int(getattr(getattr(base, "latent_format", None), "latent_channels", 4))
+        latent = [1, channels, max(1, st.height // 8), max(1, st.width // 8)]
+        tile = [1, channels, min(latent[2], 64), min(latent[3], 64)]
+        image = 3 * st.height * st.width * 4  # float32 RGB
+        parts = [budget.Part("sampling", int(base.memory_required(latent)),
+                             f"{st.width}x{st.height}, one image at a time (ComfyUI's estimate)"),
+                 budget.Part("VAE decode", int(self.vae.memory_used_decode(tile, self.vae.vae_dtype)),
+                             "one 512 px tile at least (ComfyUI's estimate)"),
+                 budget.Part("images", image * count, f"{count} x {st.width}x{st.height} float32")]
+        phases = [budget.Phase("sampling", ("sampling", "images")), budget.Phase("decode", ("VAE decode", "images"))]
+        hints = [f"render smaller (Core Model Renderer width/height; now {st.width}x{st.height}; native sizes are "
+                 "768 for SD 2.1 unCLIP and 1024 for SDXL)"]
+        return budget.Estimate("render", parts, phases, hints)
+
+    def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         embeds = self._check(embeds)
         st = self.settings
         total = st.steps * embeds.shape[0]
@@ -169,7 +190,8 @@ class CoreRenderer:
                              f"({WIDTHS.get(width, ('?',))[0]}). Compatible: {compatible_pairs()}.")
         return embeds.detach().to(device="cpu", dtype=torch.float32).clone()
 
-    def _render_one(self, embed: torch.Tensor, index: int, total: int, progress: Progress | None) -> torch.Tensor:
+    def _render_one(self, embed: torch.Tensor, index: int, total: int,
+                    progress: ProgressCallback | None) -> torch.Tensor:
         import comfy.model_management
         import comfy.sample
         import nodes
@@ -234,7 +256,9 @@ class CoreRendererNode(io.ComfyNode):
         settings = CoreRenderSettings(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                       width=width, height=height, seed=seed, strength=strength,
                                       noise_augmentation=noise_augmentation)
-        return io.NodeOutput(CoreRenderer(model, vae, positive, negative, settings))
+        renderer = CoreRenderer(model, vae, positive, negative, settings)
+        memory.check_renderer(renderer)  # refuse a size that cannot be drawn here, not at the first render
+        return io.NodeOutput(renderer)
 
 
 NODES = [CoreRendererNode]

@@ -93,11 +93,8 @@ class WundtSweep(io.ComfyNode):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
         if (gate is not None or judge is not None) and renderer is None:
             raise ValueError("the gate and the judge look at rendered images: connect a renderer.")
-        estimate = memory.preflight_optimisation(prior, subject=subject, template=prompt_template,
-                                                 prior_steps=OptimConfig.prior_steps, guidance=OptimConfig.guidance,
-                                                 rank=OptimConfig.rank, train=TRAIN_CHOICES[train], gate=gate,
-                                                 renderer=renderer)
-        gate, renderer = memory.gated_models(prior, gate, renderer, estimate)  # loads the prior for training
+        cfg = OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train], template=prompt_template)
+        gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         base = [CreativeTerm(norm), *(loss_terms or ())]
         anchor = AnchorTerm.from_prior(prior, anchor_text)
         table = {"none": (base, None), "anchor": (base + [anchor], None), "gate": (base, gate),
@@ -107,7 +104,7 @@ class WundtSweep(io.ComfyNode):
                               marked=marked)
         progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(seed_list))
         rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
-                           OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train], template=prompt_template), seed_list,
+                           cfg, seed_list,
                            progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
         summary = mean_by(rows, ("config", "step"), METRICS)
         text = format_table(summary, COLUMNS[:-1] + ["cluster_distance"] * (marked is not None) + ["n"])

@@ -15,8 +15,12 @@ all cover them, exactly as they cover a checkpoint.
 * During an optimisation run the MLLM is loaded for each gate check and offloaded right after;
   the decoder stays loaded until ComfyUI needs its room; the prior is reloaded with its training
   memory reserved after every check (:func:`gated_models`).
-* :func:`preflight_sampling` / :func:`preflight_optimisation` estimate a run's peak memory
-  (``engine/budget.py``) and refuse, with numbers and what to change, a run that cannot fit.
+* One entry point per kind of run, taking the engine objects (and the optimiser's config):
+  :func:`prepare_sampling`, :func:`prepare_optimisation`, :func:`prepare_rendering`. Each
+  estimates the run's peak memory (``engine/budget.py``; a core-model renderer from ComfyUI's own
+  estimates), refuses with numbers and what to change a run that cannot fit, and loads the models.
+* Engine models say which torch modules move together (``managed_modules()``); :func:`register`
+  puts them under one ModelPatcher.
 
 The engine stays ComfyUI-free: only this module (and the nodes) import ``comfy``.
 """
@@ -26,23 +30,38 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import torch
 
 from .engine import budget, model_shapes
+from .engine.gate import Judge, ValidityGate
+from .engine.mllm import MLLMJudge
+from .engine.optimizer import OptimConfig
+from .engine.prior import Prior
+from .engine.render import ProgressCallback, Renderer
 
 PATCHER_ATTR = "_creative_patcher"  # set on the model's main module; shared by every view of the model
 log = logging.getLogger(__name__)
 
 
+class Managed(Protocol):
+    """An engine model ComfyUI can manage: it names the torch modules that move together."""
+
+    def managed_modules(self) -> dict[str, torch.nn.Module]: ...
+
+
+M = TypeVar("M", bound=Managed)
+
+
 class _Modules(torch.nn.Module):
     """One model's torch modules under one ModelPatcher, so ComfyUI moves them together."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module | None], device: torch.device):
+    def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device) -> None:
         super().__init__()
-        self.parts = torch.nn.ModuleDict({k: m for k, m in modules.items() if m is not None})
+        self.parts = torch.nn.ModuleDict(modules)
         self.device = device  # ModelPatcher reads and updates this
 
     def get_dtype(self) -> torch.dtype:  # ModelPatcher.model_dtype()
@@ -71,10 +90,11 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
     the whole model).
     """
 
-    def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
+    def partially_load(self, device_to: torch.device, extra_memory: float = 0, *args: object, **kwargs: object) -> int:
         return super().partially_load(device_to, 1e32, *args, **kwargs)
 
-    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+    def partially_unload(self, device_to: torch.device, memory_to_free: float = 0, *args: object,
+                         **kwargs: object) -> int:
         return 0
 
 
@@ -84,60 +104,36 @@ def devices(kind: str) -> tuple[torch.device, torch.device]:
     return mm.get_torch_device(), offload
 
 
-def _register(holder_cls: type, key: torch.nn.Module, modules: dict, kind: str) -> WholeModelPatcher:
+HOLDERS: dict[str, type[_Modules]] = {budget.PRIOR: CreativePrior, budget.DECODER: CreativeDecoder,
+                                      budget.MLLM: CreativeMLLM}
+
+
+def register(model: M, kind: str) -> M:
+    """Put an engine model (``Prior``, ``KandinskyDecoder``, ``MLLMJudge``: anything with
+    ``managed_modules()``) under model management as one ComfyUI model of ``kind``; returns it."""
+    modules = model.managed_modules()
     load, offload = devices(kind)
-    first = next(m for m in modules.values() if m is not None)
-    holder = holder_cls(modules, next(first.parameters()).device)
-    patcher = WholeModelPatcher(holder, load_device=load, offload_device=offload)
-    key.__dict__[PATCHER_ATTR] = patcher  # a plain attribute, outside nn.Module's bookkeeping
-    return patcher
+    key = next(iter(modules.values()))
+    holder = HOLDERS[kind](modules, next(key.parameters()).device)
+    key.__dict__[PATCHER_ATTR] = WholeModelPatcher(holder, load_device=load, offload_device=offload)
+    return model
 
 
-def register_prior(prior):
-    """Put a :class:`..engine.prior.Prior` (transformer + text/image encoders) under model management."""
-    _register(CreativePrior, prior.transformer, {"transformer": prior.transformer, "text_encoder": prior.text_encoder,
-                                                 "image_encoder": prior.image_encoder}, budget.PRIOR)
-    return prior
+def patcher_of(obj: object) -> WholeModelPatcher | None:
+    """The patcher of a prior, decoder, renderer, MLLM judge or gate; ``None`` if it is not managed.
 
-
-def register_decoder(decoder):
-    """Put a :class:`..engine.render.KandinskyDecoder`'s pipeline modules (UNet, MoVQ, 2.1's text encoder)
-    under model management."""
-    pipe = decoder.pipeline
-    _register(CreativeDecoder, pipe.unet, {"unet": pipe.unet, "movq": pipe.movq,
-                                           "text_encoder": getattr(pipe, "text_encoder", None)}, budget.DECODER)
-    return decoder
-
-
-def register_mllm(judge):
-    """Put an :class:`..engine.mllm.MLLMJudge`'s model under model management."""
-    _register(CreativeMLLM, judge.model, {"model": judge.model}, budget.MLLM)
-    return judge
-
-
-# Attribute paths from what the nodes pass around to the module holding the patcher.
-_PATHS = (("transformer",), ("pipeline", "unet"), ("decoder", "pipeline", "unet"), ("model",), ("judge", "model"),
-          ("inner", "transformer"), ("inner", "decoder", "pipeline", "unet"), ("inner", "model"))
-
-
-def patcher_of(obj) -> WholeModelPatcher | None:
-    """The patcher of a prior, decoder, renderer, MLLM judge or gate; ``None`` if it is not managed."""
+    Views of one model (a prior with a concept, a renderer of a decoder, a gate of a judge) expose
+    the same modules, so they share the patcher kept on the first of them."""
     if obj is None:
         return None
     if isinstance(obj, comfy.model_patcher.ModelPatcher):
         return obj
-    for path in _PATHS:
-        target = obj
-        for name in path:
-            target = getattr(target, name, None)
-            if target is None:
-                break
-        if isinstance(target, torch.nn.Module) and PATCHER_ATTR in target.__dict__:
-            return target.__dict__[PATCHER_ATTR]
-    return None
+    modules = getattr(obj, "managed_modules", None)
+    key = next(iter(modules().values()), None) if callable(modules) else None
+    return key.__dict__.get(PATCHER_ATTR) if isinstance(key, torch.nn.Module) else None
 
 
-def _patchers(objs) -> list[WholeModelPatcher]:
+def _patchers(objs: tuple[object, ...]) -> list[WholeModelPatcher]:
     out: list[WholeModelPatcher] = []
     for obj in objs:
         p = patcher_of(obj)
@@ -146,7 +142,7 @@ def _patchers(objs) -> list[WholeModelPatcher]:
     return out
 
 
-def use(*objs, memory_required: int = 0) -> list[WholeModelPatcher]:
+def use(*objs: object, memory_required: int = 0) -> list[WholeModelPatcher]:
     """Load these models onto ComfyUI's compute device (registering them), keeping ``memory_required``
     bytes free for the work that follows; ComfyUI unloads other models if it must."""
     patchers = _patchers(objs)
@@ -155,7 +151,7 @@ def use(*objs, memory_required: int = 0) -> list[WholeModelPatcher]:
     return patchers
 
 
-def offload(*objs) -> None:
+def offload(*objs: object) -> None:
     """Move these models back to their offload device and out of ComfyUI's loaded list."""
     patchers = _patchers(objs)
     if not patchers:
@@ -168,7 +164,7 @@ def offload(*objs) -> None:
     mm.soft_empty_cache()
 
 
-def is_loaded(obj) -> bool:
+def is_loaded(obj: object) -> bool:
     """Whether ComfyUI lists this model among its loaded models."""
     p = patcher_of(obj)
     return p is not None and any(loaded.model is p for loaded in mm.current_loaded_models)
@@ -177,15 +173,17 @@ def is_loaded(obj) -> bool:
 # --------------------------------------------------------------------------- pre-flight
 
 
-def _resident(obj) -> bool:
+def _resident(obj: object) -> bool:
     """Weights that occupy the compute device's memory whatever ComfyUI does: load device = offload
     device (a CPU-only machine, --gpu-only), or a model we do not manage."""
     p = patcher_of(obj)
     return p is None or p.load_device == p.offload_device
 
 
-def check(estimate: budget.Estimate, models: dict[str, object], device: torch.device | None = None) -> None:
-    """Refuse (``InsufficientMemoryError``) when the estimate cannot fit ComfyUI's free memory.
+def check(estimate: budget.Estimate, models: dict[str, object],
+          device: torch.device | None = None) -> budget.Estimate:
+    """Refuse (``InsufficientMemoryError``) when the estimate cannot fit ComfyUI's free memory; returns
+    the estimate that was checked (on a GPU with ComfyUI's reserve added; the one given is not changed).
 
     On a GPU, memory ComfyUI can free by unloading models (any, ours included) counts as
     available, and ComfyUI's reserve (``--reserve-vram``) as needed. Weights that stay in the
@@ -197,30 +195,33 @@ def check(estimate: budget.Estimate, models: dict[str, object], device: torch.de
     if device.type != "cpu":
         reclaimable = int(sum(loaded.model_loaded_memory() for loaded in mm.current_loaded_models
                               if loaded.device == device and loaded.model is not None))
-        reserve = int(mm.extra_reserved_memory())
-        estimate.parts.append(budget.Part("ComfyUI reserve", reserve, "--reserve-vram"))
-        estimate.phases = [dataclasses.replace(ph, parts=(*ph.parts, "ComfyUI reserve")) for ph in estimate.phases]
+        reserve = budget.Part("ComfyUI reserve", int(mm.extra_reserved_memory()), "--reserve-vram")
+        estimate = dataclasses.replace(
+            estimate, parts=[*estimate.parts, reserve],
+            phases=[dataclasses.replace(ph, parts=(*ph.parts, reserve.name)) for ph in estimate.phases])
     resident = {kind for kind, obj in models.items() if obj is not None and _resident(obj)}
     estimate.check(free, device=str(device), resident=resident, reclaimable=reclaimable)
     everything = estimate.all_resident(resident)
     if everything > free + reclaimable:
         log.info("Creative Generation: %s needs %s with every model on %s at once; it fits only by moving "
                  "models in and out between phases (slower).", estimate.what, budget.fmt_bytes(everything), device)
+    return estimate
 
 
-def preflight_sampling(prior, prompt: str, negative_prompt: str, *, count: int, batch_size: int, steps: int,
-                       guidance: float) -> budget.Estimate:
-    """Estimate a Prior Sampler run and refuse it if it cannot fit; returns the estimate."""
+def prepare_sampling(prior: Prior, prompt: str, negative_prompt: str, *, count: int, batch_size: int, steps: int,
+                     guidance: float) -> budget.Estimate:
+    """Before a Prior Sampler run: refuse it if it cannot fit, else load the prior with room for one batch."""
     device = mm.get_torch_device()
     tokens = budget.prompt_token_count(prior.tokenizer_for_concept(), prompt, negative_prompt)
     estimate = budget.sampling_estimate(model_shapes.PriorShape.of(prior), prompt_tokens=tokens,
                                         batch=min(batch_size, count), steps=steps, guidance=guidance,
                                         on_gpu=device.type != "cpu")
-    check(estimate, {budget.PRIOR: prior}, device)
+    estimate = check(estimate, {budget.PRIOR: prior}, device)
+    use(prior, memory_required=estimate.part("sampling activations").bytes)
     return estimate
 
 
-def _mllm_tokens(judge, question: str, height: int, width: int, patch: int) -> tuple[int, int]:
+def _mllm_tokens(judge: MLLMJudge, question: str, height: int, width: int, patch: int) -> tuple[int, int]:
     """(input tokens, vision patches) the judge's processor makes of a ``width`` x ``height`` image."""
     try:
         from PIL import Image
@@ -234,12 +235,10 @@ def _mllm_tokens(judge, question: str, height: int, width: int, patch: int) -> t
         return 2048, 2048
 
 
-def preflight_optimisation(prior, *, subject: str, template: str, prior_steps: int, guidance: float, rank: int,
-                           train: str, gate=None, renderer=None) -> budget.Estimate:
-    """Estimate a Creative LoRA Optimizer run (training + gate checks) and refuse it if it cannot fit."""
-    device = mm.get_torch_device()
-    prompt = template.format(token=subject)
-    tokens = budget.prompt_token_count(prior.tokenizer, prompt, "") + 1  # the placeholder may take one more
+def _optimisation_estimate(prior: Prior, subject: str, cfg: OptimConfig, gate: ValidityGate | None,
+                           renderer: Renderer | None, on_gpu: bool) -> budget.Estimate:
+    prompt = cfg.template.format(token=subject)
+    tokens = budget.prompt_token_count(prior.tokenizer, prompt, cfg.negative_prompt) + 1  # the placeholder: one more
     decoder_shape, render = None, (512, 512, 4.0)
     decoder = getattr(renderer, "decoder", None)
     if renderer is not None:
@@ -253,12 +252,54 @@ def preflight_optimisation(prior, *, subject: str, template: str, prior_steps: i
         mllm_shape = model_shapes.MLLMShape.of(judge.model)
         question = gate.question.format(subject=gate.subject or subject)
         m_tokens, m_patches = _mllm_tokens(judge, question, render[0], render[1], mllm_shape.vision_patch)
-    estimate = budget.optimisation_estimate(
-        model_shapes.PriorShape.of(prior), prompt_tokens=tokens, prior_steps=prior_steps, guidance=guidance, rank=rank,
-        train=train, decoder=decoder_shape, render=render, mllm=mllm_shape, mllm_tokens=m_tokens,
-        mllm_vision_tokens=m_patches, on_gpu=device.type != "cpu")
-    check(estimate, {budget.PRIOR: prior, budget.DECODER: decoder, budget.MLLM: judge}, device)
-    return estimate
+    return budget.optimisation_estimate(
+        model_shapes.PriorShape.of(prior), prompt_tokens=tokens, prior_steps=cfg.prior_steps, guidance=cfg.guidance,
+        rank=cfg.rank, train=cfg.train, decoder=decoder_shape, render=render, mllm=mllm_shape, mllm_tokens=m_tokens,
+        mllm_vision_tokens=m_patches, on_gpu=on_gpu)
+
+
+def prepare_optimisation(prior: Prior, subject: str, cfg: OptimConfig, gate: ValidityGate | None = None,
+                         renderer: Renderer | None = None) -> tuple[ValidityGate | None, Renderer | None]:
+    """Before a Creative LoRA Optimizer run (or a sweep of them) with ``cfg``: refuse it if training and
+    the gate checks cannot fit, else load the prior for training and return the gate and renderer wrapped
+    so that each check loads what it needs (:func:`gated_models`)."""
+    device = mm.get_torch_device()
+    if hasattr(renderer, "memory_estimate"):
+        check_renderer(renderer)  # a core-model renderer sizes itself; a Kandinsky decoder is in the estimate
+    estimate = _optimisation_estimate(prior, subject, cfg, gate, renderer, device.type != "cpu")
+    decoder, judge = getattr(renderer, "decoder", None), getattr(gate, "judge", None)
+    estimate = check(estimate, {budget.PRIOR: prior, budget.DECODER: decoder, budget.MLLM: judge}, device)
+    return gated_models(prior, gate, renderer, estimate)
+
+
+def render_estimate(renderer: Renderer, count: int = 1) -> budget.Estimate | None:
+    """What drawing ``count`` embeddings at once takes: the renderer's own estimate (``memory_estimate``,
+    e.g. the core renderer's from ComfyUI's model and VAE), or a Kandinsky decoder's from its shape;
+    ``None`` for a renderer the pack cannot size."""
+    own = getattr(renderer, "memory_estimate", None)
+    if callable(own):
+        return own(count)
+    shape = model_shapes.DecoderShape.of(getattr(renderer, "decoder", None))
+    s = getattr(renderer, "settings", None)
+    if shape is None or s is None:
+        return None
+    return budget.render_estimate(shape, height=int(s.height), width=int(s.width), guidance=float(s.guidance),
+                                  batch=count, on_gpu=mm.get_torch_device().type != "cpu")
+
+
+def check_renderer(renderer: Renderer, count: int = 1) -> budget.Estimate | None:
+    """Refuse a render of ``count`` embeddings at once that cannot fit (e.g. 16384 x 16384), before it starts."""
+    estimate = render_estimate(renderer, count)
+    if estimate is None:
+        return None
+    return check(estimate, {budget.DECODER: getattr(renderer, "decoder", None)})
+
+
+def prepare_rendering(renderer: Renderer, count: int) -> None:
+    """Before Render Embeddings: refuse a render that cannot fit, else load the decoder with room for it."""
+    estimate = check_renderer(renderer, count)
+    work = 0 if estimate is None else sum(p.bytes for p in estimate.parts if not p.model)
+    use(renderer, memory_required=work)
 
 
 def _work(estimate: budget.Estimate, *names: str) -> int:
@@ -271,7 +312,7 @@ def _work(estimate: budget.Estimate, *names: str) -> int:
 class ManagedJudge:
     """A gate judge whose model is loaded for each question and offloaded right after."""
 
-    def __init__(self, inner, before: Callable[[], None], after: Callable[[], None]):
+    def __init__(self, inner: Judge, before: Callable[[], None], after: Callable[[], None]) -> None:
         self.inner, self._before, self._after = inner, before, after
 
     def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor:
@@ -281,7 +322,7 @@ class ManagedJudge:
         finally:
             self._after()
 
-    def __getattr__(self, name):  # history, family, ... of the wrapped judge
+    def __getattr__(self, name: str) -> object:  # history, family, ... of the wrapped judge
         if name.startswith("__") or name in ("inner", "_before", "_after"):  # copy/pickle probes, half-built
             raise AttributeError(name)
         return getattr(self.inner, name)
@@ -290,20 +331,21 @@ class ManagedJudge:
 class ManagedRenderer:
     """A renderer whose decoder is loaded (with room for the render) before it draws."""
 
-    def __init__(self, inner, before: Callable[[], None]):
+    def __init__(self, inner: Renderer, before: Callable[[], None]) -> None:
         self.inner, self._before = inner, before
 
-    def __call__(self, embeds: torch.Tensor, progress=None) -> torch.Tensor:
+    def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         self._before()
         return self.inner(embeds, progress=progress)
 
-    def __getattr__(self, name):  # settings, decoder, ...
+    def __getattr__(self, name: str) -> object:  # settings, decoder, ...
         if name.startswith("__") or name in ("inner", "_before"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
 
-def gated_models(prior, gate, renderer, estimate: budget.Estimate):
+def gated_models(prior: Prior, gate: ValidityGate | None, renderer: Renderer | None,
+                 estimate: budget.Estimate) -> tuple[ValidityGate | None, Renderer | None]:
     """Load the prior for training; return the gate and renderer wrapped so that each check loads the
     decoder, then the MLLM, offloads the MLLM afterwards and reloads the prior for the next step."""
     training = _work(estimate, "training state", "training activations")

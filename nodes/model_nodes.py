@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from comfy_api.latest import io
 
 from . import comfy_bridge as cb
 from . import memory
 from . import sockets as s
+from .engine import budget
 from .engine.mllm import load_mllm
 from .engine.prior import load_prior
 from .engine.render import DecoderRenderer, RenderSettings, load_decoder
@@ -26,12 +28,15 @@ def _download_inputs(example: str) -> list:
 
 @dataclass(frozen=True)
 class ModelKind:
-    """One kind of model folder a loader lists: its name, ComfyUI folder, finder and an example repo."""
+    """One kind of model a loader node lists and loads: its name, ComfyUI folder, finder, an example repo,
+    the engine's loader and the kind ComfyUI's model management knows it as."""
 
     what: str
     folder: str
-    find: Callable[[], dict]
+    find: Callable[[], dict[str, Path]]
     example: str
+    loader: Callable[..., memory.Managed]
+    kind: str
 
     def options(self) -> list[str]:
         return sorted(self.find())
@@ -43,6 +48,14 @@ class ModelKind:
                 f"models/{self.folder}/ (a diffusers/transformers folder) and refresh, or switch on allow_download "
                 "with hf_repo_id.")
 
+    def load(self, choice: str, dtype: str, allow_download: bool, hf_repo_id: str, **options: object) -> memory.Managed:
+        """Resolve the folder (downloading only when allowed), load it on ComfyUI's offload device in the dtype
+        chosen for its compute device, and register it: ComfyUI moves it in when a node uses it."""
+        folder = self.resolve(choice, allow_download, hf_repo_id)
+        _, torch_dtype = cb.device_and_dtype(dtype)
+        _, offload = memory.devices(self.kind)
+        return memory.register(self.loader(str(folder), device=offload, dtype=torch_dtype, **options), self.kind)
+
     def fingerprint(self, choice: str) -> str:
         return cb.folder_fingerprint(self.find().get(choice))
 
@@ -52,9 +65,12 @@ class ModelKind:
         return cb.resolve(choice, self.find(), self.what, self.folder)
 
 
-PRIOR = ModelKind("prior", cb.DIFFUSERS, cb.prior_folders, "kandinsky-community/kandinsky-2-1-prior")
-DECODER = ModelKind("decoder", cb.DIFFUSERS, cb.decoder_folders, "kandinsky-community/kandinsky-2-2-decoder")
-MLLM = ModelKind("multimodal LLM", cb.LLM, cb.mllm_folders, "llava-hf/llava-v1.6-mistral-7b-hf")
+PRIOR = ModelKind("prior", cb.DIFFUSERS, cb.prior_folders, "kandinsky-community/kandinsky-2-1-prior", load_prior,
+                  budget.PRIOR)
+DECODER = ModelKind("decoder", cb.DIFFUSERS, cb.decoder_folders, "kandinsky-community/kandinsky-2-2-decoder",
+                    load_decoder, budget.DECODER)
+MLLM = ModelKind("multimodal LLM", cb.LLM, cb.mllm_folders, "llava-hf/llava-v1.6-mistral-7b-hf", load_mllm,
+                 budget.MLLM)  # kept off the GPU except while it answers
 
 
 class LoadPrior(io.ComfyNode):
@@ -83,10 +99,7 @@ class LoadPrior(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, dtype, allow_download=False, hf_repo_id=""):
-        folder = PRIOR.resolve(prior, allow_download, hf_repo_id)
-        _, torch_dtype = cb.device_and_dtype(dtype)
-        _, offload = memory.devices(memory.budget.PRIOR)  # ComfyUI loads it onto the GPU when a node uses it
-        return io.NodeOutput(memory.register_prior(load_prior(str(folder), device=offload, dtype=torch_dtype)))
+        return io.NodeOutput(PRIOR.load(prior, dtype, allow_download, hf_repo_id))
 
 
 class LoadDecoder(io.ComfyNode):
@@ -114,10 +127,7 @@ class LoadDecoder(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
-        folder = DECODER.resolve(decoder, allow_download, hf_repo_id)
-        _, torch_dtype = cb.device_and_dtype(dtype)
-        _, offload = memory.devices(memory.budget.DECODER)
-        return io.NodeOutput(memory.register_decoder(load_decoder(str(folder), device=offload, dtype=torch_dtype)))
+        return io.NodeOutput(DECODER.load(decoder, dtype, allow_download, hf_repo_id))
 
 
 class LoadMLLM(io.ComfyNode):
@@ -150,11 +160,7 @@ class LoadMLLM(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="", vision_check=True):
-        folder = MLLM.resolve(model, allow_download, hf_repo_id)
-        _, torch_dtype = cb.device_and_dtype(dtype)
-        _, offload = memory.devices(memory.budget.MLLM)  # kept off the GPU except while it answers
-        judge = memory.register_mllm(load_mllm(str(folder), device=offload, dtype=torch_dtype,
-                                               trust_remote_code=trust_remote_code))
+        judge = MLLM.load(model, dtype, allow_download, hf_repo_id, trust_remote_code=trust_remote_code)
         if vision_check:
             memory.use(judge)
             try:
@@ -188,7 +194,9 @@ class DecoderRendererNode(io.ComfyNode):
     def execute(cls, decoder, steps, guidance, width, height, seed, prior=None):
         memory.use(prior)
         negative = prior.zero_image_embed() if prior is not None else None
-        return io.NodeOutput(DecoderRenderer(decoder, RenderSettings(steps, guidance, height, width, seed), negative))
+        renderer = DecoderRenderer(decoder, RenderSettings(steps, guidance, height, width, seed), negative)
+        memory.check_renderer(renderer)  # refuse a size that cannot be drawn here, not at the first render
+        return io.NodeOutput(renderer)
 
 
 class RenderEmbeds(io.ComfyNode):
@@ -210,8 +218,8 @@ class RenderEmbeds(io.ComfyNode):
         chosen = embeds.embeds[start:start + count]
         if not len(chosen):
             raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
+        memory.prepare_rendering(renderer, len(chosen))  # refuses a render that cannot fit, then loads it
         progress = cb.Progress(cls.hidden.unique_id, renderer.settings.steps)
-        memory.use(renderer)
         return io.NodeOutput(renderer(chosen, progress=lambda i, n: progress(i, total=n)))
 
 

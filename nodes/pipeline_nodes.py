@@ -50,9 +50,8 @@ class PriorSampler(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, prompt, count, batch_size, steps, guidance, seed, negative_prompt):
-        estimate = memory.preflight_sampling(prior, prompt, negative_prompt, count=count, batch_size=batch_size,
-                                             steps=steps, guidance=guidance)  # refuses a run that cannot fit
-        memory.use(prior, memory_required=estimate.part("sampling activations").bytes)
+        memory.prepare_sampling(prior, prompt, negative_prompt, count=count, batch_size=batch_size, steps=steps,
+                                guidance=guidance)  # refuses a run that cannot fit, then loads the prior
         progress = cb.Progress(cls.hidden.unique_id, count)
         bank = sample_bank(prior, prompt, count, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed,
                            negative_prompt=negative_prompt,
@@ -224,10 +223,7 @@ class LoRAOptimizer(io.ComfyNode):
         cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
                           alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
                           template=prompt_template)
-        estimate = memory.preflight_optimisation(prior, subject=subject, template=prompt_template,
-                                                 prior_steps=prior_steps, guidance=guidance, rank=lora_rank,
-                                                 train=cfg.train, gate=gate, renderer=renderer)
-        gate, renderer = memory.gated_models(prior, gate, renderer, estimate)  # loads the prior for training
+        gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
         progress = cb.Progress(cls.hidden.unique_id, steps)
         result = optimizer.run(lambda record: progress(record.step, _describe(record)))

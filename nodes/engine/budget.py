@@ -352,19 +352,12 @@ def optimisation_estimate(prior: PriorShape, *, prompt_tokens: int, prior_steps:
     phases = [Phase("training step", ("prior weights", "training state", "training activations"))]
     hints: list[str] = []
     if decoder is not None:
-        h, w, g = render
-        r_cfg = g > 1.0
-        unet = unet_activation_bytes(height=h, width=w, latent_factor=decoder.latent_factor,
-                                     channels=decoder.unet_channels, layers_per_block=decoder.layers_per_block,
-                                     batch=render_batch, cfg=r_cfg, dtype=decoder.dtype)
-        movq = movq_activation_bytes(height=h, width=w, channels=decoder.movq_channels, batch=render_batch,
-                                     dtype=decoder.dtype)
-        parts += [_weights_part("decoder weights", DECODER, decoder.params, decoder.weight_bytes, decoder.dtype),
-                  Part("render activations", max(unet, movq), f"{w}x{h}{', CFG' if r_cfg else ''}, "
-                                                              f"{dtype_name(decoder.dtype)} (heuristic)")]
+        drawing = render_estimate(decoder, height=render[0], width=render[1], guidance=render[2],
+                                  batch=render_batch, on_gpu=on_gpu)
+        parts += drawing.parts
         phases.append(Phase("gate check: render", ("training state", "decoder weights", "render activations")))
-        hints.append(f"render the gate's images smaller (Decoder Renderer width/height; now {w}x{h})")
-        hints += _dtype_hint("decoder", decoder.dtype, decoder.weight_bytes, "Load Kandinsky Decoder", on_gpu)
+        hints.append(f"render the gate's images smaller (Decoder Renderer width/height; now {render[1]}x{render[0]})")
+        hints += drawing.hints[1:]
     if mllm is not None:
         mact = mllm_activation_bytes(tokens=max(1, mllm_tokens), hidden=mllm.hidden, layers=mllm.layers,
                                      intermediate=mllm.intermediate, heads=mllm.heads, kv_heads=mllm.kv_heads,
@@ -385,6 +378,26 @@ def optimisation_estimate(prior: PriorShape, *, prompt_tokens: int, prior_steps:
     if trains_lora and rank > 16:
         hints.append(f"lower lora_rank (now {rank}, paper: 10)")
     return Estimate("optimisation run", parts, phases, hints)
+
+
+def render_estimate(decoder: DecoderShape, *, height: int, width: int, guidance: float, batch: int = 1,
+                    on_gpu: bool = True) -> Estimate:
+    """Memory of drawing ``batch`` embeddings with a Kandinsky decoder: its weights plus the larger of
+    the UNet's and the MoVQ decode's working memory."""
+    cfg = guidance > 1.0
+    unet = unet_activation_bytes(height=height, width=width, latent_factor=decoder.latent_factor,
+                                 channels=decoder.unet_channels, layers_per_block=decoder.layers_per_block,
+                                 batch=batch, cfg=cfg, dtype=decoder.dtype)
+    movq = movq_activation_bytes(height=height, width=width, channels=decoder.movq_channels, batch=batch,
+                                 dtype=decoder.dtype)
+    parts = [_weights_part("decoder weights", DECODER, decoder.params, decoder.weight_bytes, decoder.dtype),
+             Part("render activations", max(unet, movq), f"{width}x{height}{', CFG' if cfg else ''}"
+                                                         f"{f', batch {batch}' if batch > 1 else ''}, "
+                                                         f"{dtype_name(decoder.dtype)} (heuristic)")]
+    hints = [f"render smaller (Decoder Renderer width/height; now {width}x{height})"
+             + (f" or fewer at once (count; now {batch})" if batch > 1 else "")]
+    hints += _dtype_hint("decoder", decoder.dtype, decoder.weight_bytes, "Load Kandinsky Decoder", on_gpu)
+    return Estimate("render", parts, [Phase("render", tuple(p.name for p in parts))], hints)
 
 
 def prompt_token_count(tokenizer, *prompts: str) -> int:

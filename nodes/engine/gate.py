@@ -46,6 +46,11 @@ class ValidityGate:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError("The gate's threshold is a probability between 0 and 1.")
 
+    def managed_modules(self) -> dict[str, torch.nn.Module]:
+        """The judge's modules, when it has any (a scripted judge in tests has none)."""
+        modules = getattr(self.judge, "managed_modules", None)
+        return modules() if callable(modules) else {}
+
     def due(self, step: int) -> bool:
         return step % self.every == 0
 

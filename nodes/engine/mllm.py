@@ -150,6 +150,10 @@ class MLLMJudge:
         """Where the inputs must go: wherever the caller put the model."""
         return next(self.model.parameters()).device
 
+    def managed_modules(self) -> dict[str, torch.nn.Module]:
+        """The torch modules a host's memory manager moves together (the first one keys the model)."""
+        return {"model": self.model}
+
     def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor:
         """P("yes") for each image of a ComfyUI IMAGE ``[B, H, W, 3]`` in 0..1; returns ``[B]`` float32."""
         if images.ndim != 4 or images.shape[-1] != 3:

@@ -121,7 +121,8 @@ class MLLMShape:
         v_heads, patch = 1, 14
         if vision is not None:
             v_hidden = int(_setting(vision, "hidden_size", "embed_dim", default=0))
-            v_hidden = int(_setting(vision, "embed_dim", default=v_hidden)) or v_hidden  # Qwen2-VL: embed_dim is the tower
+            # Qwen2-VL: embed_dim is the tower's width (its hidden_size is the merger's output)
+            v_hidden = int(_setting(vision, "embed_dim", default=v_hidden)) or v_hidden
             ratio = _setting(vision, "mlp_ratio", default=None)
             v_inter = int(_setting(vision, "intermediate_size", default=(ratio or 4) * v_hidden))
             v_heads = int(_setting(vision, "num_attention_heads", "num_heads", default=max(1, v_hidden // 64)))

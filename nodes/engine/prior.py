@@ -95,6 +95,12 @@ class Prior:
     def embedding_dim(self) -> int:
         return int(self.transformer.config.embedding_dim)
 
+    def managed_modules(self) -> dict[str, torch.nn.Module]:
+        """The torch modules a host's memory manager moves together (the first one keys the model)."""
+        parts = {"transformer": self.transformer, "text_encoder": self.text_encoder,
+                 "image_encoder": self.image_encoder}
+        return {name: module for name, module in parts.items() if module is not None}
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Prior":
         for module in (self.transformer, self.text_encoder, self.image_encoder):
             if module is not None:

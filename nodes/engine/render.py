@@ -1,7 +1,7 @@
 """Renderers: CLIP image embeddings -> images (Kandinsky 2.2 and 2.1 decoders).
 
 The paper's search happens in CLIP image-embedding space; a decoder only turns the chosen
-embeddings into pixels. :class:`Renderer` is that one step, so the nodes can swap decoders.
+embeddings into pixels. :class:`Renderer` is that one step (a callable), so the nodes can swap decoders.
 :class:`KandinskyDecoder` wraps diffusers' own ``KandinskyV22Pipeline`` / ``KandinskyPipeline``
 (their denoising loops, classifier-free guidance and post-processing are reused unchanged),
 and :func:`load_decoder` reads either from a local diffusers folder without touching the network.
@@ -21,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import KandinskyPipeline, KandinskyV22Pipeline
 
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]  # (done, total); raising from it cancels
 
 # model_index.json "_class_name" -> decoder family.
 FAMILIES = {"KandinskyV22Pipeline": "kandinsky-2.2", "KandinskyPipeline": "kandinsky-2.1"}
@@ -44,11 +44,18 @@ _EXPECTED = "kandinsky-community/kandinsky-2-2-decoder or kandinsky-community/ka
 
 
 class Renderer(Protocol):
-    """Anything that turns CLIP image embeddings into ComfyUI images."""
+    """What the gate, the evaluator and Render Embeddings draw with: ``renderer(embeds) -> images``."""
+
+    def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
+        """Draw ``embeds`` ``[B, D]`` as ``[B, H, W, 3]`` float32 in 0..1 on the CPU."""
+
+
+class Decoder(Protocol):
+    """A model that draws CLIP image embeddings with per-call settings (:class:`KandinskyDecoder`)."""
 
     def render(self, embeds: torch.Tensor, *, negative_embeds: torch.Tensor | None = None, seed: int = 0,
                steps: int = 25, guidance: float = 4.0, height: int = 512, width: int = 512,
-               progress: Progress | None = None) -> torch.Tensor:
+               progress: ProgressCallback | None = None) -> torch.Tensor:
         """Render ``embeds`` ``[B, D]`` to ``[B, H, W, 3]`` float32 in 0..1 on the CPU."""
 
 
@@ -75,6 +82,12 @@ class KandinskyDecoder:
         """Width of the image embeddings the UNet's image projection takes."""
         return int(self.pipeline.unet.encoder_hid_proj.image_embeds.in_features)
 
+    def managed_modules(self) -> dict[str, torch.nn.Module]:
+        """The torch modules a host's memory manager moves together (the first one keys the model)."""
+        pipe = self.pipeline
+        parts = {"unet": pipe.unet, "movq": pipe.movq, "text_encoder": getattr(pipe, "text_encoder", None)}
+        return {name: module for name, module in parts.items() if module is not None}
+
     @property
     def size_multiple(self) -> int:
         """Heights and widths must be multiples of this (diffusers rounds others up silently)."""
@@ -82,7 +95,7 @@ class KandinskyDecoder:
 
     def render(self, embeds: torch.Tensor, *, negative_embeds: torch.Tensor | None = None, seed: int = 0,
                steps: int = 25, guidance: float = 4.0, height: int = 512, width: int = 512,
-               progress: Progress | None = None) -> torch.Tensor:
+               progress: ProgressCallback | None = None) -> torch.Tensor:
         """Render ``embeds`` ``[B, D]`` to ``[B, H, W, 3]`` float32 in 0..1 on the CPU.
 
         ``negative_embeds`` (``[1, D]`` or ``[B, D]``) is the unconditional branch of
@@ -129,7 +142,7 @@ class KandinskyDecoder:
     def _total_steps(self) -> int:
         return len(self.pipeline.scheduler.timesteps)
 
-    def _step_end_callback(self, progress: Progress | None) -> Callable | None:
+    def _step_end_callback(self, progress: ProgressCallback | None) -> Callable | None:
         """Adapt ``progress`` to diffusers' ``callback_on_step_end`` (Kandinsky 2.2)."""
         if progress is None:
             return None
@@ -140,7 +153,7 @@ class KandinskyDecoder:
 
         return on_step_end
 
-    def _legacy_callback(self, progress: Progress | None) -> Callable | None:
+    def _legacy_callback(self, progress: ProgressCallback | None) -> Callable | None:
         """Adapt ``progress`` to the legacy ``callback(step, t, latents)`` (Kandinsky 2.1 has no other)."""
         if progress is None:
             return None
@@ -202,11 +215,15 @@ class DecoderRenderer:
     same way. ``negative_embeds`` is the prior's zero-image embedding when a prior is known.
     """
 
-    decoder: Renderer
+    decoder: Decoder
     settings: RenderSettings = RenderSettings()
     negative_embeds: torch.Tensor | None = None
 
-    def __call__(self, embeds: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+    def managed_modules(self) -> dict[str, torch.nn.Module]:
+        """The decoder's modules: a renderer is loaded by loading its decoder."""
+        return self.decoder.managed_modules()
+
+    def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         s = self.settings
         return self.decoder.render(embeds, negative_embeds=self.negative_embeds, seed=s.seed, steps=s.steps,
                                    guidance=s.guidance, height=s.height, width=s.width, progress=progress)

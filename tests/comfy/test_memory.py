@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import comfy_harness
@@ -251,6 +252,51 @@ def test_gpu_accounting_counts_weights_to_move_and_what_comfy_can_free(loaded, m
     other = SimpleNamespace(device=gpu, model=object(), model_loaded_memory=lambda: 8 * MIB)
     monkeypatch.setattr(mm, "current_loaded_models", [other])
     mem.check(estimate(), {budget.PRIOR: prior}, gpu)
+
+
+def test_core_renderer_refuses_a_render_larger_than_memory(call, comfy_inprocess, monkeypatch):
+    """A 16384 x 16384 Core Model Renderer is refused with numbers before anything is sampled."""
+    import tiny_sdxl
+
+    from creative_generation.nodes.engine.bank import EmbeddingBank
+    from creative_generation.nodes.engine.budget import InsufficientMemoryError
+
+    with torch.inference_mode():
+        model, vae = tiny_sdxl.load(tiny_sdxl.sd21_unclip_state_dict("L"))
+    positive, negative = tiny_sdxl.sd21_conditioning(seed=1), tiny_sdxl.sd21_conditioning(seed=2)
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    import comfy.sample
+
+    monkeypatch.setattr(comfy.sample, "sample", never)
+    settings = dict(model=model, vae=vae, positive=positive, negative=negative, seed=0, steps=1, cfg=2.0,
+                    sampler_name="euler", scheduler="normal", strength=1.0, noise_augmentation=0.0)
+    with pytest.raises(InsufficientMemoryError) as refused:
+        call("CreativeCoreRenderer", **settings, width=16384, height=16384)
+    text = str(refused.value)
+    assert "for this render" in text and "sampling:" in text and "16384x16384" in text
+    assert "render smaller (Core Model Renderer width/height" in text
+    renderer, = call("CreativeCoreRenderer", **settings, width=64, height=64)  # a size that fits is accepted
+    big = dataclasses.replace(renderer, settings=dataclasses.replace(renderer.settings, width=16384, height=16384))
+    embeds = EmbeddingBank(torch.randn(2, 768), {})
+    with pytest.raises(InsufficientMemoryError):  # and drawing it is refused too, before it starts
+        call("CreativeRenderEmbeds", renderer=big, embeds=embeds, start=0, count=2)
+
+
+def test_decoder_render_that_cannot_fit_is_refused(loaded, call, mem, mm, tiny_free_memory):
+    from creative_generation.nodes.engine.bank import EmbeddingBank
+    from creative_generation.nodes.engine.budget import InsufficientMemoryError
+
+    mm.unload_all_models()
+    with pytest.raises(InsufficientMemoryError) as refused:
+        call("CreativeRenderEmbeds", renderer=loaded["renderer"], embeds=EmbeddingBank(torch.randn(4, loaded["decoder"].embed_dim), {}),
+             start=0, count=4)
+    text = str(refused.value)
+    assert "for this render" in text and "render activations:" in text and "decoder weights:" in text
+    assert "render smaller (Decoder Renderer width/height; now 32x32) or fewer at once (count; now 4)" in text
+    assert not mem.is_loaded(loaded["decoder"])
 
 
 # --------------------------------------------------------------------------- a real server
