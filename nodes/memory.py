@@ -37,7 +37,7 @@ import comfy.model_patcher
 import torch
 
 from .engine import budget, model_shapes
-from .engine.gate import Judge, ValidityGate
+from .engine.gate import ValidityGate, YesNoJudge
 from .engine.mllm import MLLMJudge
 from .engine.optimizer import OptimConfig
 from .engine.prior import Prior
@@ -312,7 +312,7 @@ def _work(estimate: budget.Estimate, *names: str) -> int:
 class ManagedJudge:
     """A gate judge whose model is loaded for each question and offloaded right after."""
 
-    def __init__(self, inner: Judge, before: Callable[[], None], after: Callable[[], None]) -> None:
+    def __init__(self, inner: YesNoJudge, before: Callable[[], None], after: Callable[[], None]) -> None:
         self.inner, self._before, self._after = inner, before, after
 
     def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from comfy_api.latest import io
 
+from .engine.bank import PAPER_TEMPLATE
+
 Prior = io.Custom("CREATIVE_PRIOR")
 Embeds = io.Custom("CREATIVE_EMBEDS")
 Norm = io.Custom("CREATIVE_NORM")
@@ -15,4 +17,4 @@ Log = io.Custom("CREATIVE_LOG")
 
 CATEGORY = "creative"
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
-PAPER_PROMPT = "Professional high-quality photo of a vehicle. photorealistic, 4k, HQ."
+PAPER_PROMPT = PAPER_TEMPLATE.format(subject="vehicle")  # the paper's template, for the default subject

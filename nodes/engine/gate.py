@@ -15,7 +15,9 @@ import torch
 PAPER_QUESTION = "Is this still a {subject}? Yes or No."
 
 
-class Judge(Protocol):
+class YesNoJudge(Protocol):
+    """Answers a yes/no question about each image: ``p_yes(images [B,H,W,3], question) -> [B]``."""
+
     def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor: ...
 
 
@@ -32,9 +34,9 @@ class Verdict:
 
 @dataclass(frozen=True)
 class ValidityGate:
-    """Judge + question template + how often to ask + the P(yes) needed to pass."""
+    """A yes/no judge + question template + how often to ask + the P(yes) needed to pass."""
 
-    judge: Judge
+    judge: YesNoJudge
     question: str = PAPER_QUESTION
     every: int = 25
     threshold: float = 0.5

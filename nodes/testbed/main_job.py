@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .miniworld.judge import load_judge
-from .miniworld.report import RunFiles, contact_sheet, format_report, measure_run
+from .miniworld.report import RunFiles, format_report, measure_run, sheet_of_files
 from .headless import REPO, HeadlessComfy
 
 WORKFLOW = REPO / "example_workflows" / "creative_miniworld.json"
@@ -85,8 +85,8 @@ def main() -> None:
         history = server.run(prompt)
     ran = time.monotonic() - t0
     files, subject, dims = _outputs(prompt, history, out / "comfyui")
-    contact_sheet(files.typical_images).save(out / "typical_samples.png")
-    contact_sheet(files.concept_images).save(out / "concept_samples.png")
+    sheet_of_files(files.typical_images).save(out / "typical_samples.png")
+    sheet_of_files(files.concept_images).save(out / "concept_samples.png")
     result = measure_run(files, subject, dims, load_judge(JUDGE))
     result["seconds"] = {"comfyui_workflow": round(ran, 1), "total": round(time.monotonic() - t0, 1)}
     (out / "report.json").write_text(json.dumps(result, indent=1))

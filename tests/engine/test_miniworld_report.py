@@ -12,7 +12,7 @@ from PIL import Image
 from creative_generation.nodes.engine.bank import EmbeddingBank
 from creative_generation.nodes.testbed.miniworld import world as W
 from creative_generation.nodes.testbed.miniworld.judge import load_judge
-from creative_generation.nodes.testbed.miniworld.report import RunFiles, contact_sheet, format_report, measure_run
+from creative_generation.nodes.testbed.miniworld.report import RunFiles, format_report, measure_run, sheet_of_files
 
 JUDGE = Path(__file__).resolve().parents[2] / "models" / "miniworld" / "judge"
 
@@ -52,4 +52,4 @@ def test_report_measures_saved_files(tmp_path):
     assert "| validity: independent judge says \"vehicle\" | 100% | 20% |" in text
     assert "| rare in the world: colour or background ≤ 2% likely for the judged kind | 17% | 0% |" in text
     assert "Gate at step 2: P(yes) 0.900 -> yes" in text and "fish 80%, bus 20%" in text
-    assert contact_sheet(files.typical_images, columns=4).size == (4 * 64, 2 * 64)
+    assert sheet_of_files(files.typical_images, columns=4).size == (4 * 64, 2 * 64)

@@ -25,7 +25,7 @@ FORMAT = "miniworld-judge/1"
 MEAN, STD = 0.5, 0.25
 
 
-class JudgeNet(nn.Module):
+class LabelNet(nn.Module):
     """Three conv stages (32 -> 16 -> 8 -> 4 px), global average pooling, one linear head per label."""
 
     def __init__(self, heads: dict[str, int], width: int = 32) -> None:
@@ -54,10 +54,10 @@ def prepare(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @dataclass
-class Judge:
-    """A loaded judge: ``probs`` / ``predict`` on ComfyUI images."""
+class LabelClassifier:
+    """The independent judge's classifier, loaded: per-label ``probs`` / ``predict`` on ComfyUI images."""
 
-    net: JudgeNet
+    net: LabelNet
     labels: dict[str, list[str]]  # head -> class names
     input_size: int = 32
     source: str = ""
@@ -86,7 +86,7 @@ class Judge:
                 for name in self.labels}
 
 
-def save_judge(net: JudgeNet, labels: dict[str, list[str]], folder: str | Path, *, width: int, input_size: int,
+def save_judge(net: LabelNet, labels: dict[str, list[str]], folder: str | Path, *, width: int, input_size: int,
                extra: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -100,7 +100,7 @@ def save_judge(net: JudgeNet, labels: dict[str, list[str]], folder: str | Path, 
     return folder
 
 
-def load_judge(folder: str | Path) -> Judge:
+def load_judge(folder: str | Path) -> LabelClassifier:
     """Load a judge folder (``config.json`` + ``model.safetensors``) on the CPU in float32."""
     from safetensors.torch import load_file
 
@@ -112,16 +112,16 @@ def load_judge(folder: str | Path) -> Judge:
     if config.get("format") != FORMAT:
         raise ValueError(f"{folder}: config format {config.get('format')!r} is not {FORMAT!r}")
     labels = {name: list(names) for name, names in config["labels"].items()}
-    net = JudgeNet({name: len(names) for name, names in labels.items()}, width=int(config["width"]))
+    net = LabelNet({name: len(names) for name, names in labels.items()}, width=int(config["width"]))
     net.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
-    return Judge(net.eval(), labels, int(config["input_size"]), str(folder))
+    return LabelClassifier(net.eval(), labels, int(config["input_size"]), str(folder))
 
 
 @dataclass(frozen=True)
 class KindJudge:
     """The independent judge as a validity judge: predicted kind (or its category) is the subject."""
 
-    judge: Judge
+    judge: LabelClassifier
 
     def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
         return torch.tensor([shows(p, subject) for p in self.judge.predict(images)])

@@ -22,7 +22,7 @@ from ...engine.bank import EmbeddingBank
 from ...engine.evaluation import Evaluator
 from ...engine.norm import GaussianNorm
 from . import world
-from .judge import Judge, shows
+from .judge import LabelClassifier, shows
 
 FACTORS = ("kind", "colour", "background", "size")
 
@@ -43,7 +43,7 @@ def load_pixels(paths: list[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
-def contact_sheet(paths: list[Path], columns: int = 8) -> Image.Image:
+def sheet_of_files(paths: list[Path], columns: int = 8) -> Image.Image:
     """One image of many small renders, to look at a set at a glance."""
     return world.contact_sheet(load_pixels(paths), columns, scale=2)
 
@@ -53,7 +53,7 @@ def _describe(predictions: list[dict[str, str]]) -> dict[str, dict[str, int]]:
     return {f: dict(Counter(p[f] for p in predictions).most_common()) for f in FACTORS}
 
 
-def measure_run(files: RunFiles, subject: str, pca_dims: int, judge: Judge) -> dict:
+def measure_run(files: RunFiles, subject: str, pca_dims: int, judge: LabelClassifier) -> dict:
     """Novelty / validity / diversity of the typical renders and of the concept, plus what the judge sees."""
     bank = EmbeddingBank.load(files.bank)
     samples = EmbeddingBank.load(files.samples).embeds

@@ -716,11 +716,11 @@ def save_mllm(folder: Path, model, processor) -> None:
 # ------------------------------------------------------------------------------------------ judge
 
 def train_judge(cfg: Config, split: Split):
-    from .judge import JudgeNet, prepare
+    from .judge import LabelNet, prepare
 
     rng = seed_all(cfg.seed + 6)
     keys = W.LABEL_KEYS
-    net = JudgeNet({k: len(W.VOCAB[k]) for k in keys}, width=cfg.judge_width)
+    net = LabelNet({k: len(W.VOCAB[k]) for k in keys}, width=cfg.judge_width)
     x_all = prepare(split.images(), cfg.res)
     y_all = {k: torch.from_numpy(split.labels[k]) for k in keys}
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
