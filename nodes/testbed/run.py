@@ -3,6 +3,7 @@
     python nodes/testbed/run.py main_job --out output/miniworld     # the README's main job
     python nodes/testbed/run.py evaluate --studies wundt            # the mini-world evaluation
     python nodes/testbed/run.py train --out models/miniworld         # rebuild the mini world
+    python nodes/testbed/run.py sweep --local 2                      # a sweep spread over 2 ComfyUI servers
 
 The pack's subpackage is called ``nodes`` like ComfyUI's own top-level module; ``python -m
 nodes...`` from the repository root would import it under that clashing name. This script instead
@@ -23,6 +24,7 @@ COMMANDS = {
     "main_job": "nodes.testbed.main_job",
     "evaluate": "nodes.testbed.miniworld.evaluate",
     "train": "nodes.testbed.miniworld.train",
+    "sweep": "nodes.testbed.sweep_job",
 }
 
 

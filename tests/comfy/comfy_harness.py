@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -219,10 +218,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 # --------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def headless():
+    """The pack's headless-server module (``nodes/testbed/headless.py``): the one place that knows how a
+    ComfyUI server is started (command line, environment, port); :class:`ComfyServer` adds the test folders."""
+    import_pack()
+    from creative_generation.nodes.testbed import headless as module
+
+    return module
 
 
 def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
@@ -367,18 +369,12 @@ class ComfyServer:
         return self
 
     def _spawn(self) -> None:
-        self.port = free_port()
+        server = headless()
+        self.port = server.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--extra-model-paths-config", str(self.extra_paths_yaml),
-               "--output-directory", str(self.output_dir), "--temp-directory", str(self.temp_dir),
-               "--input-directory", str(self.input_dir), "--user-directory", str(self.user_dir),
-               "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
-               *self.extra_args]
-        env = dict(os.environ)
-        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1",
-                   HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("PYTHONPATH", None)
+        cmd = [*server.server_command(self.port, self.extra_paths_yaml, self.output_dir, self.temp_dir,
+                                      self.input_dir, self.user_dir, cpu=True, python=self.python), *self.extra_args]
+        env = server.server_env()
         if self._log_file:
             self._log_file.close()
         self._log_file = open(self.log_path, "ab")
