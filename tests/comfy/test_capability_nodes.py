@@ -103,3 +103,21 @@ def test_mix_concepts_node(world, run, pack_nodes, tmp_path):
     assert "positive weight" in node.validate_inputs(weight_a=0.0, weight_b=0.0)
     with pytest.raises(ValueError, match="angle brackets"):
         run("CreativeMixConcepts", prior=world["prior"], concept_a=car, concept_b=boat, token="two words")
+
+
+# --------------------------------------------------------------------------- Auto Trials
+
+
+def test_auto_trials_node(world, run, pack_nodes, progress_log):
+    concepts, log, trial_map = run("CreativeAutoTrials", prior=world["prior"], norm=world["norm"], gate=world["gate"],
+                                   renderer=world["renderer"], subject="vehicle", trials=2, steps=2,
+                                   learning_rate=1e-3, lora_rank=2, cluster_samples=4)
+    assert len(concepts) == 2 and all(c.meta["base_prior"] == world["prior"].identity for c in concepts)
+    assert "2 trial(s)" in log and "stop_reason" in log and trial_map.shape[0] == 1 and trial_map.shape[-1] == 3
+    assert max(v for n, v, _ in progress_log if n == "test-CreativeAutoTrials") == 4
+    node = pack_nodes["CreativeAutoTrials"]
+    assert node.validate_inputs() is True and node.validate_inputs(subject=None, prompt_template=None) is True
+    assert "{token}" in node.validate_inputs(prompt_template="a photo")
+    with pytest.raises(ValueError, match="subject is empty"):
+        run("CreativeAutoTrials", prior=world["prior"], norm=world["norm"], gate=world["gate"],
+            renderer=world["renderer"], subject=" ")

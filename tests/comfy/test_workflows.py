@@ -72,6 +72,7 @@ SHRINK: dict[str, dict[str, int]] = {
     "KSampler": {"steps": 2},
     "KSamplerAdvanced": {"steps": 2, "end_at_step": 2},
     "CreativeWundtSweep": {"samples": 4},
+    "CreativeAutoTrials": {"steps": 2, "prior_steps": 2, "lora_rank": 4, "trials": 2, "cluster_samples": 4},
 }
 # class_type -> {STRING input: value}: lists of steps/seeds replaced (rule 3 above, for text inputs).
 SHRINK_TEXT: dict[str, dict[str, str]] = {"CreativeWundtSweep": {"steps": "0, 2", "seeds": "0"}}
