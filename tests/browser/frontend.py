@@ -98,6 +98,7 @@ class CanvasReport:
     groups: list[dict]  # {title, bounding [x, y, w, h], title_height}
     link_count: int
     dialogs: list[str] = field(default_factory=list)  # text of each open dialog
+    overlays: list[Box] = field(default_factory=list)  # screen px of floating panels (minimap, zoom buttons)
 
     def node_box(self, node: dict, badge: bool = False) -> Box:
         x, y, w, h = node["bounding"]
@@ -115,11 +116,12 @@ PAGE_REPORT_JS = r"""
   const isCanvas = (x, y) => { const e = document.elementFromPoint(x, y);
     return e === c.canvas || !!e?.closest?.('.dom-widget'); };
   const W = window.innerWidth, H = window.innerHeight;
-  // first canvas pixel from each edge, scanned on a few lines: what the UI chrome leaves visible
-  const scan = (from, to, step, at) => { for (let v = from; v !== to; v += step) if (at(v)) return v; return to; };
-  const xs = [W * 0.07, W * 0.15, W * 0.5, W * 0.9, W * 0.95], ys = [H * 0.25, H * 0.5];
-  const top = Math.max(...xs.map(x => scan(0, H, 1, y => isCanvas(x, y))));
-  const left = Math.max(...ys.map(y => scan(0, W, 1, x => isCanvas(x, y))));
+  // the canvas left visible by the UI chrome: going outwards from inside the canvas on a few lines,
+  // the first point that is not canvas (tab bar, floating breadcrumb and Run toolbar, sidebar)
+  const edge = (from, to, step, at) => { for (let v = from; v !== to; v += step) if (!at(v)) return v - step; return to; };
+  const xs = [W * 0.07, W * 0.15, W * 0.5, W * 0.9, W * 0.95], ys = [H * 0.25, H * 0.5, H * 0.75];
+  const top = Math.max(...xs.map(x => edge(Math.round(H / 4), -1, -1, y => isCanvas(x, y))));
+  const left = Math.max(...ys.map(y => edge(Math.round(W / 4), -1, -1, x => isCanvas(x, y))));
   const links = g.links instanceof Map ? g.links.size : Object.keys(g.links || {}).length;
   const LG = window.LiteGraph ?? window.comfyAPI?.litegraph?.LiteGraph;
   const ctx = document.createElement('canvas').getContext('2d');
@@ -128,6 +130,10 @@ PAGE_REPORT_JS = r"""
   return {
     scale: c.ds.scale, offset: Array.from(c.ds.offset), low_quality: !!c.low_quality,
     visible: [left, top, W - left, H - top],
+    // floating panels over the canvas's bottom-right corner: the minimap and the zoom controls
+    overlays: Array.from(document.querySelectorAll('.litegraph-minimap, .p-buttongroup.absolute'))
+      .map(e => e.getBoundingClientRect()).filter(b => b.width > 0 && b.height > 0)
+      .map(b => [b.x, b.y, b.width, b.height]),
     nodes: g._nodes.map(n => ({
       id: n.id, type: n.type, title: n.getTitle ? n.getTitle() : n.title, bounding: bound(n), pos: Array.from(n.pos), size: Array.from(n.size),
       min_size: n.computeSize ? Array.from(n.computeSize()) : null,
@@ -208,7 +214,7 @@ class Frontend:
         if screenshot is not None:
             self.screenshot(screenshot)
         return CanvasReport(r["scale"], tuple(r["offset"]), r["low_quality"], Box(*r["visible"]), r["nodes"],
-                            r["groups"], r["link_count"], dialogs)
+                            r["groups"], r["link_count"], dialogs, [Box(*o) for o in r["overlays"]])
 
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

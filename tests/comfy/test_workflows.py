@@ -52,6 +52,7 @@ WORKFLOW_DIR = comfy_harness.REPO / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 REQUIRED = {"creative_paper_pipeline", "creative_negative_clusters", "creative_concept_via_sd21_unclip"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+DOWNLOADABLE = (".safetensors", ".sft")  # what the frontend's Missing Models dialog can download
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OUR_MODULE = f"custom_nodes.{comfy_harness.PACK_DIR_NAME}"
@@ -148,7 +149,7 @@ def test_workflow_is_well_formed(path, object_info, ui_to_api):
         if not (module == "nodes" or module.startswith("comfy_extras") or module == OUR_MODULE):
             problems.append(f"{where}: from {module}; example workflows use only core nodes and ours")
         problems += _check_widgets(node, info, where)
-        problems += _check_model_hints(node, object_info, where)
+        problems += _check_model_hints(node, object_info, where, _note_text(wf))
         # every required socket is connected
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
         for section, name, spec in _inputs_in_order(info):
@@ -207,13 +208,24 @@ def _check_widgets(node: dict, info: dict, where: str) -> list[str]:
     return problems
 
 
-def _check_model_hints(node: dict, object_info: dict, where: str) -> list[str]:
+def _note_text(wf: dict) -> str:
+    return " ".join(str(v) for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote") for v in n.get("widgets_values") or [])
+
+
+def _check_model_hints(node: dict, object_info: dict, where: str, note: str = "") -> list[str]:
+    """Download hints (``properties.models``) only for what the frontend can download: a single
+    ``.safetensors``/``.sft`` file with a Hugging Face URL (others show a red error row in its Missing
+    Models dialog). Every other model (diffusers/LLM folders, ``.ckpt``) is named in the note with its
+    place: ``models/<folder>/<name>``."""
     problems = []
     hints = (node.get("properties") or {}).get("models") or []
     for hint in hints:
         if not {"name", "url", "directory"} <= set(hint):
             problems.append(f"{where}: model hint {hint} needs name, url and directory")
             continue
+        if not str(hint["name"]).endswith(DOWNLOADABLE):
+            problems.append(f"{where}: model hint {hint['name']!r}: the frontend downloads only single "
+                            f"{'/'.join(DOWNLOADABLE)} files; say in the note where it goes instead")
         if not str(hint["url"]).startswith("https://huggingface.co/"):
             problems.append(f"{where}: model hint url {hint['url']} is not a Hugging Face address")
         try:
@@ -231,8 +243,12 @@ def _check_model_hints(node: dict, object_info: dict, where: str) -> list[str]:
             em.resolve(folder, value)
         except em.UnknownModelError as e:
             problems.append(f"{where}: {e}")
-        if folder not in em.USER_MADE_FOLDERS and not em.is_bundled(folder, value) and not any(
-                h.get("name") == value and h.get("directory") == folder for h in hints):
+        if folder in em.USER_MADE_FOLDERS or em.is_bundled(folder, value):
+            continue
+        if not str(value).endswith(DOWNLOADABLE):
+            if f"models/{folder}/{value}" not in note:
+                problems.append(f"{where}: the note does not say where {value!r} goes (models/{folder}/{value})")
+        elif not any(h.get("name") == value and h.get("directory") == folder for h in hints):
             problems.append(f"{where}: no properties.models hint {{name: {value!r}, directory: {folder!r}, url}} "
                             "telling users where to download it")
     return problems
