@@ -7,15 +7,12 @@ from comfy_api.latest import io, ui
 from . import comfy_bridge as cb
 from . import memory
 from . import sockets as s
-from .engine.evaluation import AskingJudge, Evaluator, format_table, mean_by, wundt_sweep
+from .engine.evaluation import AskingJudge, Evaluator, format_table, sweep_columns, sweep_summary, wundt_sweep
 from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm
 from .engine.optimizer import OptimConfig
 from .engine.plots import plot_sweep
-from .pipeline_nodes import TRAIN_CHOICES
 
 CONFIGS = ("none", "anchor", "gate", "both")
-COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "n"]
-METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance")
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -57,7 +54,7 @@ class WundtSweep(io.ComfyNode):
                                     tooltip="Category text of the anchor configurations."),
                     io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
                                    tooltip="AdamW learning rate (paper: 1e-4)."),
-                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
+                    io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
                                    tooltip="What to train (paper: token + LoRA)."),
                     io.Int.Input("samples", default=32, min=2, max=4096, tooltip="Samples per measurement."),
                     s.Loss.Input("loss_terms", optional=True, tooltip="Extra terms for every configuration "
@@ -93,7 +90,7 @@ class WundtSweep(io.ComfyNode):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
         if (gate is not None or judge is not None) and renderer is None:
             raise ValueError("the gate and the judge look at rendered images: connect a renderer.")
-        cfg = OptimConfig(lr=learning_rate, train=TRAIN_CHOICES[train], template=prompt_template)
+        cfg = OptimConfig(lr=learning_rate, train=s.TRAIN_CHOICES[train], template=prompt_template)
         gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         base = [CreativeTerm(norm), *(loss_terms or ())]
         anchor = AnchorTerm.from_prior(prior, anchor_text)
@@ -106,8 +103,8 @@ class WundtSweep(io.ComfyNode):
         rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
                            cfg, seed_list,
                            progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
-        summary = mean_by(rows, ("config", "step"), METRICS)
-        text = format_table(summary, COLUMNS[:-1] + ["cluster_distance"] * (marked is not None) + ["n"])
+        summary = sweep_summary(rows)
+        text = format_table(summary, sweep_columns(cluster=marked is not None))
         return io.NodeOutput(plot_sweep(summary), text, ui=ui.PreviewText(text))
 
 

@@ -16,7 +16,6 @@ from .engine.optimizer import CreativeOptimizer, OptimConfig
 from .engine.plots import annotate, plot_embedding_map, plot_log
 from .engine.steplog import StepRecord
 
-TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}
 SEED = dict(default=0, min=0, max=2**63 - 1)
 
 
@@ -187,7 +186,7 @@ class LoRAOptimizer(io.ComfyNode):
                     io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
                                    tooltip="AdamW learning rate (paper: 1e-4)."),
                     io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
-                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
+                    io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
                                    tooltip="What to train (paper: token + LoRA)."),
                     io.Int.Input("seed", **SEED, control_after_generate=True,
                                  tooltip="Seeds the LoRA init, the per-step noise and the gate's render."),
@@ -220,7 +219,7 @@ class LoRAOptimizer(io.ComfyNode):
             raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
                              "renderer (Decoder Renderer).")
         terms = [CreativeTerm(norm, creative_weight), *(loss_terms or ())]
-        cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
+        cfg = OptimConfig(steps=steps, lr=learning_rate, train=s.TRAIN_CHOICES[train], rank=lora_rank,
                           alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
                           template=prompt_template)
         gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads

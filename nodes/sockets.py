@@ -17,4 +17,5 @@ Log = io.Custom("CREATIVE_LOG")
 
 CATEGORY = "creative"
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
+TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}  # shown -> OptimConfig.train
 PAPER_PROMPT = PAPER_TEMPLATE.format(subject="vehicle")  # the paper's template, for the default subject

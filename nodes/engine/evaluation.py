@@ -162,6 +162,22 @@ def measure_snapshots(prior: Prior, evaluator: Evaluator, subject: str, result, 
     return rows
 
 
+SWEEP_KEYS = ("config", "step")
+SWEEP_METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance", "rare", "creativity")
+
+
+def sweep_columns(*, rarity: bool = False, cluster: bool = False) -> list[str]:
+    """The sweep table's columns: novelty, validity, diversity; the rarity judge's shares and the distance
+    to a marked cluster when measured; ``n`` (runs averaged)."""
+    return ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity",
+            *(["rare", "creativity"] if rarity else []), *(["cluster_distance"] if cluster else []), "n"]
+
+
+def sweep_summary(rows: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
+    """Sweep rows averaged per configuration and step (over subjects and seeds), with ``extra`` values."""
+    return mean_by(rows, SWEEP_KEYS, SWEEP_METRICS + extra)
+
+
 def mean_by(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
     """Average ``values`` over rows sharing ``keys`` (e.g. over seeds and subjects)."""
     groups: dict[tuple, list[dict]] = {}

@@ -193,11 +193,17 @@ class MLLMJudge:
         ``apply_chat_template(tokenize=True)`` is the path each family's processor is maintained
         for: it inserts the image placeholder tokens and avoids a duplicated BOS.
         """
-        content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs=dict(self.family.processor_kwargs))
+        return question_inputs(self.processor, image, question, self.family.processor_kwargs)
+
+
+def question_inputs(processor: object, image: Image.Image, question: str,
+                    processor_kwargs: dict[str, object] | None = None) -> BatchFeature:
+    """One user turn (the image, then the question) through the processor's chat template, ending at the
+    assistant's turn: what the judge asks, and what the mini world's MLLM is trained on."""
+    content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt", processor_kwargs=dict(processor_kwargs or {}))
 
 
 def yes_probability(logits: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> torch.Tensor:

@@ -20,23 +20,21 @@ import torch
 import torch.nn.functional as F
 
 from .concept import Concept, activate_concept, placeholder_embeddings
+from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# subfolder -> files that must exist (any one of each tuple) for the part to load.
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-_TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-LAYOUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
+LAYOUTS: dict[str, Layout] = {
     "kandinsky": {
-        "prior": (("config.json",), _DIFFUSERS_WEIGHTS),
-        "text_encoder": (("config.json",), _TRANSFORMERS_WEIGHTS),
+        "prior": (("config.json",), DIFFUSERS_WEIGHTS),
+        "text_encoder": (("config.json",), TRANSFORMERS_WEIGHTS),
         "tokenizer": (("vocab.json", "tokenizer.json"),),
         "scheduler": (("scheduler_config.json",),),
     },
     "karlo": {
-        "prior": (("config.json",), _DIFFUSERS_WEIGHTS),
-        "text_encoder": (("config.json",), _TRANSFORMERS_WEIGHTS),
+        "prior": (("config.json",), DIFFUSERS_WEIGHTS),
+        "text_encoder": (("config.json",), TRANSFORMERS_WEIGHTS),
         "tokenizer": (("vocab.json", "tokenizer.json"),),
         "prior_scheduler": (("scheduler_config.json",),),
     },
@@ -223,42 +221,26 @@ def detect_layout(folder: str | os.PathLike) -> tuple[str, str]:
     if index.is_file():
         family = FAMILIES.get(json.loads(index.read_text()).get("_class_name", ""), "unknown")
     layout = "karlo" if (root / "prior_scheduler").is_dir() or family == "karlo" else "kandinsky"
-    for sub, needs in LAYOUTS[layout].items():
-        for options in needs:
-            if not any((root / sub / name).is_file() for name in options):
-                raise PriorFolderError(
-                    f"'{root}' is not a complete diffusion prior: missing {sub}/{options[0]}"
-                    + (f" (or {', '.join(options[1:])})" if len(options) > 1 else "")
-                    + ". Expected the layout of kandinsky-community/kandinsky-2-1-prior, "
-                    "kandinsky-community/kandinsky-2-2-prior or kakaobrain/karlo-v1-alpha.")
+    missing = first_missing(root, LAYOUTS[layout])
+    if missing is not None:
+        raise PriorFolderError(
+            f"'{root}' is not a complete diffusion prior: missing {missing}. Expected the layout of "
+            "kandinsky-community/kandinsky-2-1-prior, kandinsky-community/kandinsky-2-2-prior or "
+            "kakaobrain/karlo-v1-alpha.")
     if family == "unknown":
         width = json.loads((root / "prior" / "config.json").read_text()).get("embedding_dim")
         family = {768: "kandinsky-2.1", 1280: "kandinsky-2.2"}.get(width, "unknown")
     return layout, family
 
 
-def resolve_prior_source(source: str, allow_download: bool = False) -> Path:
-    """A local folder, or (only when allowed) a Hugging Face repo id fetched to the local cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if not allow_download:
-        raise PriorFolderError(
-            f"'{source}' is not a local folder and downloads are off. Download the prior into ComfyUI's "
-            "models/diffusers folder, or switch on downloads to fetch it from Hugging Face.")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                  ignore_patterns=["*decoder*", "*unet*", "*movq*", "super_res*", "text_proj*"]))
-
-
-def load_prior(source: str, *, allow_download: bool = False, device: str | torch.device = "cpu",
+def load_prior(source: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Prior:
-    """Load a prior from a diffusers folder (safetensors only, no remote code, offline by default)."""
+    """Load a prior from a local diffusers folder (safetensors only, no remote code, never the network;
+    the loader node downloads first when the user allows it)."""
     from diffusers import PriorTransformer, UnCLIPScheduler
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    root = resolve_prior_source(source, allow_download)
+    root = Path(source).expanduser()
     layout, family = detect_layout(root)
     common = dict(local_files_only=True, use_safetensors=True)
     transformer = PriorTransformer.from_pretrained(root / "prior", torch_dtype=dtype, **common)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
+
 if TYPE_CHECKING:
     from diffusers import KandinskyPipeline, KandinskyV22Pipeline
 
@@ -25,18 +27,16 @@ ProgressCallback = Callable[[int, int], None]  # (done, total); raising from it 
 
 # model_index.json "_class_name" -> decoder family.
 FAMILIES = {"KandinskyV22Pipeline": "kandinsky-2.2", "KandinskyPipeline": "kandinsky-2.1"}
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-_COMMON = {
-    "unet": (("config.json",), _DIFFUSERS_WEIGHTS),
+_COMMON: Layout = {
+    "unet": (("config.json",), DIFFUSERS_WEIGHTS),
     "scheduler": (("scheduler_config.json",),),
-    "movq": (("config.json",), _DIFFUSERS_WEIGHTS),
+    "movq": (("config.json",), DIFFUSERS_WEIGHTS),
 }
-# family -> subfolder -> files that must exist (any one of each tuple).
-LAYOUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
+LAYOUTS: dict[str, Layout] = {  # family -> layout
     "kandinsky-2.2": _COMMON,
     "kandinsky-2.1": {
         **_COMMON,
-        "text_encoder": (("config.json",), ("model.safetensors", "model.safetensors.index.json")),
+        "text_encoder": (("config.json",), TRANSFORMERS_WEIGHTS),
         "tokenizer": (("tokenizer.json", "sentencepiece.bpe.model"),),
     },
 }
@@ -174,12 +174,10 @@ def detect_decoder_family(folder: str | os.PathLike) -> str:
         raise DecoderFolderError(f"'{root}' holds a {name or 'unknown pipeline'}, not a Kandinsky decoder "
                                  f"(KandinskyV22Pipeline or KandinskyPipeline). Expected the layout of {_EXPECTED}.")
     family = FAMILIES[name]
-    for sub, needs in LAYOUTS[family].items():
-        for options in needs:
-            if not any((root / sub / option).is_file() for option in options):
-                alternatives = f" (or {', '.join(options[1:])})" if len(options) > 1 else ""
-                raise DecoderFolderError(f"'{root}' is not a complete {family} decoder: missing "
-                                         f"{sub}/{options[0]}{alternatives}. Expected the layout of {_EXPECTED}.")
+    missing = first_missing(root, LAYOUTS[family])
+    if missing is not None:
+        raise DecoderFolderError(f"'{root}' is not a complete {family} decoder: missing {missing}. "
+                                 f"Expected the layout of {_EXPECTED}.")
     return family
 
 

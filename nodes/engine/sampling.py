@@ -90,11 +90,14 @@ def build_prefix(transformer: torch.nn.Module, emb: PromptEmbeds) -> PrefixCache
 
 def predict(transformer: torch.nn.Module, cache: PrefixCache, groups: list[tuple[int, int]],
             latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """The prior's x0 prediction for ``latents``; ``groups`` = [(prefix row, count), ...] in order."""
+    """The prior's x0 prediction for ``latents``; ``groups`` = [(prefix row, count), ...] in order.
+
+    ``timestep`` is one for all rows (sampling) or one per row ``[B]`` (training draws a noise level
+    per sample)."""
     tf = transformer
     dtype = cache.tail_pos.dtype
     b = latents.shape[0]
-    t = timestep.reshape(1).to(latents.device).expand(b)
+    t = timestep.reshape(-1).to(latents.device).expand(b)
     time = tf.time_embedding(tf.time_proj(t).to(dtype))
     readout = tf.prd_embedding[0, 0].to(dtype).expand(b, -1)
     x = torch.stack([time, tf.proj_in(latents.to(dtype)), readout], dim=1) + cache.tail_pos

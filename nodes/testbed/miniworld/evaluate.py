@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from ...engine.bank import PAPER_TEMPLATE, sample_bank
-from ...engine.evaluation import Evaluator, format_table, mean_by, measure_snapshots, wundt_sweep
+from ...engine.evaluation import (
+    Evaluator,
+    format_table,
+    mean_by,
+    measure_snapshots,
+    sweep_columns,
+    sweep_summary,
+    wundt_sweep,
+)
 from ...engine.gate import ValidityGate
 from ...engine.losses import AnchorTerm, CreativeTerm, negative_cluster
 from ...engine.mllm import load_mllm
@@ -41,9 +49,7 @@ from .judge import KindJudge, load_judge
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"
 RENDER = RenderSettings(steps=10, guidance=2.0, height=32, width=32, seed=0)  # what the decoder was trained for
-COLUMNS = ["config", "step", "novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity", "n"]
-METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "cluster_distance", "rare", "creativity",
-           "seconds")
+TIMING = ("seconds",)  # averaged beside the sweep's metrics
 STUDIES = ("wundt", "train", "negative", "baselines")
 WUNDT_CONFIGS = ("none", "anchor", "gate", "both")
 DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100",
@@ -158,8 +164,7 @@ def table(rows: list[dict], study: str) -> str:
     if study == "baselines":
         columns = ["config", "step", *SPREAD, "n"]
         return format_table(mean_sd_by(rows, ("config", "step"), SPREAD), columns)
-    columns = COLUMNS[:-1] + (["cluster_distance"] if study == "negative" else []) + ["n"]
-    return format_table(mean_by(rows, ("config", "step"), METRICS), columns)
+    return format_table(sweep_summary(rows, TIMING), sweep_columns(rarity=True, cluster=study == "negative"))
 
 
 def main() -> None:
@@ -208,7 +213,7 @@ def main() -> None:
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "
           f"{args.samples} samples per measurement; {time.perf_counter() - t0:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({st: {"rows": rows, "summary": mean_by(rows, ("config", "step"), METRICS)}
+    args.out.write_text(json.dumps({st: {"rows": rows, "summary": sweep_summary(rows, TIMING)}
                                     for st, rows in results.items()}, indent=1, default=str))
 
 

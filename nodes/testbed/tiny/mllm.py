@@ -10,8 +10,12 @@ yes/no forward takes milliseconds; the answers are random but deterministic per 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Words the gate's prompts use; anything else (an unusual subject) becomes [UNK], which is fine
 # for a random model. "Yes"/"yes"/"No"/"no" must be distinct tokens for the judge.
@@ -73,8 +77,9 @@ IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>
 IDEFICS3_PIXELS = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
 
 
-def word_tokenizer(specials: tuple[str, ...], *, adds_bos: bool = False, **special_roles):
-    """A fast word-level tokenizer over ``WORDS``; ``specials`` are never split (``<image>`` ...).
+def word_tokenizer(specials: tuple[str, ...], *, words: tuple[str, ...] = WORDS, adds_bos: bool = False,
+                   **special_roles: object) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer over ``words``; ``specials`` are never split (``<image>`` ...).
 
     Real checkpoints ship BPE/SentencePiece vocabularies; a word-level one keeps the files
     tiny and the yes/no tokens unambiguous, and loads through the same ``AutoTokenizer`` path.
@@ -84,7 +89,7 @@ def word_tokenizer(specials: tuple[str, ...], *, adds_bos: bool = False, **speci
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(("[UNK]", *specials, *WORDS))}
+    vocab = {token: i for i, token in enumerate(("[UNK]", *specials, *words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
@@ -275,7 +280,7 @@ def build_tiny_smolvlm(folder: str | Path, seed: int = 0) -> Path:
 
 
 
-def _idefics3_config(config_class: type, tokenizer):
+def _idefics3_config(config_class: type, tokenizer: PreTrainedTokenizerFast) -> object:
     """Idefics3 and SmolVLM configs: 32 px SigLIP tiles of 8 px patches, pixel shuffle by 2, tiny Llama."""
     ids = tokenizer.convert_tokens_to_ids
     return config_class(
@@ -288,7 +293,7 @@ def _idefics3_config(config_class: type, tokenizer):
         scale_factor=2, image_token_id=ids("<image>"))
 
 
-def _save(folder: Path, model_class: type, config, processor, seed: int) -> Path:
+def _save(folder: Path, model_class: type, config: object, processor: object, seed: int) -> Path:
     """Initialise the model from ``seed`` and save it with its processor, safetensors only."""
     torch.manual_seed(seed)
     model = model_class(config).eval()

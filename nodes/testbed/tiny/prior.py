@@ -7,9 +7,17 @@ from pathlib import Path
 
 import torch
 
+from ...engine.prior import CLIP_MEAN, CLIP_STD
 from .tokenizer import save_clip_tokenizer
 
 PIPELINES = {"kandinsky-2.1": "KandinskyPriorPipeline", "kandinsky-2.2": "KandinskyV22PriorPipeline"}
+
+
+def clip_processor_config(size: int) -> dict[str, object]:
+    """A prior folder's ``image_processor/preprocessor_config.json``: OpenAI CLIP's normalisation at ``size`` px."""
+    return {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": size, "width": size},
+            "size": {"shortest_edge": size}, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+            "do_resize": True, "do_center_crop": True, "do_normalize": True, "resample": 3}
 
 
 def build_tiny_prior(folder: str | Path, *, family: str = "kandinsky-2.2", width: int = 32, layers: int = 2,
@@ -54,11 +62,7 @@ def build_tiny_prior(folder: str | Path, *, family: str = "kandinsky-2.2", width
             patch_size=8, projection_dim=embed_dim))
         vision.save_pretrained(folder / "image_encoder", safe_serialization=True)
         (folder / "image_processor").mkdir(parents=True, exist_ok=True)
-        (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 32, "width": 32},
-             "size": {"shortest_edge": 32}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-             "image_std": [0.26862954, 0.26130258, 0.27577711], "do_resize": True, "do_center_crop": True,
-             "do_normalize": True}))
+        (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(clip_processor_config(32)))
         index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
         index["image_processor"] = ["transformers", "CLIPImageProcessor"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

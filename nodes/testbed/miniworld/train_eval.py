@@ -1,0 +1,163 @@
+"""Stage 6 of the mini world: accuracies on held-out world images through the real loaders, the table
+of ``models/miniworld/README.md`` and ``metrics.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world as W
+from .train_setup import Config, Split
+
+
+def measure_models(cfg: Config, out: Path, test: Split) -> dict:
+    """Accuracies of every saved model on held-out world images, loaded through the pack's real loaders."""
+    from ...engine.mllm import load_mllm
+    from ...engine.prior import load_prior
+    from ...engine.render import load_decoder
+    from ...engine.sampling import sample_embeddings
+    from .judge import load_judge
+
+    metrics: dict[str, dict] = {}
+    prior = load_prior(str(out / "prior"))
+    judge = load_judge(out / "judge")
+    truth = [s.labels() for s in test.scenes]
+    # CLIP zero-shot: nearest caption embedding.
+    with torch.no_grad():
+        img = F.normalize(prior.encode_images(test.images()), dim=-1)
+        kind_txt = F.normalize(prior.encode_prompt([f"a photo of {W.article(k)} {k}" for k in W.KINDS]).text_embeds, dim=-1)
+        kind_pred = (img @ kind_txt.T).argmax(1).numpy()
+        colour_acc, bg_acc = [], []
+        for i, s in enumerate(test.scenes):
+            if i >= 300:
+                break
+            col = F.normalize(prior.encode_prompt([W.caption_for({"kind": s.kind, "colour": c}, 2)
+                                                   for c in W.COLOURS]).text_embeds, dim=-1)
+            colour_acc.append(list(W.COLOURS)[int((img[i] @ col.T).argmax())] == s.colour)
+            bg = F.normalize(prior.encode_prompt([W.caption_for({"kind": s.kind, "background": b}, 4)
+                                                  for b in W.BACKGROUNDS]).text_embeds, dim=-1)
+            bg_acc.append(W.BACKGROUNDS[int((img[i] @ bg.T).argmax())] == s.background)
+        cat_txt = F.normalize(prior.encode_prompt([f"a photo of {W.article(c)} {c}" for c in W.CATEGORIES]).text_embeds, dim=-1)
+        cat_pred = (img @ cat_txt.T).argmax(1).numpy()
+    metrics["clip_zero_shot"] = {
+        "kind": float((kind_pred == test.labels["kind"]).mean()),
+        "category": float((cat_pred == test.labels["category"]).mean()),
+        "colour_given_kind": float(np.mean(colour_acc)), "background_given_kind": float(np.mean(bg_acc)),
+        "n": len(test.scenes)}
+    # Prior: sampled embeddings (5 steps, guidance 4, the paper's settings) classified by nearest text.
+    correct, colour_ok, n = 0, 0, 0
+    samples_by_kind = {}
+    for k in W.KINDS:
+        e = F.normalize(sample_embeddings(prior, f"a photo of {W.article(k)} {k}", cfg.eval_prior_samples,
+                                          steps=5, guidance=4.0, seed=cfg.seed), dim=-1)
+        samples_by_kind[k] = e
+        correct += int(((e @ kind_txt.T).argmax(1) == W.KINDS.index(k)).sum())
+        n += len(e)
+    for k in ("car", "boat", "flower"):
+        col = F.normalize(prior.encode_prompt([W.caption_for({"kind": k, "colour": c}, 2) for c in W.COLOURS]).text_embeds, dim=-1)
+        for ci, c in enumerate(W.COLOURS):
+            e = F.normalize(sample_embeddings(prior, W.caption_for({"kind": k, "colour": c}, 2), 20, steps=5,
+                                              guidance=4.0, seed=cfg.seed), dim=-1)
+            colour_ok += int(((e @ col.T).argmax(1) == ci).sum())
+    metrics["prior"] = {"kind": correct / n, "colour_given_kind": colour_ok / (3 * len(W.COLOURS) * 20),
+                        "samples_per_prompt": cfg.eval_prior_samples, "steps": 5, "guidance": 4.0}
+    # Decoder: render embeddings of held-out images; the judge reads the renders.
+    decoder = load_decoder(out / "decoder")
+    zero = prior.zero_image_embed()
+    idx = np.arange(cfg.eval_render)
+    with torch.no_grad():
+        emb = prior.encode_images(test.images(idx))
+    renders = decoder.render(emb, negative_embeds=zero, seed=cfg.seed, steps=cfg.render_steps,
+                             guidance=cfg.render_guidance, height=cfg.res, width=cfg.res)
+    acc = judge.accuracy(renders, [truth[i] for i in idx])
+    metrics["decoder"] = {**{f"judge_{k}": v for k, v in acc.items()}, "n": len(idx), "steps": cfg.render_steps,
+                          "guidance": cfg.render_guidance, "size": cfg.res}
+    # End to end: prior samples for "a photo of a {kind}" rendered and judged.
+    e2e = torch.cat([sample_embeddings(prior, f"a photo of {W.article(k)} {k}", 10, steps=5, guidance=4.0,
+                                       seed=cfg.seed + 1) for k in W.KINDS])
+    e2e_img = decoder.render(e2e, negative_embeds=zero, seed=cfg.seed, steps=cfg.render_steps,
+                             guidance=cfg.render_guidance, height=cfg.res, width=cfg.res)
+    e2e_pred = judge.predict(e2e_img)
+    metrics["text_to_image"] = {"judge_kind": float(np.mean([p["kind"] == W.KINDS[i // 10] for i, p in enumerate(e2e_pred)])),
+                                "n": len(e2e_pred)}
+    W.contact_sheet((renders.numpy() * 255).round().astype(np.uint8)[:48], columns=8, scale=2).save(out / "renders.png")
+    W.contact_sheet((e2e_img.numpy() * 255).round().astype(np.uint8), columns=10, scale=2).save(out / "text_to_image.png")
+    # MLLM through the real judge path.
+    mllm = load_mllm(str(out / "mllm"))
+    rng = np.random.default_rng(cfg.seed + 7)
+    hits, hits_render, n_q = 0, 0, cfg.eval_mllm
+    for q in range(n_q):
+        i = q % len(test.scenes)
+        s = test.scenes[i]
+        w = [s.kind, s.category, W.KINDS[int(rng.integers(len(W.KINDS)))], W.CATEGORIES[int(rng.integers(4))]][q % 4]
+        question = f"Is this still {W.article(w)} {w}? Yes or No." if q % 2 else f"Is this {W.article(w)} {w}? Yes or No."
+        truth_yes = w in (s.kind, s.category)
+        hits += int((float(mllm.p_yes(test.images([i]), question)[0]) > 0.5) == truth_yes)
+        if i < len(renders):
+            hits_render += int((float(mllm.p_yes(renders[i:i + 1], question)[0]) > 0.5) == truth_yes)
+    vision = mllm.check_vision()
+    metrics["mllm"] = {"yes_no": hits / n_q, "yes_no_on_renders": hits_render / min(n_q, len(renders)),
+                       "n": n_q, "vision_check_passed": bool(vision.sees)}
+    # Judge on held-out (clean) world images.
+    metrics["judge"] = {**judge.accuracy(test.images(), truth), "n": len(test.scenes)}
+    return metrics
+
+
+def metrics_table(metrics: dict) -> str:
+    """The accuracies as a Markdown table."""
+    rows = [("CLIP zero-shot kind (9-way)", metrics["clip_zero_shot"]["kind"]),
+            ("CLIP zero-shot category (4-way)", metrics["clip_zero_shot"]["category"]),
+            ("CLIP zero-shot colour given kind (8-way)", metrics["clip_zero_shot"]["colour_given_kind"]),
+            ("CLIP zero-shot background given kind (5-way)", metrics["clip_zero_shot"]["background_given_kind"]),
+            ("prior samples -> nearest kind text", metrics["prior"]["kind"]),
+            ("prior samples -> nearest colour text given kind", metrics["prior"]["colour_given_kind"]),
+            ("decoder renders of image embeds: judge kind", metrics["decoder"]["judge_kind"]),
+            ("decoder renders of image embeds: judge colour", metrics["decoder"]["judge_colour"]),
+            ("text -> prior -> decoder: judge kind", metrics["text_to_image"]["judge_kind"]),
+            ("MLLM yes/no (world images)", metrics["mllm"]["yes_no"]),
+            ("MLLM yes/no (decoder renders)", metrics["mllm"]["yes_no_on_renders"]),
+            ("judge kind (held-out images)", metrics["judge"]["kind"]),
+            ("judge colour", metrics["judge"]["colour"]),
+            ("judge background", metrics["judge"]["background"]),
+            ("judge size", metrics["judge"]["size"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'metric'.ljust(width)} | accuracy |", f"|{'-' * (width + 2)}|---------:|"]
+    lines += [f"| {name.ljust(width)} | {value:8.3f} |" for name, value in rows]
+    check = "passed" if metrics["mllm"]["vision_check_passed"] else "FAILED"
+    lines += ["", f"MLLM vision check (plain red/blue images, `MLLMJudge.check_vision`): {check}"]
+    return "\n".join(lines)
+
+
+README = """# Mini-world models
+
+Small models trained only on the procedural mini world (`nodes/testbed/miniworld/world.py`), so the
+whole creative pipeline runs offline, on a CPU, with no downloaded weights. Made by
+
+    python nodes/testbed/run.py train --out models/miniworld
+
+(seeded; {wall:.0f} s on a shared 2-core CPU; see `metrics.json` for the configuration and stage times).
+
+| folder | what | loads with |
+|---|---|---|
+| `prior/` | Kandinsky 2.2 prior layout: `PriorTransformer` (x0 prediction, `clip_mean`/`clip_std` from the data), mini CLIP text tower (`text_encoder/`, real CLIP BPE `tokenizer/`) and vision tower (`image_encoder/`), `UnCLIPScheduler` | `nodes.engine.prior.load_prior` |
+| `decoder/` | Kandinsky 2.2 decoder layout: `UNet2DConditionModel` (image-embedding conditioning, x0 prediction), `VQModel` movq (32 px <-> 8x8x4), `DDIMScheduler`; render at {size} px, {steps} steps, guidance {guidance} | `nodes.engine.render.load_decoder` |
+| `mllm/` | tiny LLaVA-NeXT (vision tower initialised from the mini CLIP's) answering yes/no questions | `nodes.engine.mllm.load_mllm` |
+| `judge/` | independent CNN classifier of kind / colour / background / size, for evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
+
+Embeddings are {width}-d (use PCA dims < {width}). Weights are float16; the loaders upcast. Only the
+CLIP token-table rows of words the world's captions use are non-zero.
+
+## Accuracy on held-out world images
+
+{table}
+
+Licences: weights are this project's own (same licence as the code); the CLIP BPE vocabulary in
+`prior/tokenizer/` is OpenAI's (MIT, see `nodes/testbed/tiny/CLIP_BPE_LICENSE`).
+"""
+
+
+def print_table(metrics: dict) -> None:
+    print(metrics_table(metrics))
