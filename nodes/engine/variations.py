@@ -1,0 +1,97 @@
+"""Creative variations of a given image (the paper's project-page extension).
+
+Three steps built from the method's own parts:
+
+1. the image is encoded with the prior's own CLIP image encoder, into the space the norm lives in
+   (a prior without an image encoder is refused);
+2. inversion: a token (optionally with the LoRA) is optimised so the prior's output for
+   "a photo of a {token}" matches that embedding; it is the creative optimiser with the image
+   anchor ``1 − cos(e, image embedding)`` as its only loss term;
+3. the creative optimisation starts from the inverted token and LoRA, anchored to the image (the
+   image anchor, beside any text anchor given) and gated as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .concept import Concept
+from .gate import ValidityGate
+from .losses import AnchorTerm, CreativeTerm, LossTerm
+from .norm import GaussianNorm
+from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
+from .prior import Prior, PriorFolderError
+from .steplog import StepRecord
+
+
+class _FromConcept(CreativeOptimizer):
+    """The optimiser, starting from a learned concept's token and LoRA instead of the subject word."""
+
+    def __init__(self, *args, start: Concept, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = start
+
+    def _setup(self):
+        from peft import set_peft_model_state_dict
+
+        view, vector, lora_params = super()._setup()
+        with torch.no_grad():
+            if vector is not None and self.start.token_embedding is not None:
+                vector.copy_(self.start.token_embedding.to(vector))
+            if lora_params and self.start.lora_state:
+                set_peft_model_state_dict(self.prior.transformer, self.start.lora_state, adapter_name=self.adapter)
+        return view, vector, lora_params
+
+
+@dataclass
+class VariationsResult:
+    image_embeds: torch.Tensor  # [1, D], the image in the prior's CLIP image space
+    image_log_likelihood: float  # under the norm
+    inversion: OptimResult
+    creative: OptimResult
+
+    @property
+    def concept(self) -> Concept:
+        return self.creative.concept
+
+
+def encode_image(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """The image's CLIP embedding ``[1, D]`` (several images: their mean), by the prior's own image encoder."""
+    if prior.image_encoder is None:
+        raise PriorFolderError(f"The prior at '{prior.source}' has no image encoder, so it cannot read an image: load a "
+                               "prior folder with image_encoder/ (Kandinsky 2.1 / 2.2 priors ship one).")
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] != 3:
+        raise ValueError(f"Expected an IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}.")
+    return prior.encode_images(images).mean(0, keepdim=True).float().cpu()
+
+
+def image_variations(prior: Prior, norm: GaussianNorm, images: torch.Tensor, subject: str, cfg: OptimConfig, *,
+                     inversion_steps: int = 200, inversion_lr: float = 1e-2, image_weight: float = 1.0,
+                     terms: Sequence[LossTerm] = (), gate: ValidityGate | None = None,
+                     renderer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     callback: Callable[[str, StepRecord], None] | None = None) -> VariationsResult:
+    """Invert ``images`` into a token (+ LoRA), then optimise creatively from there, anchored to the image.
+
+    ``cfg`` is the creative stage's configuration; the inversion uses the same token, LoRA shape and
+    prior settings with ``inversion_steps`` and ``inversion_lr``. ``terms`` are added to the creative
+    stage (e.g. a text anchor). ``callback(stage, record)``, stage "inversion" or "creative", runs after
+    every step and may raise to cancel.
+    """
+    if inversion_steps < 1:
+        raise ValueError(f"inversion_steps must be at least 1, got {inversion_steps}.")
+    target = encode_image(prior, images)
+    anchor = AnchorTerm(target[0], "", float(image_weight), "image_anchor")
+    invert_cfg = replace(cfg, steps=inversion_steps, lr=inversion_lr)
+    hook = (lambda stage: None if callback is None else (lambda record: callback(stage, record)))
+    inversion = CreativeOptimizer(prior, norm, subject, [replace(anchor, weight=1.0)], invert_cfg).run(
+        hook("inversion"))
+    creative = inversion  # a cancelled inversion is not continued
+    if inversion.stop_reason != "cancelled":
+        creative = _FromConcept(prior, norm, subject, [CreativeTerm(norm), anchor, *terms], cfg, gate, renderer,
+                                start=inversion.concept).run(hook("creative"))
+    with torch.no_grad():
+        image_ll = float(norm.log_prob(target.double())[0])
+    return VariationsResult(target, image_ll, inversion, creative)
