@@ -4,7 +4,7 @@ Kept import-cheap on purpose: ComfyUI imports every pack at start-up, so nothing
 models, diffusers pipelines) is touched here; the node classes load when ComfyUI asks for them.
 """
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"  # the curation grid and small display fixes (plain JavaScript, no build step)
 
 
 async def comfy_entrypoint():

@@ -106,12 +106,14 @@ class Progress:
         self.node_id, self.total = node_id, total
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
-    def __call__(self, done: int, text: str | None = None, preview=None, total: int | None = None) -> None:
+    def __call__(self, done: int, text: str | None = None, preview: torch.Tensor | None = None,
+                 total: int | None = None) -> None:
+        """``preview``: an image ``[H, W, 3]`` (0..1) shown as the node's progress preview, enlarged."""
         import comfy.model_management
 
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.total = total or self.total
-        self.bar.update_absolute(done, self.total, preview)
+        self.bar.update_absolute(done, self.total, None if preview is None else progress_preview(preview))
         if text:
             self.text(text)
 
@@ -119,6 +121,27 @@ class Progress:
         server = _prompt_server()
         if server is not None and self.node_id is not None:
             server.send_progress_text(text, self.node_id)
+
+
+PREVIEW_SIDE = 256  # small renders (the mini world's 32 px) are shown at least this big
+
+
+def enlarged(images: torch.Tensor, side: int = PREVIEW_SIDE) -> torch.Tensor:
+    """Images ``[B, H, W, C]`` scaled up by a whole factor (nearest neighbour, so pixels stay sharp) until
+    the shorter side reaches ``side``; for previews only, never for images that flow downstream."""
+    factor = -(-side // max(1, min(images.shape[1:3])))
+    if factor <= 1:
+        return images
+    return images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def progress_preview(image: torch.Tensor) -> tuple:
+    """The ``("JPEG", PIL image, max size)`` ComfyUI's progress hook sends as a node's preview."""
+    from PIL import Image
+
+    pixels = enlarged(image.detach().float().cpu().reshape(1, *image.shape[-3:]))[0]
+    array = (pixels.clamp(0, 1).numpy() * 255).round().astype("uint8")
+    return "JPEG", Image.fromarray(array[..., :3]), 512
 
 
 def _prompt_server():
