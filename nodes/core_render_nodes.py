@@ -10,16 +10,21 @@ width; :func:`check_width` and :func:`model_embed_width` refuse mismatches early
 :class:`CoreRenderer` is the optimiser's renderer made of core pieces: per embedding, core
 ``unCLIPConditioning`` on the user's positive conditioning, core's sampler
 (``comfy.sample.sample`` with the noise/latent preparation ``common_ksampler`` does) and core
-``VAEDecode``. :class:`CoreRendererNode` (``CreativeCoreRenderer``) makes one.
+``VAEDecode``. :class:`CoreRendererNode` (``CreativeCoreRenderer``) makes one, and
+:class:`EmbedsToClipVision` (``CreativeEmbedsToCLIPVision``) hands embeddings to core's own
+``unCLIPConditioning`` instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from comfy_api.latest import io
+
+if TYPE_CHECKING:
+    import comfy.clip_vision
 
 from . import memory
 from . import sockets as s
@@ -84,7 +89,7 @@ def model_embed_width(model) -> int:
     return int(augmentor.data_mean.shape[-1])
 
 
-def clip_vision_output(embeds: torch.Tensor):
+def clip_vision_output(embeds: torch.Tensor) -> comfy.clip_vision.Output:
     """A core ``CLIP_VISION_OUTPUT`` whose ``image_embeds`` are ``embeds`` (detached float32 copy)."""
     import comfy.clip_vision
 
@@ -202,7 +207,7 @@ class CoreRenderer:
         latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
         noise = comfy.sample.prepare_noise(latent, st.seed)
 
-        def on_step(step, x0, x, total_steps):
+        def on_step(step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
             if progress is not None:
                 progress(index * st.steps + min(step + 1, st.steps), total)
@@ -213,9 +218,38 @@ class CoreRenderer:
         return nodes.VAEDecode().decode(self.vae, {"samples": samples})[0]
 
 
+class EmbedsToClipVision(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CreativeEmbedsToCLIPVision", display_name="Embeddings to CLIP Vision Output (Creative)",
+            category=f"{s.CATEGORY}/render",
+            description="Turns embeddings into a core CLIP_VISION_OUTPUT so core unCLIPConditioning -> KSampler can "
+                        "render them: 768-d (Kandinsky 2.1 / Karlo priors) with SD 2.1 unCLIP-L, 1024-d with SD 2.1 "
+                        "unCLIP-H, 1280-d (Kandinsky 2.2 prior) with SDXL (revision). Other widths are refused.",
+            inputs=[s.Embeds.Input("embeds", tooltip="Embeddings from a prior, e.g. a concept's samples."),
+                    io.Int.Input("start", default=0, min=0, tooltip="First embedding to pass on."),
+                    io.Int.Input("count", default=1, min=1, max=64,
+                                 tooltip="How many to pass on. unCLIPConditioning blends several into one "
+                                         "conditioning (core sums them); for one image each use count 1 per node, "
+                                         "or the Core Model Renderer."),
+                    io.Combo.Input("target", options=list(TARGETS), default=ANY, optional=True,
+                                   tooltip="The model the embeddings go to; their width must match it. 'any' accepts "
+                                           "768, 1024 and 1280.")],
+            outputs=[io.ClipVisionOutput.Output(display_name="clip_vision_output")])
+
+    @classmethod
+    def execute(cls, embeds, start, count, target="any") -> io.NodeOutput:
+        check_width(embeds.dim, target, embeds.prior_identity)
+        chosen = embeds.embeds[start:start + count]
+        if not len(chosen):
+            raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
+        return io.NodeOutput(clip_vision_output(chosen))
+
+
 class CoreRendererNode(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         import comfy.samplers
 
         return io.Schema(
@@ -251,7 +285,7 @@ class CoreRendererNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height,
-                strength, noise_augmentation):
+                strength, noise_augmentation) -> io.NodeOutput:
         model_embed_width(model)  # refuse a model without an unCLIP path here, not at the first gate check
         settings = CoreRenderSettings(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                       width=width, height=height, seed=seed, strength=strength,
@@ -261,4 +295,4 @@ class CoreRendererNode(io.ComfyNode):
         return io.NodeOutput(renderer)
 
 
-NODES = [CoreRendererNode]
+NODES = [EmbedsToClipVision, CoreRendererNode]

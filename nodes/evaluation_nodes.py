@@ -35,7 +35,7 @@ def parse_configs(text: str) -> list[str]:
 
 class WundtSweep(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeWundtSweep", display_name="Creativity Sweep (Creative)", category=f"{s.CATEGORY}/evaluate",
             description="Runs the optimiser for each pullback configuration and seed, and measures novelty (log-"
@@ -72,7 +72,7 @@ class WundtSweep(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject, steps, configs, seeds, prompt_template=OptimConfig.template):
+    def validate_inputs(cls, subject, steps, configs, seeds, prompt_template=OptimConfig.template) -> bool | str:
         try:
             parse_ints(steps, "steps"), parse_ints(seeds, "seeds"), parse_configs(configs)
         except ValueError as err:
@@ -84,7 +84,8 @@ class WundtSweep(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, embeds, subject, steps, configs, seeds, anchor_text, learning_rate, train, samples,
-                loss_terms=None, gate=None, renderer=None, judge=None, prompt_template=OptimConfig.template):
+                loss_terms=None, gate=None, renderer=None, judge=None,
+                prompt_template=OptimConfig.template) -> io.NodeOutput:
         chosen, seed_list = parse_configs(configs), parse_ints(seeds, "seeds")
         if gate is None and {"gate", "both"} & set(chosen):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")

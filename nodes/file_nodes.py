@@ -1,4 +1,4 @@
-"""Saving and loading banks and concepts, picking embeddings, and the bridge into core unCLIP."""
+"""Saving and loading banks, concepts and logs, and picking embeddings."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _saved(path: Path) -> ui.PreviewText:
 
 class SaveEmbeds(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeSaveEmbeds", display_name="Save Embeddings (Creative)", category=f"{s.CATEGORY}/files",
             description="Writes a bank (embeddings + provenance) as safetensors to output/creative/embeds; it then "
@@ -40,7 +40,7 @@ class SaveEmbeds(io.ComfyNode):
             outputs=[], is_output_node=True)
 
     @classmethod
-    def execute(cls, embeds, filename_prefix):
+    def execute(cls, embeds, filename_prefix) -> io.NodeOutput:
         path = _save_path("embeds", filename_prefix)
         embeds.save(path)
         return io.NodeOutput(ui=_saved(path))
@@ -48,7 +48,7 @@ class SaveEmbeds(io.ComfyNode):
 
 class LoadEmbeds(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeLoadEmbeds", display_name="Load Embeddings (Creative)", category=f"{s.CATEGORY}/files",
             inputs=[io.Combo.Input("file", options=cb.file_options(cb.EMBEDS),
@@ -56,18 +56,18 @@ class LoadEmbeds(io.ComfyNode):
             outputs=[s.Embeds.Output(display_name="embeds")])
 
     @classmethod
-    def fingerprint_inputs(cls, file):
+    def fingerprint_inputs(cls, file) -> str:
         return cb.folder_fingerprint(Path(folder_paths.get_full_path_or_raise(cb.EMBEDS, file)))
 
     @classmethod
     @cb.training_mode
-    def execute(cls, file):
+    def execute(cls, file) -> io.NodeOutput:
         return io.NodeOutput(EmbeddingBank.load(folder_paths.get_full_path_or_raise(cb.EMBEDS, file)))
 
 
 class SaveConcept(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeSaveConcept", display_name="Save Concept (Creative)", category=f"{s.CATEGORY}/files",
             description="Writes the concept (token embedding + LoRA + provenance in the metadata) as one safetensors "
@@ -78,7 +78,7 @@ class SaveConcept(io.ComfyNode):
             outputs=[], is_output_node=True)
 
     @classmethod
-    def execute(cls, concept, filename_prefix):
+    def execute(cls, concept, filename_prefix) -> io.NodeOutput:
         path = _save_path("concepts", filename_prefix)
         concept.save(path)
         return io.NodeOutput(ui=_saved(path))
@@ -86,7 +86,7 @@ class SaveConcept(io.ComfyNode):
 
 class LoadConcept(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeLoadConcept", display_name="Load Concept (Creative)", category=f"{s.CATEGORY}/files",
             inputs=[io.Combo.Input("file", options=cb.file_options(cb.CONCEPTS),
@@ -94,19 +94,19 @@ class LoadConcept(io.ComfyNode):
             outputs=[s.Concept.Output(display_name="concept"), io.String.Output(display_name="token")])
 
     @classmethod
-    def fingerprint_inputs(cls, file):
+    def fingerprint_inputs(cls, file) -> str:
         return cb.folder_fingerprint(Path(folder_paths.get_full_path_or_raise(cb.CONCEPTS, file)))
 
     @classmethod
     @cb.training_mode
-    def execute(cls, file):
+    def execute(cls, file) -> io.NodeOutput:
         concept = Concept.load(folder_paths.get_full_path_or_raise(cb.CONCEPTS, file))
         return io.NodeOutput(concept, concept.token)
 
 
 class EncodeImages(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeEncodeImages", display_name="Encode Images (Creative)", category=f"{s.CATEGORY}",
             description="CLIP image embeddings of images with the prior's image encoder (e.g. images you marked as "
@@ -117,7 +117,7 @@ class EncodeImages(io.ComfyNode):
 
     @classmethod
     @cb.training_mode
-    def execute(cls, prior, images):
+    def execute(cls, prior, images) -> io.NodeOutput:
         memory.use(prior)
         return io.NodeOutput(encode_image_bank(prior, images.clone()))
 
@@ -140,7 +140,7 @@ def parse_indices(text: str, size: int) -> list[int]:
 
 class SelectEmbeds(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeSelectEmbeds", display_name="Select Embeddings (Creative)", category=f"{s.CATEGORY}",
             description="Keeps the embeddings at the given positions, e.g. the ones whose renders you marked as ugly.",
@@ -149,42 +149,9 @@ class SelectEmbeds(io.ComfyNode):
             outputs=[s.Embeds.Output(display_name="embeds")])
 
     @classmethod
-    def execute(cls, embeds, indices):
+    def execute(cls, embeds, indices) -> io.NodeOutput:
         picked = parse_indices(indices, len(embeds))
         return io.NodeOutput(EmbeddingBank(embeds.embeds[picked], dict(embeds.provenance, selected=picked)))
-
-
-class EmbedsToClipVision(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        from .core_render_nodes import ANY, TARGETS
-
-        return io.Schema(
-            node_id="CreativeEmbedsToCLIPVision", display_name="Embeddings to CLIP Vision Output (Creative)",
-            category=f"{s.CATEGORY}/render",
-            description="Turns embeddings into a core CLIP_VISION_OUTPUT so core unCLIPConditioning -> KSampler can "
-                        "render them: 768-d (Kandinsky 2.1 / Karlo priors) with SD 2.1 unCLIP-L, 1024-d with SD 2.1 "
-                        "unCLIP-H, 1280-d (Kandinsky 2.2 prior) with SDXL (revision). Other widths are refused.",
-            inputs=[s.Embeds.Input("embeds", tooltip="Embeddings from a prior, e.g. a concept's samples."),
-                    io.Int.Input("start", default=0, min=0, tooltip="First embedding to pass on."),
-                    io.Int.Input("count", default=1, min=1, max=64,
-                                 tooltip="How many to pass on. unCLIPConditioning blends several into one "
-                                         "conditioning (core sums them); for one image each use count 1 per node, "
-                                         "or the Core Model Renderer."),
-                    io.Combo.Input("target", options=list(TARGETS), default=ANY, optional=True,
-                                   tooltip="The model the embeddings go to; their width must match it. 'any' accepts "
-                                           "768, 1024 and 1280.")],
-            outputs=[io.ClipVisionOutput.Output(display_name="clip_vision_output")])
-
-    @classmethod
-    def execute(cls, embeds, start, count, target="any"):
-        from .core_render_nodes import check_width, clip_vision_output
-
-        check_width(embeds.dim, target, embeds.prior_identity)
-        chosen = embeds.embeds[start:start + count]
-        if not len(chosen):
-            raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
-        return io.NodeOutput(clip_vision_output(chosen))
 
 
 def log_summary(log: dict) -> str:
@@ -205,7 +172,7 @@ def log_summary(log: dict) -> str:
 
 class SaveLog(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeSaveLog", display_name="Save Optimisation Log (Creative)", category=f"{s.CATEGORY}/files",
             description="Writes the optimiser's per-step log (every loss term, log-likelihood, Mahalanobis distance, "
@@ -216,11 +183,11 @@ class SaveLog(io.ComfyNode):
             outputs=[io.String.Output(display_name="summary")], is_output_node=True)
 
     @classmethod
-    def execute(cls, log, filename_prefix):
+    def execute(cls, log, filename_prefix) -> io.NodeOutput:
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, str(cb.output_folder("logs")))
         path = save_json(Path(folder) / f"{name}_{counter:05}.json", log)
         summary = log_summary(log)
         return io.NodeOutput(summary, ui=ui.PreviewText(f"{summary}\nsaved {path.name} in {path.parent}"))
 
 
-NODES = [SaveEmbeds, LoadEmbeds, SaveConcept, LoadConcept, EncodeImages, SelectEmbeds, EmbedsToClipVision, SaveLog]
+NODES = [SaveEmbeds, LoadEmbeds, SaveConcept, LoadConcept, EncodeImages, SelectEmbeds, SaveLog]

@@ -59,7 +59,7 @@ class ModelKind:
     def fingerprint(self, choice: str) -> str:
         return cb.folder_fingerprint(self.find().get(choice))
 
-    def resolve(self, choice: str, allow_download: bool, hf_repo_id: str):
+    def resolve(self, choice: str, allow_download: bool, hf_repo_id: str) -> Path:
         if allow_download and hf_repo_id.strip():
             return cb.download(hf_repo_id, self.folder)
         return cb.resolve(choice, self.find(), self.what, self.folder)
@@ -75,7 +75,7 @@ MLLM = ModelKind("multimodal LLM", cb.LLM, cb.mllm_folders, "llava-hf/llava-v1.6
 
 class LoadPrior(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeLoadPrior", display_name="Load Diffusion Prior (Creative)", category=f"{s.CATEGORY}/loaders",
             description="Loads a text-to-image-embedding diffusion prior (Kandinsky 2.1/2.2 prior, Karlo) from a "
@@ -89,22 +89,22 @@ class LoadPrior(io.ComfyNode):
             outputs=[s.Prior.Output(display_name="prior")])
 
     @classmethod
-    def validate_inputs(cls, prior, allow_download=False, hf_repo_id=""):
+    def validate_inputs(cls, prior, allow_download=False, hf_repo_id="") -> bool | str:
         return PRIOR.check(prior, allow_download, hf_repo_id)
 
     @classmethod
-    def fingerprint_inputs(cls, prior, dtype, allow_download=False, hf_repo_id=""):
+    def fingerprint_inputs(cls, prior, dtype, allow_download=False, hf_repo_id="") -> str:
         return PRIOR.fingerprint(prior)
 
     @classmethod
     @cb.training_mode
-    def execute(cls, prior, dtype, allow_download=False, hf_repo_id=""):
+    def execute(cls, prior, dtype, allow_download=False, hf_repo_id="") -> io.NodeOutput:
         return io.NodeOutput(PRIOR.load(prior, dtype, allow_download, hf_repo_id))
 
 
 class LoadDecoder(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeLoadDecoder", display_name="Load Kandinsky Decoder (Creative)",
             category=f"{s.CATEGORY}/loaders",
@@ -117,22 +117,22 @@ class LoadDecoder(io.ComfyNode):
             outputs=[s.Decoder.Output(display_name="decoder")])
 
     @classmethod
-    def validate_inputs(cls, decoder, allow_download=False, hf_repo_id=""):
+    def validate_inputs(cls, decoder, allow_download=False, hf_repo_id="") -> bool | str:
         return DECODER.check(decoder, allow_download, hf_repo_id)
 
     @classmethod
-    def fingerprint_inputs(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
+    def fingerprint_inputs(cls, decoder, dtype, allow_download=False, hf_repo_id="") -> str:
         return DECODER.fingerprint(decoder)
 
     @classmethod
     @cb.training_mode
-    def execute(cls, decoder, dtype, allow_download=False, hf_repo_id=""):
+    def execute(cls, decoder, dtype, allow_download=False, hf_repo_id="") -> io.NodeOutput:
         return io.NodeOutput(DECODER.load(decoder, dtype, allow_download, hf_repo_id))
 
 
 class LoadMLLM(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeLoadMLLM", display_name="Load Multimodal LLM (Creative)", category=f"{s.CATEGORY}/loaders",
             description="Loads an image-text-to-text model (LLaVA-NeXT, Qwen2-VL, ...) from models/LLM for the "
@@ -149,17 +149,18 @@ class LoadMLLM(io.ComfyNode):
             outputs=[s.MLLM.Output(display_name="mllm")])
 
     @classmethod
-    def validate_inputs(cls, model, allow_download=False, hf_repo_id=""):
+    def validate_inputs(cls, model, allow_download=False, hf_repo_id="") -> bool | str:
         return MLLM.check(model, allow_download, hf_repo_id)
 
     @classmethod
     def fingerprint_inputs(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="",
-                           vision_check=True):
+                           vision_check=True) -> str:
         return MLLM.fingerprint(model)
 
     @classmethod
     @cb.training_mode
-    def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="", vision_check=True):
+    def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="",
+                vision_check=True) -> io.NodeOutput:
         judge = MLLM.load(model, dtype, allow_download, hf_repo_id, trust_remote_code=trust_remote_code)
         if vision_check:
             memory.use(judge)
@@ -172,7 +173,7 @@ class LoadMLLM(io.ComfyNode):
 
 class DecoderRendererNode(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeDecoderRenderer", display_name="Decoder Renderer (Creative)", category=f"{s.CATEGORY}/render",
             description="Fixes how embeddings are drawn (steps, guidance, size, seed). Feed it to the optimiser "
@@ -191,7 +192,7 @@ class DecoderRendererNode(io.ComfyNode):
 
     @classmethod
     @cb.training_mode
-    def execute(cls, decoder, steps, guidance, width, height, seed, prior=None):
+    def execute(cls, decoder, steps, guidance, width, height, seed, prior=None) -> io.NodeOutput:
         memory.use(prior)
         negative = prior.zero_image_embed() if prior is not None else None
         renderer = DecoderRenderer(decoder, RenderSettings(steps, guidance, height, width, seed), negative)
@@ -201,7 +202,7 @@ class DecoderRendererNode(io.ComfyNode):
 
 class RenderEmbeds(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeRenderEmbeds", display_name="Render Embeddings (Creative)", category=f"{s.CATEGORY}/render",
             description="Draws embeddings (a bank or a concept's samples) with a renderer.",
@@ -214,7 +215,7 @@ class RenderEmbeds(io.ComfyNode):
 
     @classmethod
     @cb.training_mode
-    def execute(cls, renderer, embeds, start, count):
+    def execute(cls, renderer, embeds, start, count) -> io.NodeOutput:
         chosen = embeds.embeds[start:start + count]
         if not len(chosen):
             raise ValueError(f"start={start} is past the end of the bank ({len(embeds)} embeddings).")
@@ -225,7 +226,7 @@ class RenderEmbeds(io.ComfyNode):
 
 class ApplyConcept(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeApplyConcept", display_name="Apply Concept to Prior (Creative)", category=f"{s.CATEGORY}",
             description="A prior that understands a learned concept's token; sample it with a prompt using the token.",
@@ -234,7 +235,7 @@ class ApplyConcept(io.ComfyNode):
             outputs=[s.Prior.Output(display_name="prior"), io.String.Output(display_name="token")])
 
     @classmethod
-    def execute(cls, prior, concept):
+    def execute(cls, prior, concept) -> io.NodeOutput:
         return io.NodeOutput(prior.with_concept(concept), concept.token)
 
 

@@ -21,7 +21,7 @@ SEED = dict(default=0, min=0, max=2**63 - 1)
 
 class PriorSampler(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativePriorSampler", display_name="Prior Sampler (Creative)", category=s.CATEGORY,
             description="Samples N CLIP image embeddings for a prompt from the prior: the 'typical' set of §5.1.",
@@ -43,12 +43,12 @@ class PriorSampler(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, prompt):
+    def validate_inputs(cls, prompt) -> bool | str:
         return True if prompt.strip() else "prompt is empty: describe the subject, e.g. the paper's template."
 
     @classmethod
     @cb.training_mode
-    def execute(cls, prior, prompt, count, batch_size, steps, guidance, seed, negative_prompt):
+    def execute(cls, prior, prompt, count, batch_size, steps, guidance, seed, negative_prompt) -> io.NodeOutput:
         memory.prepare_sampling(prior, prompt, negative_prompt, count=count, batch_size=batch_size, steps=steps,
                                 guidance=guidance)  # refuses a run that cannot fit, then loads the prior
         progress = cb.Progress(cls.hidden.unique_id, count)
@@ -60,7 +60,7 @@ class PriorSampler(io.ComfyNode):
 
 class NormGaussianFit(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeNormGaussianFit", display_name="Norm Gaussian Fit (Creative)", category=s.CATEGORY,
             description="PCA of the bank plus a full-covariance Gaussian in PCA space (Eq. 3-4): the norm whose "
@@ -72,7 +72,7 @@ class NormGaussianFit(io.ComfyNode):
 
     @classmethod
     @cb.training_mode
-    def execute(cls, embeds, pca_dims):
+    def execute(cls, embeds, pca_dims) -> io.NodeOutput:
         if pca_dims >= len(embeds):
             raise ValueError(f"pca_dims ({pca_dims}) must be smaller than the bank size ({len(embeds)}): raise the "
                              f"sampler's count above {pca_dims} or lower pca_dims.")
@@ -86,7 +86,7 @@ def _chain(loss_terms, term) -> tuple:
 
 class AnchorLoss(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeAnchorLoss", display_name="Anchor Loss (Creative)", category=s.CATEGORY,
             description="1 − cos(e, φ(category text)) with the prior's own text encoder (Eq. 6): keeps the concept "
@@ -99,19 +99,19 @@ class AnchorLoss(io.ComfyNode):
             outputs=[s.Loss.Output(display_name="loss_terms")])
 
     @classmethod
-    def validate_inputs(cls, text):
+    def validate_inputs(cls, text) -> bool | str:
         return True if text.strip() else "text is empty: give the category, e.g. 'a photo of a vehicle'."
 
     @classmethod
     @cb.training_mode
-    def execute(cls, prior, text, weight, loss_terms=None):
+    def execute(cls, prior, text, weight, loss_terms=None) -> io.NodeOutput:
         memory.use(prior)
         return io.NodeOutput(_chain(loss_terms, AnchorTerm.from_prior(prior, text, weight)))
 
 
 class NegativeCluster(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeNegativeCluster", display_name="Negative Cluster (Creative)", category=s.CATEGORY,
             description="Repels the optimiser from a region you marked as unwanted: a Gaussian of those embeddings in "
@@ -129,7 +129,7 @@ class NegativeCluster(io.ComfyNode):
 
     @classmethod
     @cb.training_mode
-    def execute(cls, norm, alpha, label, embeds=None, images=None, prior=None, loss_terms=None):
+    def execute(cls, norm, alpha, label, embeds=None, images=None, prior=None, loss_terms=None) -> io.NodeOutput:
         banks = [] if embeds is None else [embeds]
         if images is not None:
             if prior is None:
@@ -147,7 +147,7 @@ class NegativeCluster(io.ComfyNode):
 
 class MLLMValidityGate(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeMLLMValidityGate", display_name="MLLM Validity Gate (Creative)", category=s.CATEGORY,
             description="Every few steps the optimiser renders its concept and asks the MLLM whether it is still the "
@@ -162,13 +162,13 @@ class MLLMValidityGate(io.ComfyNode):
             outputs=[s.Gate.Output(display_name="gate")])
 
     @classmethod
-    def execute(cls, mllm, subject, question, check_every, threshold):
+    def execute(cls, mllm, subject, question, check_every, threshold) -> io.NodeOutput:
         return io.NodeOutput(ValidityGate(mllm, question, check_every, threshold, subject.strip()))
 
 
 class LoRAOptimizer(io.ComfyNode):
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CreativeLoRAOptimizer", display_name="Creative LoRA Optimizer (Creative)", category=s.CATEGORY,
             description="Trains a placeholder token and a rank-10 LoRA on the prior so its embedding moves to "
@@ -204,7 +204,7 @@ class LoRAOptimizer(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject, prompt_template):
+    def validate_inputs(cls, subject, prompt_template) -> bool | str:
         if not subject.strip():
             return "subject is empty: name what the concept must remain, e.g. 'vehicle'."
         if "{token}" not in prompt_template:
@@ -214,7 +214,7 @@ class LoRAOptimizer(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, subject, steps, learning_rate, lora_rank, train, seed, prompt_template,
-                creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None):
+                creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None) -> io.NodeOutput:
         if gate is not None and renderer is None:
             raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
                              "renderer (Decoder Renderer).")
@@ -225,7 +225,7 @@ class LoRAOptimizer(io.ComfyNode):
         gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
         progress = cb.Progress(cls.hidden.unique_id, steps)
-        result = optimizer.run(lambda record: progress(record.step, _describe(record), preview=_gate_image(record)))
+        result = optimizer.run(lambda record: progress(record.step, _describe(record)))
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
         checks = [r.gate for r in result.log if r.gate is not None and r.gate.image is not None]
         gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
@@ -234,12 +234,7 @@ class LoRAOptimizer(io.ComfyNode):
         log = result.run_log().to_json()  # the log socket carries what Save Optimisation Log writes
         return io.NodeOutput(prior.with_concept(result.concept), result.concept, log, result.concept.token,
                              gate_images, plot_log(result.log), plot_embedding_map(norm, None, result.path, clusters),
-                             ui=ui.PreviewImage(annotate(cb.enlarged(gate_images), captions), cls=cls) if checks else None)
-
-
-def _gate_image(record: StepRecord) -> torch.Tensor | None:
-    """The concept's render the gate judged at this step: the node's progress preview."""
-    return record.gate.image if record.gate is not None else None
+                             ui=ui.PreviewImage(annotate(gate_images, captions), cls=cls) if checks else None)
 
 
 def _describe(record: StepRecord) -> str:

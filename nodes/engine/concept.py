@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .safetensors_io import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedTokenizerBase
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FORMAT = "creative-concept/1"
@@ -75,7 +80,7 @@ class Concept:
                    float(info["lora_alpha"]), tuple(info["lora_targets"]), meta)
 
 
-def lora_config(rank: int, alpha: float, targets: tuple[str, ...]):
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...]) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
@@ -117,8 +122,8 @@ def activate_concept(transformer: torch.nn.Module, concept: Concept | None) -> N
 
 
 @contextlib.contextmanager
-def placeholder_embeddings(text_encoder: torch.nn.Module, tokenizer, concept: Concept | None,
-                           vector: torch.Tensor | None = None):
+def placeholder_embeddings(text_encoder: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, concept: Concept | None,
+                           vector: torch.Tensor | None = None) -> Iterator[None]:
     """Within the block, the concept token's id maps to its learned embedding row.
 
     ``vector`` overrides the concept's stored embedding (the optimiser passes its trainable
@@ -134,12 +139,12 @@ def placeholder_embeddings(text_encoder: torch.nn.Module, tokenizer, concept: Co
     table = text_encoder.get_input_embeddings()
     found: dict[str, torch.Tensor] = {}
 
-    def pre_hook(module, args):
+    def pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
         ids = args[0]
         found["mask"] = ids == token_id
         return (ids.masked_fill(found["mask"], 0),) + tuple(args[1:])
 
-    def hook(module, args, out):
+    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         mask = found["mask"].unsqueeze(-1)
         return torch.where(mask, vector.to(out.dtype).expand_as(out), out)
 

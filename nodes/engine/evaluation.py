@@ -19,16 +19,20 @@ given steps, which is the paper's creativity-vs-steps (Wundt) curve.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from .bank import EmbeddingBank
 from .concept import Concept
+from .gate import ValidityGate
+from .losses import LossTerm
 from .norm import GaussianNorm
+from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
 from .prior import Prior
+from .render import ProgressCallback, Renderer
 from .sampling import sample_embeddings
 
 
@@ -59,7 +63,7 @@ class Measurement:
 
 
 def _pairwise_spread(norm: GaussianNorm, embeds: torch.Tensor) -> float:
-    white = norm._whitened(embeds.double())
+    white = norm.whiten(embeds.double())
     return float(torch.pdist(white).mean()) if len(white) > 1 else 0.0
 
 
@@ -69,7 +73,7 @@ class Evaluator:
 
     norm: GaussianNorm
     bank: EmbeddingBank
-    renderer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    renderer: Renderer | None = None
     judge: SubjectJudge | None = None
     samples: int = 32
     rendered: int = 16
@@ -130,14 +134,10 @@ class AskingJudge:
         return self.judge.p_yes(images, self.question.format(subject=subject)) >= self.threshold
 
 
-def wundt_sweep(prior: Prior, evaluator: Evaluator, subject: str, configs: dict[str, tuple[list, object]],
-                steps: list[int], cfg, seeds: list[int],
-                progress: Callable[[int, int], None] | None = None) -> list[dict]:
+def wundt_sweep(prior: Prior, evaluator: Evaluator, subject: str,
+                configs: dict[str, tuple[Sequence[LossTerm], ValidityGate | None]], steps: list[int], cfg: OptimConfig,
+                seeds: list[int], progress: ProgressCallback | None = None) -> list[dict]:
     """Novelty/validity/diversity at ``steps`` for each configuration ``name -> (terms, gate)`` and seed."""
-    from dataclasses import replace
-
-    from .optimizer import CreativeOptimizer
-
     rows, runs, done = [], len(configs) * len(seeds), 0
     for name, (terms, gate) in configs.items():
         for seed in seeds:
@@ -151,7 +151,8 @@ def wundt_sweep(prior: Prior, evaluator: Evaluator, subject: str, configs: dict[
     return rows
 
 
-def measure_snapshots(prior: Prior, evaluator: Evaluator, subject: str, result, cfg, name: str) -> list[dict]:
+def measure_snapshots(prior: Prior, evaluator: Evaluator, subject: str, result: OptimResult, cfg: OptimConfig,
+                      name: str) -> list[dict]:
     """One row per snapshot of an optimiser run (``run(snapshot_at=...)`` with ``cfg``), sampled with its seed."""
     rows = []
     for step, concept in sorted(result.snapshots.items()):

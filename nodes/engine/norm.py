@@ -111,23 +111,21 @@ class GaussianNorm:
         e64 = e.to(torch.float64)
         return (e64 - self.mean0.to(e64.device)) @ self.components.to(e64.device).T
 
-    def _whitened(self, e: torch.Tensor) -> torch.Tensor:
+    def whiten(self, e: torch.Tensor) -> torch.Tensor:
+        """Whitened PCA coordinates y = L⁻¹(ẽ − μ) (Σ = L Lᵀ): unit-variance, uncorrelated under the Gaussian,
+        so Euclidean distances there are Mahalanobis distances. Float64, differentiable."""
         z = self.project(e) - self.center.to(e.device)
         chol = self._chol.to(e.device)
         return torch.linalg.solve_triangular(chol, z.T, upper=False).T
 
     def mahalanobis(self, e: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of raw embeddings ``[B, D]`` to the Gaussian's centre."""
-        return self._whitened(e).pow(2).sum(-1).sqrt().to(e.dtype)
+        return self.whiten(e).pow(2).sum(-1).sqrt().to(e.dtype)
 
     def log_prob(self, e: torch.Tensor) -> torch.Tensor:
         """log Ĝ(ẽ) for raw embeddings ``[B, D]``; differentiable in ``e``."""
-        y = self._whitened(e)
+        y = self.whiten(e)
         return (-0.5 * y.pow(2).sum(-1) - self._log_norm.to(e.device)).to(e.dtype)
-
-    def score_samples(self, e: torch.Tensor) -> torch.Tensor:
-        """scikit-learn's name for per-sample log-density."""
-        return self.log_prob(e)
 
     def save(self, path) -> None:
         save_tensors(path, {"mean0": self.mean0, "components": self.components, "center": self.center,

@@ -23,6 +23,7 @@ from .gate import ValidityGate, Verdict
 from .losses import AnchorTerm, LossTerm, objective
 from .norm import GaussianNorm
 from .prior import Prior
+from .render import Renderer
 from .sampling import build_prefix, denoise, initial_latents
 from .steplog import RunLog, StepRecord
 
@@ -100,7 +101,7 @@ class CreativeOptimizer:
     """One optimisation run; create it, then call :meth:`run`."""
 
     def __init__(self, prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[LossTerm], cfg: OptimConfig,
-                 gate: ValidityGate | None = None, renderer: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 gate: ValidityGate | None = None, renderer: Renderer | None = None) -> None:
         cfg.validate()
         if not subject.strip():
             raise ValueError("The subject is empty: name what the concept must remain, e.g. 'vehicle'.")

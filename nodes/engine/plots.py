@@ -7,6 +7,7 @@ preview or save node.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ def _to_image(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-def _scaler(values: np.ndarray, lo_px: float, hi_px: float):
+def _scaler(values: np.ndarray, lo_px: float, hi_px: float) -> tuple[Callable[[float], float], float, float]:
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
     span = hi - lo if hi > lo else 1.0
     return lambda v: lo_px + (float(v) - lo) / span * (hi_px - lo_px), lo, hi

@@ -15,9 +15,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 from .concept import Concept, activate_concept, placeholder_embeddings
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
@@ -111,7 +115,7 @@ class Prior:
             concept.check_base(self.identity)
         return dataclasses.replace(self, concept=concept, _tokenizers=self._tokenizers)
 
-    def tokenizer_for_concept(self):
+    def tokenizer_for_concept(self) -> PreTrainedTokenizerBase:
         """The tokenizer, extended with the active concept's placeholder token (cached)."""
         if self.concept is None or self.concept.token_embedding is None:
             return self.tokenizer

@@ -49,7 +49,7 @@ def test_a_one_to_zero_mix_equals_the_first_concept(world):
 
 def test_a_half_half_mix_lands_between_under_the_norm(world):
     prior, norm, (car, boat) = world
-    centre = {name: norm._whitened(samples(prior, c).double()).mean(0)
+    centre = {name: norm.whiten(samples(prior, c).double()).mean(0)
               for name, c in (("car", car), ("boat", boat), ("mix", mix_concepts(prior, [car, boat], [1, 1])))}
     apart = float((centre["car"] - centre["boat"]).norm())
     to_car, to_boat = float((centre["mix"] - centre["car"]).norm()), float((centre["mix"] - centre["boat"]).norm())
