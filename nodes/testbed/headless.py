@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "creative_generation"
@@ -168,7 +169,7 @@ class HeadlessComfy(ComfyClient):
         self._proc: subprocess.Popen | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="creative-headless-")
 
-    def __enter__(self) -> HeadlessComfy:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

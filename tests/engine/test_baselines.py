@@ -22,7 +22,11 @@ def study():
     from creative_generation.nodes.engine.gate import ValidityGate
     from creative_generation.nodes.engine.mllm import load_mllm
     from creative_generation.nodes.engine.prior import load_prior
-    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+    from creative_generation.nodes.engine.render import (
+        DecoderRenderer,
+        RenderSettings,
+        load_decoder,
+    )
     from creative_generation.nodes.testbed.miniworld import evaluate as E
     from creative_generation.nodes.testbed.miniworld.judge import load_judge
 

@@ -130,7 +130,7 @@ class Method:
 def trained_methods(prior: Prior, subj, gate: ValidityGate) -> dict[str, Method]:
     """The paper's method, its ablations, and the ConceptLab-style baseline, for one subject."""
     norm = subj.evaluator.norm
-    paper = lambda: [CreativeTerm(norm), subj.anchor]  # noqa: E731
+    paper = lambda: [CreativeTerm(norm), subj.anchor]
     methods = {
         "paper (token+LoRA, anchor, gate)": Method(paper, lambda t: gate, {}),
         "no pullback": Method(lambda: [CreativeTerm(norm)], lambda t: None, {}),

@@ -167,6 +167,23 @@ def table(rows: list[dict], study: str) -> str:
     return format_table(sweep_summary(rows, TIMING), sweep_columns(rarity=True, cluster=study == "negative"))
 
 
+def print_tables(results: dict[str, list[dict]]) -> None:
+    for st, rows in results.items():
+        print(f"\n== {st} ==\n{table(rows, st)}")
+        if st == "wundt":
+            print("creativity peaks (step, mean): " + "; ".join(f"{c} {s} ({v:.3f})" for c, (s, v) in peaks(rows).items()))
+
+
+def merge(files: list[Path]) -> dict[str, list[dict]]:
+    """The rows of several saved runs, per study; a row measured twice (the typical bank, in every file) once."""
+    results: dict[str, dict[tuple, dict]] = {}
+    for f in files:
+        for st, data in json.loads(f.read_text()).items():
+            for r in data["rows"]:
+                results.setdefault(st, {}).setdefault((r["config"], r["subject"], r["seed"], r["step"]), r)
+    return {st: list(rows.values()) for st, rows in results.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", default="wundt,train,negative", help=f"any of {', '.join(STUDIES)}")
@@ -183,7 +200,12 @@ def main() -> None:
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--out", type=Path, default=Path("output/miniworld_eval.json"))
+    p.add_argument("--merge", default="", help="instead of running: print the tables of saved --out files together "
+                                               "(comma-separated; e.g. one file per seed run in parallel)")
     args = p.parse_args()
+    if args.merge:
+        print_tables(merge([Path(f) for f in args.merge.split(",")]))
+        return
     studies = [x.strip() for x in args.studies.split(",")]
     if unknown := set(studies) - set(STUDIES):
         p.error(f"unknown studies {sorted(unknown)}")
@@ -205,11 +227,7 @@ def main() -> None:
         for st in studies:
             study = {"wundt": wundt, "train": train, "negative": negative, "baselines": baselines}[st]
             results[st] += [typical] + study(prior, gate, subj, args)
-    for st in studies:
-        print(f"\n== {st} ==\n{table(results[st], st)}")
-        if st == "wundt":
-            print("creativity peaks (step, mean): " + "; ".join(f"{c} {s} ({v:.3f})"
-                                                                for c, (s, v) in peaks(results[st]).items()))
+    print_tables(results)
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "
           f"{args.samples} samples per measurement; {time.perf_counter() - t0:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
