@@ -225,7 +225,7 @@ class LoRAOptimizer(io.ComfyNode):
         gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
         progress = cb.Progress(cls.hidden.unique_id, steps)
-        result = optimizer.run(lambda record: progress(record.step, _describe(record)))
+        result = optimizer.run(lambda record: progress(record.step, _describe(record), preview=_gate_image(record)))
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
         checks = [r.gate for r in result.log if r.gate is not None and r.gate.image is not None]
         gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
@@ -234,7 +234,12 @@ class LoRAOptimizer(io.ComfyNode):
         log = result.run_log().to_json()  # the log socket carries what Save Optimisation Log writes
         return io.NodeOutput(prior.with_concept(result.concept), result.concept, log, result.concept.token,
                              gate_images, plot_log(result.log), plot_embedding_map(norm, None, result.path, clusters),
-                             ui=ui.PreviewImage(annotate(gate_images, captions), cls=cls) if checks else None)
+                             ui=ui.PreviewImage(annotate(cb.enlarged(gate_images), captions), cls=cls) if checks else None)
+
+
+def _gate_image(record: StepRecord) -> torch.Tensor | None:
+    """The concept's render the gate judged at this step: the node's progress preview."""
+    return record.gate.image if record.gate is not None else None
 
 
 def _describe(record: StepRecord) -> str:
