@@ -121,3 +121,26 @@ def test_auto_trials_node(world, run, pack_nodes, progress_log):
     with pytest.raises(ValueError, match="subject is empty"):
         run("CreativeAutoTrials", prior=world["prior"], norm=world["norm"], gate=world["gate"],
             renderer=world["renderer"], subject=" ")
+
+
+# --------------------------------------------------------------------------- Image Variations
+
+
+def test_image_variations_and_image_anchor_nodes(world, run, pack_nodes, progress_log):
+    image = world["renderer"](world["bank"].embeds[:1])
+    terms, = run("CreativeImageAnchorLoss", prior=world["prior"], image=image, weight=2.0)
+    assert [t.name for t in terms] == ["image_anchor"] and terms[0].weight == 2.0
+    prior, concept, inversion, token, image_embeds, embedding_map, report = run(
+        "CreativeImageVariations", prior=world["prior"], norm=world["norm"], image=image, subject="vehicle",
+        inversion_steps=3, steps=2, lora_rank=2, gate=world["gate"], renderer=world["renderer"], loss_terms=terms)
+    assert token == "<creative-vehicle>" and prior.concept is concept and inversion.meta["steps_run"] == 3
+    assert len(image_embeds) == 1 and embedding_map.shape[-1] == 3 and "image log-likelihood" in report
+    assert max(v for n, v, _ in progress_log if n == "test-CreativeImageVariations") == 5
+    node = pack_nodes["CreativeImageVariations"]
+    assert node.validate_inputs() is True and node.validate_inputs(subject=None, prompt_template=None) is True
+    blind = world["prior"].with_concept(None)
+    blind.image_encoder = None
+    with pytest.raises(ValueError, match="no image encoder"):
+        run("CreativeImageVariations", prior=blind, norm=world["norm"], image=image)
+    with pytest.raises(ValueError, match="connect a renderer"):
+        run("CreativeImageVariations", prior=world["prior"], norm=world["norm"], image=image, gate=world["gate"])

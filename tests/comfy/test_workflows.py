@@ -58,7 +58,7 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OUR_MODULE = f"custom_nodes.{comfy_harness.PACK_DIR_NAME}"
 TEST_SIZE = 32  # px of every image the rewritten workflows render
 RENDERS = {"CreativeRenderEmbeds", "VAEDecode"}  # nodes that render at TEST_SIZE (plots keep their size)
-SAVED_TOKENS = {"<creative-vehicle>", "<creative-mix-car-boat>"}  # tokens of the concepts example workflows save
+SAVED_TOKENS = {"<creative-vehicle>", "<creative-mix-car-boat>", "<creative-car>"}  # tokens of the concepts example workflows save
 
 # class_type -> {INT input: cap}: values above the cap are lowered to it (rule 3 above).
 SHRINK: dict[str, dict[str, int]] = {
@@ -74,6 +74,7 @@ SHRINK: dict[str, dict[str, int]] = {
     "KSamplerAdvanced": {"steps": 2, "end_at_step": 2},
     "CreativeWundtSweep": {"samples": 4},
     "CreativeAutoTrials": {"steps": 2, "prior_steps": 2, "lora_rank": 4, "trials": 2, "cluster_samples": 4},
+    "CreativeImageVariations": {"inversion_steps": 2, "steps": 2, "prior_steps": 2, "lora_rank": 4},
 }
 # class_type -> {STRING input: value}: lists of steps/seeds replaced (rule 3 above, for text inputs).
 SHRINK_TEXT: dict[str, dict[str, str]] = {"CreativeWundtSweep": {"steps": "0, 2", "seeds": "0"}}
