@@ -10,7 +10,6 @@ of a prior are often broken ones, which is what the gate is there to catch; with
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,7 @@ import torch
 from .bank import EmbeddingBank
 from .gate import ValidityGate
 from .norm import GaussianNorm
-
-Progress = Callable[[int, int], None]
+from .render import ProgressCallback, Renderer
 
 
 @dataclass(frozen=True)
@@ -77,8 +75,8 @@ def _check(norm: GaussianNorm, bank: EmbeddingBank, k: int, candidates: int, gat
 
 
 def select_rare(norm: GaussianNorm, bank: EmbeddingBank | torch.Tensor, k: int, *, candidates: int | None = None,
-                gate: ValidityGate | None = None, renderer: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                subject: str = "", batch_size: int = 8, progress: Progress | None = None) -> RareSelection:
+                gate: ValidityGate | None = None, renderer: Renderer | None = None,
+                subject: str = "", batch_size: int = 8, progress: ProgressCallback | None = None) -> RareSelection:
     """The ``k`` rarest embeddings of ``bank`` that pass ``gate``, checking at most ``candidates`` of the rarest.
 
     Candidates are rendered and judged ``batch_size`` at a time, rarest first, and the search

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
-from .train_setup import Captioner, Config, Split, cosine_lr, log, seed_all
+from .train_setup import Captioner, Config, Split, log, seed_all, update
 
 
 def clip_configs(cfg: Config):
@@ -23,7 +23,8 @@ def clip_configs(cfg: Config):
     vision = CLIPVisionConfig(hidden_size=cfg.width, intermediate_size=2 * cfg.width,
                               num_hidden_layers=cfg.clip_layers, num_attention_heads=4, image_size=cfg.res,
                               patch_size=cfg.clip_patch, projection_dim=cfg.width, hidden_act="gelu")
-    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=cfg.width), text, vision
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=cfg.width)
+    return config, text, vision
 
 
 def train_clip(cfg: Config, train: Split, captioner: Captioner, out: Path):
@@ -46,10 +47,7 @@ def train_clip(cfg: Config, train: Split, captioner: Captioner, out: Path):
         m = match.float()
         loss = 0.5 * (-(logits.log_softmax(1) * m / m.sum(1, keepdim=True)).sum(1).mean()
                       - (logits.log_softmax(0) * m / m.sum(0, keepdim=True)).sum(0).mean())
-        cosine_lr(opt, cfg.clip_lr, step, cfg.clip_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(opt, loss, cfg.clip_lr, step, cfg.clip_steps)
         if step % 100 == 0 or step == cfg.clip_steps - 1:
             log(f"clip step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
     # Every caption the world can produce, so no row a world caption uses is zeroed.

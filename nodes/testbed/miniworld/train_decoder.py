@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train_setup import Config, Split, cosine_lr, log, seed_all, to_fp16
+from .train_setup import Config, Split, log, seed_all, to_fp16, update
 
 # movq: 32 px images <-> 8x8x4 latents (3 blocks, factor 4). Group norm rather than Kandinsky's
 # spatial norm, whose hard-coded 32 groups would force 32+ channels at full resolution.
@@ -54,10 +54,7 @@ def train_movq(cfg: Config, train: Split):
         h = movq.encode(x).latents
         rec = movq.decode(h, force_not_quantize=True).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.01 * (h.pow(2).mean() - 1).pow(2)
-        cosine_lr(opt, cfg.movq_lr, step, cfg.movq_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(opt, loss, cfg.movq_lr, step, cfg.movq_steps)
         if step % 200 == 0 or step == cfg.movq_steps - 1:
             log(f"movq step {step}: loss {loss.item():.4f} latent rms {h.pow(2).mean().sqrt().item():.2f} "
                 f"({time.time() - t0:.0f} s)")
@@ -94,7 +91,8 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, zero_em
         x0, emb = latents[idx], embeds[idx].clone()
         drop = torch.from_numpy(rng.random(len(idx)) < cfg.unet_uncond)
         # The unconditional branch: Kandinsky's zero-image embedding, or zeros (the renderer's default).
-        zero_like = torch.where(torch.from_numpy(rng.random(len(idx)) < 0.5)[:, None], zero_embed, torch.zeros_like(zero_embed))
+        zero_like = torch.where(torch.from_numpy(rng.random(len(idx)) < 0.5)[:, None], zero_embed,
+                                torch.zeros_like(zero_embed))
         emb[drop] = zero_like[drop]
         t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
         a = alphas[t][:, None, None, None]
@@ -103,11 +101,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, zero_em
         out = unet(xt, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": emb}).sample
         pred, extra = out.split(x0.shape[1], dim=1)
         loss = F.mse_loss(pred, x0) + 0.01 * extra.pow(2).mean()  # the variance channels: unused, kept at zero
-        cosine_lr(opt, cfg.unet_lr, step, cfg.unet_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        update(opt, loss, cfg.unet_lr, step, cfg.unet_steps, clip=unet.parameters())
         if step % 250 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}: x0 mse {loss.item():.4f} ({time.time() - t0:.0f} s)")
     return unet.eval().requires_grad_(False)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
-from .train_setup import Config, Split, cosine_lr, log, seed_all
+from .train_setup import Config, Split, log, seed_all, update
 
 
 def train_judge(cfg: Config, split: Split):
@@ -32,10 +32,7 @@ def train_judge(cfg: Config, split: Split):
         x = blurred + torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)) * 0.1 * float(rng.random())
         out = net(x)
         loss = sum(F.cross_entropy(out[k], y_all[k][idx]) for k in keys)
-        cosine_lr(opt, 2e-3, step, cfg.judge_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(opt, loss, 2e-3, step, cfg.judge_steps)
         if step % 150 == 0 or step == cfg.judge_steps - 1:
             log(f"judge step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
     return net.eval().requires_grad_(False)

@@ -16,7 +16,7 @@ from ...engine.mllm import question_inputs
 from ...engine.prior import CLIP_MEAN, CLIP_STD
 from ..tiny.mllm import LLAVA_NEXT_TEMPLATE, word_tokenizer
 from . import world as W
-from .train_setup import Config, Split, cosine_lr, log, seed_all, to_fp16
+from .train_setup import Config, Split, log, seed_all, to_fp16, update
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -53,7 +53,8 @@ def build_mllm(cfg: Config, vision_cfg, vision_state: dict):
         vision_config=vision_dict,
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.mllm_hidden,
                                 intermediate_size=2 * cfg.mllm_hidden,
-                                num_hidden_layers=cfg.mllm_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                num_hidden_layers=cfg.mllm_layers, num_attention_heads=4, num_key_value_heads=4,
+                                max_position_embeddings=256,
                                 bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>")).to_dict(),
         image_token_index=ids("<image>"), image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default",
         vision_feature_layer=-1)
@@ -161,11 +162,7 @@ def train_mllm(cfg: Config, train: Split, model, processor):
         target = torch.tensor([yes if a else no for a in answers])
         true_rows = torch.tensor(answers)
         loss = F.cross_entropy(logits, target) + F.cross_entropy(out[true_rows, 0], ids[true_rows, -8])
-        cosine_lr(opt, cfg.mllm_lr, step, cfg.mllm_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, loss, cfg.mllm_lr, step, cfg.mllm_steps, clip=params)
         if step % 100 == 0 or step == cfg.mllm_steps - 1:
             acc = ((logits[:, yes] > logits[:, no]) == torch.tensor(answers)).float().mean()
             log(f"mllm step {step}: loss {loss.item():.3f} batch acc {acc:.2f} ({time.time() - t0:.0f} s)")

@@ -18,7 +18,7 @@ from ...engine.sampling import build_prefix, predict
 from ..tiny.prior import clip_processor_config
 from ..tiny.tokenizer import save_clip_tokenizer
 from . import world as W
-from .train_setup import Captioner, Config, Split, cosine_lr, log, seed_all, to_fp16
+from .train_setup import Captioner, Config, Split, log, seed_all, to_fp16, update
 
 
 def prior_forward(tf: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, text_embeds: torch.Tensor,
@@ -123,11 +123,7 @@ def train_prior(cfg: Config, train: Split, embeds: torch.Tensor, texts: TextCach
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = prior_forward(tf, hidden, mask, proj, xt, t)
         loss = F.mse_loss(pred, x0)
-        cosine_lr(opt, cfg.prior_lr, step, cfg.prior_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, loss, cfg.prior_lr, step, cfg.prior_steps, clip=params)
         if step % 250 == 0 or step == cfg.prior_steps - 1:
             log(f"prior step {step}: x0 mse {loss.item():.4f} ({time.time() - t0:.0f} s)")
     return tf.eval().requires_grad_(False)

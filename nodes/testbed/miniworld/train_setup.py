@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,18 @@ def cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, wa
     lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     for group in opt.param_groups:
         group["lr"] = lr * group.get("scale", 1.0)
+
+
+def update(opt: torch.optim.Optimizer, loss: torch.Tensor, base_lr: float, step: int, total: int, *,
+           clip: Iterable[torch.nn.Parameter] | None = None) -> None:
+    """One optimiser step of a training stage: the cosine learning rate, gradients (clipped to norm 1 when
+    ``clip`` names the parameters), the update."""
+    cosine_lr(opt, base_lr, step, total)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
 
 
 def to_fp16(module: torch.nn.Module) -> torch.nn.Module:
