@@ -159,6 +159,21 @@ DROP_JS = r"""
 """
 
 
+LISTEN_JS = r"""
+() => {
+  if (window.__creative) return;
+  const api = window.comfyAPI?.api?.api ?? app.api;
+  const state = window.__creative = {runs: []};
+  const run = () => state.runs.at(-1) ?? {};
+  api.addEventListener('executing', e => { const id = e.detail?.node ?? e.detail; if (id != null) run().executed?.push(String(id)); });
+  api.addEventListener('execution_cached', e => run().cached?.push(...(e.detail?.nodes ?? []).map(String)));
+  for (const kind of ['b_preview', 'b_preview_with_metadata']) api.addEventListener(kind, () => { run().previews += 1; });
+  for (const kind of ['execution_success', 'execution_error', 'execution_interrupted'])
+    api.addEventListener(kind, e => { const r = run(); r.status = kind.split('_')[1]; if (kind !== 'execution_success') r.error = e.detail; });
+}
+"""
+
+
 class Frontend:
     """One browser page on a ComfyUI server's frontend; collects page errors and console errors."""
 
@@ -215,6 +230,19 @@ class Frontend:
             self.screenshot(screenshot)
         return CanvasReport(r["scale"], tuple(r["offset"]), r["low_quality"], Box(*r["visible"]), r["nodes"],
                             r["groups"], r["link_count"], dialogs, [Box(*o) for o in r["overlays"]])
+
+    def listen(self) -> None:
+        """Record the run's websocket events (as the frontend's api object dispatches them) in the page."""
+        self.page.evaluate(LISTEN_JS)
+
+    def queue(self, timeout: float = 600.0) -> dict:
+        """Click the Run button and wait for the prompt to end; returns the recorded events of this run:
+        ``{"status": "success"|"error"|..., "executed": [node ids], "cached": [...], "previews": n, "error": {...}}``."""
+        self.page.evaluate("() => { window.__creative.runs.push({executed: [], cached: [], previews: 0}); }")
+        self.page.click("[data-testid=queue-button]")
+        self.page.wait_for_function("() => window.__creative.runs.at(-1).status !== undefined", timeout=timeout * 1000)
+        time.sleep(1.0)  # outputs are drawn after the last event
+        return self.page.evaluate("() => window.__creative.runs.at(-1)")
 
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
