@@ -5,15 +5,18 @@ Kept in one module so the nodes stay declarative and the engine never imports Co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 import folder_paths
+
+from .engine.safetensors_io import remove_leftovers
 
 BUNDLED = "creative_bundled"  # the pack's own models/ (the mini world), listed next to the user's
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -79,7 +82,31 @@ def mllm_folders() -> dict[str, Path]:
 
 
 def file_options(kind: str) -> list[str]:
+    """The files a loader lists; our own leftover temporary files there are cleaned first."""
+    for folder in folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []:
+        remove_leftovers(folder)
     return folder_paths.get_filename_list(kind)
+
+
+_installed: dict[str, bool] = {}
+
+
+def install_checks(node_classes: dict[str, type]) -> None:
+    """Once per process: interruption as the engine's cancel point, and the server's raw-boolean check."""
+    from . import inputs
+    from .engine import cancel
+
+    cancel.set_check(_throw_if_interrupted)
+    server = _prompt_server()
+    if server is not None and not _installed.get("on_prompt"):
+        server.add_on_prompt_handler(lambda data: inputs.refuse_non_boolean_widgets(data, node_classes))
+        _installed["on_prompt"] = True
+
+
+def _throw_if_interrupted() -> None:
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 def resolve(choice: str, options: dict[str, Path], what: str, folder: str) -> Path:
@@ -152,6 +179,46 @@ def _prompt_server():
     return getattr(PromptServer, "instance", None)
 
 
+SMALL_WORK_PARAMS = 50_000_000  # below this, CPU work runs on one thread (see cpu_threads_for)
+
+
+def _modules_of(value: object) -> list[torch.nn.Module]:
+    """The torch modules a node input computes with: engine models, core MODELs inside renderers."""
+    if isinstance(value, torch.nn.Module):
+        return [value]
+    managed = getattr(value, "managed_modules", None)
+    if callable(managed):
+        return list(managed().values())
+    core = getattr(getattr(value, "model", None), "model", None)  # a CoreRenderer's ModelPatcher
+    return [core] if isinstance(core, torch.nn.Module) else []
+
+
+@contextlib.contextmanager
+def cpu_threads_for(values: list) -> Iterator[None]:
+    """One intra-op CPU thread while a node works with small models (the mini world), then restore.
+
+    Small models make many tiny tensor operations; with two OpenMP threads each one waits for
+    its peer, and when another process keeps one core busy that peer is descheduled: the README's
+    main job took 252 s instead of 22 s beside one busy core (22 s with OMP_NUM_THREADS=1), see
+    docs/benchmarks.md. One thread loses nothing on such work. Larger models, or any on a GPU,
+    keep ComfyUI's own setting; ComfyUI's global setting is restored for every other node.
+    """
+    modules = [m for v in values for m in _modules_of(v)]
+    params = [p for m in modules for p in m.parameters()]
+    if any(p.device.type != "cpu" for p in params) or sum(p.numel() for p in params) >= SMALL_WORK_PARAMS:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def training_mode(fn):
     """Run a node body outside ComfyUI's inference mode.
 
@@ -166,7 +233,7 @@ def training_mode(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), cpu_threads_for([*args, *kwargs.values()]):
                 return fn(*args, **kwargs)
         finally:
             if torch.cuda.is_available():

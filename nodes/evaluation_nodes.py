@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
-from . import memory
+from . import inputs, memory
 from . import sockets as s
 from .engine.evaluation import AskingJudge, Evaluator, format_table, sweep_columns, sweep_summary, wundt_sweep
 from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm
@@ -72,14 +72,20 @@ class WundtSweep(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject, steps, configs, seeds, prompt_template=OptimConfig.template) -> bool | str:
+    def validate_inputs(cls, subject=None, steps=None, configs=None, seeds=None, prompt_template=None,
+                        gate=None, renderer=None, judge=None) -> bool | str:
         try:
-            parse_ints(steps, "steps"), parse_ints(seeds, "seeds"), parse_configs(configs)
+            for text, parse in ((steps, lambda t: parse_ints(t, "steps")), (seeds, lambda t: parse_ints(t, "seeds")),
+                                (configs, parse_configs)):
+                if text is not None:
+                    parse(text)
         except ValueError as err:
             return str(err)
-        if "{token}" not in prompt_template:
-            return "prompt_template must contain {token}, e.g. 'a photo of a {token}'."
-        return True if subject.strip() else "subject is empty: name what the concept must remain."
+        return inputs.first(
+            inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}),
+            inputs.text_problem("subject", subject, "name what the concept must remain."),
+            (gate is not None or judge is not None) and renderer is None and (
+                "the gate and the judge look at rendered images: connect a renderer."))
 
     @classmethod
     @cb.training_mode
@@ -89,8 +95,6 @@ class WundtSweep(io.ComfyNode):
         chosen, seed_list = parse_configs(configs), parse_ints(seeds, "seeds")
         if gate is None and {"gate", "both"} & set(chosen):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
-        if (gate is not None or judge is not None) and renderer is None:
-            raise ValueError("the gate and the judge look at rendered images: connect a renderer.")
         cfg = OptimConfig(lr=learning_rate, train=s.TRAIN_CHOICES[train], template=prompt_template)
         gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         base = [CreativeTerm(norm), *(loss_terms or ())]

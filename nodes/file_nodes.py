@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from . import comfy_bridge as cb
-from . import memory
+from . import inputs, memory
 from . import sockets as s
 from .engine.bank import EmbeddingBank, encode_image_bank
 from .engine.concept import Concept
@@ -18,9 +18,10 @@ from .engine.safetensors_io import save_json
 from .engine.steplog import RunLog
 
 
-def _save_path(kind: str, prefix: str) -> Path:
-    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(cb.output_folder(kind)))
-    return Path(folder) / f"{name}_{counter:05}.safetensors"
+def _save_base(kind: str, prefix: str, suffix: str = ".safetensors") -> Path:
+    """``output/creative/<kind>/<subfolders>/<name><suffix>``: the savers number it (never overwriting)."""
+    folder, name, _, _, _ = folder_paths.get_save_image_path(prefix, str(cb.output_folder(kind)))
+    return Path(folder) / f"{name}{suffix}"
 
 
 def _saved(path: Path) -> ui.PreviewText:
@@ -40,9 +41,12 @@ class SaveEmbeds(io.ComfyNode):
             outputs=[], is_output_node=True)
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        return inputs.first(inputs.filename_prefix_problem(filename_prefix))
+
+    @classmethod
     def execute(cls, embeds, filename_prefix) -> io.NodeOutput:
-        path = _save_path("embeds", filename_prefix)
-        embeds.save(path)
+        path = embeds.save(_save_base("embeds", filename_prefix), numbered=True)
         return io.NodeOutput(ui=_saved(path))
 
 
@@ -78,9 +82,12 @@ class SaveConcept(io.ComfyNode):
             outputs=[], is_output_node=True)
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        return inputs.first(inputs.filename_prefix_problem(filename_prefix))
+
+    @classmethod
     def execute(cls, concept, filename_prefix) -> io.NodeOutput:
-        path = _save_path("concepts", filename_prefix)
-        concept.save(path)
+        path = concept.save(_save_base("concepts", filename_prefix), numbered=True)
         return io.NodeOutput(ui=_saved(path))
 
 
@@ -183,9 +190,12 @@ class SaveLog(io.ComfyNode):
             outputs=[io.String.Output(display_name="summary")], is_output_node=True)
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        return inputs.first(inputs.filename_prefix_problem(filename_prefix))
+
+    @classmethod
     def execute(cls, log, filename_prefix) -> io.NodeOutput:
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, str(cb.output_folder("logs")))
-        path = save_json(Path(folder) / f"{name}_{counter:05}.json", log)
+        path = save_json(_save_base("logs", filename_prefix, ".json"), log, numbered=True)
         summary = log_summary(log)
         return io.NodeOutput(summary, ui=ui.PreviewText(f"{summary}\nsaved {path.name} in {path.parent}"))
 

@@ -41,8 +41,10 @@ class ModelKind:
     def options(self) -> list[str]:
         return sorted(self.find())
 
-    def check(self, choice: str, allow_download: bool, hf_repo_id: str) -> bool | str:
-        if (allow_download and hf_repo_id.strip()) or choice in self.find():
+    def check(self, choice: str | None, allow_download: bool | None, hf_repo_id: str | None) -> bool | str:
+        if choice is None or (allow_download is True and (hf_repo_id is None or hf_repo_id.strip())):
+            return True  # linked: checked again with the real values before the node runs
+        if isinstance(choice, str) and choice in self.find():
             return True
         return (f"No {self.what} '{choice}' found in models/{self.folder}. Download e.g. {self.example} into "
                 f"models/{self.folder}/ (a diffusers/transformers folder) and refresh, or switch on allow_download "
@@ -60,7 +62,7 @@ class ModelKind:
         return cb.folder_fingerprint(self.find().get(choice))
 
     def resolve(self, choice: str, allow_download: bool, hf_repo_id: str) -> Path:
-        if allow_download and hf_repo_id.strip():
+        if allow_download is True and hf_repo_id.strip():  # only a real True downloads
             return cb.download(hf_repo_id, self.folder)
         return cb.resolve(choice, self.find(), self.what, self.folder)
 
@@ -89,7 +91,7 @@ class LoadPrior(io.ComfyNode):
             outputs=[s.Prior.Output(display_name="prior")])
 
     @classmethod
-    def validate_inputs(cls, prior, allow_download=False, hf_repo_id="") -> bool | str:
+    def validate_inputs(cls, prior=None, allow_download=False, hf_repo_id="") -> bool | str:
         return PRIOR.check(prior, allow_download, hf_repo_id)
 
     @classmethod
@@ -117,7 +119,7 @@ class LoadDecoder(io.ComfyNode):
             outputs=[s.Decoder.Output(display_name="decoder")])
 
     @classmethod
-    def validate_inputs(cls, decoder, allow_download=False, hf_repo_id="") -> bool | str:
+    def validate_inputs(cls, decoder=None, allow_download=False, hf_repo_id="") -> bool | str:
         return DECODER.check(decoder, allow_download, hf_repo_id)
 
     @classmethod
@@ -149,7 +151,7 @@ class LoadMLLM(io.ComfyNode):
             outputs=[s.MLLM.Output(display_name="mllm")])
 
     @classmethod
-    def validate_inputs(cls, model, allow_download=False, hf_repo_id="") -> bool | str:
+    def validate_inputs(cls, model=None, allow_download=False, hf_repo_id="") -> bool | str:
         return MLLM.check(model, allow_download, hf_repo_id)
 
     @classmethod
@@ -161,8 +163,8 @@ class LoadMLLM(io.ComfyNode):
     @cb.training_mode
     def execute(cls, model, dtype, trust_remote_code, allow_download=False, hf_repo_id="",
                 vision_check=True) -> io.NodeOutput:
-        judge = MLLM.load(model, dtype, allow_download, hf_repo_id, trust_remote_code=trust_remote_code)
-        if vision_check:
+        judge = MLLM.load(model, dtype, allow_download, hf_repo_id, trust_remote_code=trust_remote_code is True)
+        if vision_check is not False:  # on unless truly off
             memory.use(judge)
             try:
                 judge.check_vision().raise_if_blind()

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
-from . import memory
+from . import inputs, memory
 from . import sockets as s
 from .engine.bank import EmbeddingBank, encode_image_bank, sample_bank
 from .engine.gate import PAPER_QUESTION, ValidityGate
@@ -43,8 +43,8 @@ class PriorSampler(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, prompt) -> bool | str:
-        return True if prompt.strip() else "prompt is empty: describe the subject, e.g. the paper's template."
+    def validate_inputs(cls, prompt=None) -> bool | str:
+        return inputs.first(inputs.text_problem("prompt", prompt, "describe the subject, e.g. the paper's template."))
 
     @classmethod
     @cb.training_mode
@@ -66,16 +66,13 @@ class NormGaussianFit(io.ComfyNode):
             description="PCA of the bank plus a full-covariance Gaussian in PCA space (Eq. 3-4): the norm whose "
                         "low-probability regions the optimiser seeks.",
             inputs=[s.Embeds.Input("embeds", tooltip="The typical set: a bank from Prior Sampler (paper: 5,000)."),
-                    io.Int.Input("pca_dims", default=50, min=1, max=4096, tooltip="PCA dimensions k (paper: 50); "
-                                 "must be smaller than the bank size.")],
+                    io.Int.Input("pca_dims", default=50, min=2, max=4096, tooltip="PCA dimensions k (paper: 50); "
+                                 "must be smaller than the bank size; at least 2 (the map plots two).")],
             outputs=[s.Norm.Output(display_name="norm"), io.Image.Output(display_name="map")])
 
     @classmethod
     @cb.training_mode
     def execute(cls, embeds, pca_dims) -> io.NodeOutput:
-        if pca_dims >= len(embeds):
-            raise ValueError(f"pca_dims ({pca_dims}) must be smaller than the bank size ({len(embeds)}): raise the "
-                             f"sampler's count above {pca_dims} or lower pca_dims.")
         norm = GaussianNorm.fit(embeds, pca_dims)
         return io.NodeOutput(norm, plot_embedding_map(norm, embeds.embeds))
 
@@ -99,8 +96,8 @@ class AnchorLoss(io.ComfyNode):
             outputs=[s.Loss.Output(display_name="loss_terms")])
 
     @classmethod
-    def validate_inputs(cls, text) -> bool | str:
-        return True if text.strip() else "text is empty: give the category, e.g. 'a photo of a vehicle'."
+    def validate_inputs(cls, text=None) -> bool | str:
+        return inputs.first(inputs.text_problem("text", text, "give the category, e.g. 'a photo of a vehicle'."))
 
     @classmethod
     @cb.training_mode
@@ -162,6 +159,10 @@ class MLLMValidityGate(io.ComfyNode):
             outputs=[s.Gate.Output(display_name="gate")])
 
     @classmethod
+    def validate_inputs(cls, question=None) -> bool | str:
+        return inputs.first(inputs.template_problem("question", question, {"subject"}))
+
+    @classmethod
     def execute(cls, mllm, subject, question, check_every, threshold) -> io.NodeOutput:
         return io.NodeOutput(ValidityGate(mllm, question, check_every, threshold, subject.strip()))
 
@@ -204,20 +205,18 @@ class LoRAOptimizer(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject, prompt_template) -> bool | str:
-        if not subject.strip():
-            return "subject is empty: name what the concept must remain, e.g. 'vehicle'."
-        if "{token}" not in prompt_template:
-            return "prompt_template must contain {token}, e.g. 'a photo of a {token}'."
-        return True
+    def validate_inputs(cls, subject=None, prompt_template=None, gate=None, renderer=None) -> bool | str:
+        return inputs.first(
+            inputs.text_problem("subject", subject, "name what the concept must remain, e.g. 'vehicle'."),
+            inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}),
+            gate is not None and renderer is None and (
+                "gate is connected but renderer is not: the gate judges rendered images, so connect a renderer "
+                "(Decoder Renderer)."))
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, subject, steps, learning_rate, lora_rank, train, seed, prompt_template,
                 creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None) -> io.NodeOutput:
-        if gate is not None and renderer is None:
-            raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
-                             "renderer (Decoder Renderer).")
         terms = [CreativeTerm(norm, creative_weight), *(loss_terms or ())]
         cfg = OptimConfig(steps=steps, lr=learning_rate, train=s.TRAIN_CHOICES[train], rank=lora_rank,
                           alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,15 +36,23 @@ class EmbeddingBank:
     def prior_identity(self) -> str:
         return str(self.provenance.get("prior", ""))
 
-    def save(self, path) -> None:
-        save_tensors(path, {"embeds": self.embeds}, dict(self.provenance, format=FORMAT))
+    def save(self, path: str | os.PathLike, *, numbered: bool = False) -> Path:
+        """Write the bank; ``numbered``: as the first free ``<stem>_NNNNN`` name (see save_tensors)."""
+        return save_tensors(path, {"embeds": self.embeds}, dict(self.provenance, format=FORMAT), numbered=numbered)
 
     @classmethod
     def load(cls, path) -> "EmbeddingBank":
         tensors, meta = load_tensors(path)
         if meta.pop("format", None) != FORMAT:
             raise ValueError(f"{path} is not a Creative Generation embedding bank.")
-        return cls(tensors["embeds"].float(), meta)
+        embeds = tensors.get("embeds")
+        if embeds is None or embeds.ndim != 2 or not len(embeds) or not embeds.is_floating_point():
+            shape = "no 'embeds' tensor" if embeds is None else f"{embeds.dtype} of shape {tuple(embeds.shape)}"
+            raise ValueError(f"{path}: a bank holds float embeddings [count, width], this file has {shape}. "
+                             "It is damaged or not a bank: delete it or save the bank again.")
+        if not bool(torch.isfinite(embeds).all()):
+            raise ValueError(f"{path}: the bank has NaN or infinite values. Sample it again (e.g. in fp32).")
+        return cls(embeds.float(), meta)
 
     @classmethod
     def concat(cls, banks: list["EmbeddingBank"]) -> "EmbeddingBank":

@@ -8,10 +8,15 @@ concepts (and the plain prior) can share one loaded model: :func:`activate_conce
 
 from __future__ import annotations
 
+import os
 import contextlib
 import hashlib
+import math
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +29,8 @@ if TYPE_CHECKING:
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FORMAT = "creative-concept/1"
+CONCEPT_ADAPTER = re.compile(r"^creative_[0-9a-f]{12}$")  # Concept.adapter_name; training adapters differ
+MAX_CONCEPT_ADAPTERS = 4  # loaded concept LoRAs kept on a shared prior; older ones are reloaded when needed
 
 
 class ConceptMismatchError(ValueError):
@@ -60,13 +67,14 @@ class Concept:
                 f"This concept was trained on prior '{base}' but is applied to '{prior_identity}'. "
                 "Load the prior it was trained on (see the concept's metadata), or train a new concept.")
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike, *, numbered: bool = False) -> Path:
+        """Write the concept; ``numbered``: as the first free ``<stem>_NNNNN`` name (see save_tensors)."""
         tensors = {f"lora.{k}": v for k, v in self.lora_state.items()}
         if self.token_embedding is not None:
             tensors["token_embedding"] = self.token_embedding
         meta = dict(self.meta, format=FORMAT, token=self.token, lora_rank=self.lora_rank,
                     lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets))
-        save_tensors(path, tensors, meta)
+        return save_tensors(path, tensors, meta, numbered=numbered)
 
     @classmethod
     def load(cls, path) -> "Concept":
@@ -74,10 +82,30 @@ class Concept:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a Creative Generation concept (format {meta.get('format')!r}).")
         lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-        info = {k: meta.pop(k) for k in ("token", "lora_rank", "lora_alpha", "lora_targets")}
-        meta.pop("format")
-        return cls(info["token"], tensors.get("token_embedding"), lora, int(info["lora_rank"]),
-                   float(info["lora_alpha"]), tuple(info["lora_targets"]), meta)
+        try:
+            info = {k: meta.pop(k) for k in ("token", "lora_rank", "lora_alpha", "lora_targets")}
+            meta.pop("format")
+            concept = cls(str(info["token"]), tensors.get("token_embedding"), lora, int(info["lora_rank"]),
+                          float(info["lora_alpha"]), tuple(str(t) for t in info["lora_targets"]), meta)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the concept's metadata is damaged ({err}); save the concept again.") from None
+        problem = concept.problem()
+        if problem:
+            raise ValueError(f"{path}: {problem} The file is damaged: delete it or save the concept again.")
+        return concept
+
+    def problem(self) -> str | None:
+        """What makes this concept unusable (None when it is fine)."""
+        e = self.token_embedding
+        if e is not None and (e.ndim != 1 or not e.is_floating_point() or not bool(torch.isfinite(e).all())):
+            return "its token embedding is not a finite float vector."
+        if e is None and not self.lora_state:
+            return "it holds neither a token embedding nor a LoRA."
+        if any(not v.is_floating_point() or not bool(torch.isfinite(v).all()) for v in self.lora_state.values()):
+            return "its LoRA has non-float or non-finite (NaN/inf) weights."
+        if self.lora_rank < 1 or not math.isfinite(self.lora_alpha) or not self.lora_targets:
+            return f"its LoRA settings are invalid (rank {self.lora_rank}, alpha {self.lora_alpha})."
+        return None
 
 
 def lora_config(rank: int, alpha: float, targets: tuple[str, ...]) -> LoraConfig:
@@ -114,11 +142,46 @@ def activate_concept(transformer: torch.nn.Module, concept: Concept | None) -> N
 
     name = concept.adapter_name
     if name not in _loaded_adapters(transformer):
-        transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
-                                adapter_name=name)
-        set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
+        _evict_concepts(transformer, keep=MAX_CONCEPT_ADAPTERS - 1)
+        try:
+            transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
+                                    adapter_name=name)
+            result = set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k]
+            if unexpected:
+                raise ValueError(f"{len(unexpected)} weight(s) match no layer of this prior, e.g. {unexpected[0]}.")
+        except (RuntimeError, ValueError, KeyError) as err:
+            if name in _loaded_adapters(transformer):
+                transformer.delete_adapters(name)  # a failed load leaves nothing behind
+            raise ConceptMismatchError(f"The concept '{concept.token or name}' does not fit this prior's layers "
+                                       f"({str(err).splitlines()[0][:300]}). It was made for another model or "
+                                       "is damaged: load the prior it was trained on, or train it again.") from None
+    _touch(transformer, name)
     transformer.set_adapter(name)
     transformer.enable_adapters()
+
+
+def _touch(transformer: torch.nn.Module, name: str) -> None:
+    """Mark ``name`` most recently used among the concept adapters on ``transformer``."""
+    order = [n for n in getattr(transformer, "_creative_adapter_order", []) if n != name]
+    transformer._creative_adapter_order = order + [name]
+
+
+def _evict_concepts(transformer: torch.nn.Module, keep: int) -> None:
+    """Delete the least recently used concept adapters so at most ``keep`` stay loaded.
+
+    Concept views of a prior share its transformer; each concept's LoRA is an adapter on it (about
+    1 MB at rank 64), so without a bound a server that samples many concepts grows without end. An
+    evicted concept is simply loaded again from its weights the next time it is activated.
+    """
+    loaded = [n for n in _loaded_adapters(transformer) if CONCEPT_ADAPTER.match(n)]
+    order = [n for n in getattr(transformer, "_creative_adapter_order", []) if n in loaded]
+    order = [n for n in loaded if n not in order] + order  # unknown ones count as oldest
+    for name in order[:max(0, len(order) - keep)]:
+        with warnings.catch_warnings():  # peft warns when the deleted adapter was the last one set
+            warnings.simplefilter("ignore", UserWarning)
+            transformer.delete_adapters(name)
+    transformer._creative_adapter_order = order[max(0, len(order) - keep):]
 
 
 @contextlib.contextmanager

@@ -9,15 +9,17 @@ and :func:`load_decoder` reads either from a local diffusers folder without touc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from . import cancel
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
 
 if TYPE_CHECKING:
@@ -120,7 +122,8 @@ class KandinskyDecoder:
             args |= {"prompt": [self.prompt] * embeds.shape[0], "callback": self._legacy_callback(progress)}
         else:
             args |= {"callback_on_step_end": self._step_end_callback(progress)}
-        return torch.from_numpy(self.pipeline(**args).images)  # "np" output: float32 [B, H, W, 3] in 0..1
+        with cancellable(self.pipeline.unet, self.pipeline.movq):  # stops within a step or the final decode
+            return torch.from_numpy(self.pipeline(**args).images)  # "np" output: float32 [B, H, W, 3] in 0..1
 
     def _check_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
         """Reject wrong shapes here: inside the UNet they surface as opaque matmul errors."""
@@ -158,6 +161,23 @@ class KandinskyDecoder:
         if progress is None:
             return None
         return lambda step, t, latents: progress(step + 1, self._total_steps())
+
+
+@contextlib.contextmanager
+def cancellable(*modules: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every sub-module call of ``modules`` is a cancel point.
+
+    One denoising step or the final decode of a large image can take minutes on a CPU; the
+    per-step callback alone would not stop them.
+    """
+    handles = [m.register_forward_pre_hook(lambda *_: cancel.point())
+               for module in modules for name, m in module.named_modules()
+               if not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def detect_decoder_family(folder: str | os.PathLike) -> str:

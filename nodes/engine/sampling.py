@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cancel
 from .prior import Prior, PromptEmbeds
 
 MASKED = -10000.0  # the additive mask value PriorTransformer itself uses
@@ -132,6 +133,7 @@ def denoise(prior: Prior, cache: PrefixCache, latents: torch.Tensor, steps: int,
     b = latents.shape[0]
     cfg = guidance > 1.0
     for i, t in enumerate(timesteps):
+        cancel.point()  # every denoising step of every batch (and of every optimiser step) may stop
         if cfg:
             pred = predict(prior.transformer, cache, [(uncond_row, b), (cond_row, b)], torch.cat([latents] * 2), t)
             uncond, text = pred.chunk(2)

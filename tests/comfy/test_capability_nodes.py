@@ -75,7 +75,7 @@ def test_rare_select_validates_and_refuses(world, run, pack_nodes):
     assert "candidates" in node.validate_inputs(k=8, candidates=2)
     with pytest.raises(ValueError, match="connect a renderer"):
         run("CreativeRareSelect", norm=world["norm"], embeds=world["bank"], gate=world["gate"])
-    with pytest.raises(ValueError, match="at least k"):
+    with pytest.raises(ValueError, match="k is 0, below its minimum 1"):  # the schema's range, checked on every input
         run("CreativeRareSelect", norm=world["norm"], embeds=world["bank"], k=0)
 
 

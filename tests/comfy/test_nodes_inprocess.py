@@ -218,7 +218,7 @@ def test_input_checks_have_messages(pack_nodes, chain, run):
     assert "{token}" in opt.validate_inputs(subject="car", prompt_template="a photo")
     assert opt.validate_inputs(subject="car", prompt_template="a {token}") is True
     assert "No prior 'nope'" in pack_nodes["CreativeLoadPrior"].validate_inputs(prior="nope")
-    with pytest.raises(ValueError, match=r"pca_dims \(24\) must be smaller than the bank size \(24\)"):
+    with pytest.raises(ValueError, match=r"PCA dims \(24\) must be smaller than the bank size \(24\)"):
         run("CreativeNormGaussianFit", embeds=chain["bank"], pca_dims=24)
     with pytest.raises(ValueError, match="outside the bank"):
         run("CreativeSelectEmbeds", embeds=chain["bank"], indices="0, 99")

@@ -1,0 +1,282 @@
+"""Every node's inputs checked against its own schema, in one place.
+
+ComfyUI 0.3.75 checks little for V3 nodes: it passes ``None`` for a linked input during
+validation, converts ``"false"`` to ``True`` for a BOOLEAN, lets NaN through every FLOAT, and
+does not check a combo value or the object on a custom socket once a node declares its own
+``validate_inputs``. :func:`guard` gives a node class one ``validate_inputs`` and one ``execute``
+wrapper that check what the schema declares (types, ranges, finiteness, combo options, socket
+objects) and then run the node's own checks: at validation on the values known then (linked ones
+are ``None`` and skipped), and again at execution on the real values.
+
+:func:`refuse_non_boolean_widgets` runs on every ``POST /prompt`` before validation (the only
+moment the raw JSON is still visible): a BOOLEAN of ours that is not a JSON ``true``/``false`` is
+set to ``False`` and remembered in the node's entry; the node then refuses to run, naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import string
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from comfy_api.latest import io
+
+REFUSED_KEY = "creative_refused_inputs"  # set on a prompt's node entry by refuse_non_boolean_widgets
+_GUARDED = "_creative_inputs_guarded"
+
+
+class InputError(ValueError):
+    """A node input that cannot be used; the message names the input and what to change."""
+
+
+def _socket_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Socket type -> (accepts the object?, what belongs there). Imported late: engine modules are heavy."""
+    import torch
+
+    from .engine.bank import EmbeddingBank
+    from .engine.concept import Concept
+    from .engine.gate import ValidityGate
+    from .engine.norm import GaussianNorm
+    from .engine.prior import Prior
+    from .engine.render import KandinskyDecoder
+
+    def losses(v: Any) -> bool:
+        return isinstance(v, (tuple, list)) and all(callable(t) and hasattr(t, "weight") for t in v)
+
+    def renderer(v: Any) -> bool:
+        return callable(v) and hasattr(v, "settings")
+
+    def judge(v: Any) -> bool:
+        return callable(getattr(v, "p_yes", None))
+
+    def core(kind: str) -> Callable[[Any], bool]:
+        def check(v: Any) -> bool:
+            if kind == "MODEL":
+                import comfy.model_patcher
+                return isinstance(v, comfy.model_patcher.ModelPatcher)
+            if kind == "VAE":
+                import comfy.sd
+                return isinstance(v, comfy.sd.VAE)
+            return isinstance(v, list) and all(isinstance(c, (list, tuple)) and len(c) == 2 for c in v)
+        return check
+
+    return {
+        "CREATIVE_PRIOR": (lambda v: isinstance(v, Prior), "a prior (Load Diffusion Prior)"),
+        "CREATIVE_EMBEDS": (lambda v: isinstance(v, EmbeddingBank), "embeddings (Prior Sampler, Load Embeddings)"),
+        "CREATIVE_NORM": (lambda v: isinstance(v, GaussianNorm), "a norm (Norm Gaussian Fit)"),
+        "CREATIVE_LOSS": (losses, "loss terms (Anchor Loss, Negative Cluster)"),
+        "CREATIVE_GATE": (lambda v: isinstance(v, ValidityGate), "a validity gate (MLLM Validity Gate)"),
+        "CREATIVE_MLLM": (judge, "a multimodal LLM (Load Multimodal LLM)"),
+        "CREATIVE_DECODER": (lambda v: isinstance(v, KandinskyDecoder), "a decoder (Load Kandinsky Decoder)"),
+        "CREATIVE_RENDERER": (renderer, "a renderer (Decoder Renderer, Core Model Renderer)"),
+        "CREATIVE_CONCEPT": (lambda v: isinstance(v, Concept), "a concept (Load Concept, the optimiser)"),
+        "CREATIVE_LOG": (lambda v: isinstance(v, dict) and "entries" in v, "an optimiser log"),
+        "IMAGE": (lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] in (1, 3, 4),
+                  "an IMAGE batch [B, H, W, C]"),
+        "MODEL": (core("MODEL"), "a MODEL (a checkpoint loader)"),
+        "VAE": (core("VAE"), "a VAE (a checkpoint or VAE loader)"),
+        "CONDITIONING": (core("CONDITIONING"), "CONDITIONING (CLIP Text Encode)"),
+    }
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _number_problem(name: str, value: Any, spec: io.Input, whole: bool) -> str | None:
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return f"{name} must be {kind}, got {_describe(value)}."
+    if not whole and not math.isfinite(value):
+        return f"{name} must be a finite number, got {value}: give a value between {spec.min} and {spec.max}."
+    if spec.min is not None and value < spec.min:
+        return f"{name} is {value}, below its minimum {spec.min}."
+    if spec.max is not None and value > spec.max:
+        return f"{name} is {value}, above its maximum {spec.max}."
+    return None
+
+
+def value_problem(spec: io.Input, value: Any, sockets: dict | None = None, own_options: bool = False) -> str | None:
+    """Why ``value`` cannot go into the input ``spec`` (None when it can). ``value`` is not None.
+
+    ``own_options``: the node's own ``validate_inputs`` checks this combo's value (a loader that can
+    also download), so only its type is checked here, as ComfyUI does for inputs a check names.
+    """
+    name = spec.id
+    if isinstance(spec, io.Boolean.Input):
+        return None if isinstance(value, bool) else (
+            f"{name} must be true or false (a JSON boolean), got {_describe(value)}; it stays off otherwise.")
+    if isinstance(spec, io.Int.Input):
+        return _number_problem(name, value, spec, whole=True)
+    if isinstance(spec, io.Float.Input):
+        return _number_problem(name, value, spec, whole=False)
+    if isinstance(spec, io.String.Input):
+        return None if isinstance(value, str) else f"{name} must be text, got {_describe(value)}."
+    if isinstance(spec, io.Combo.Input):
+        options = list(spec.options or [])
+        if isinstance(value, str) and (own_options or value in options):
+            return None
+        shown = options if len(options) <= 20 else f"{len(options)} options, e.g. {options[:5]}"
+        return f"{name}: {_describe(value)} is not one of its options {shown}."
+    check = (sockets if sockets is not None else _socket_checks()).get(spec.get_io_type())
+    if check is not None and not check[0](value):
+        return f"{name} must be {check[1]}, got {type(value).__name__}."
+    return None
+
+
+def schema_problems(schema: io.Schema, values: dict[str, Any], *, complete: bool,
+                    own: frozenset[str] = frozenset(), defaults: frozenset[str] = frozenset()) -> list[str]:
+    """Problems of ``values`` against ``schema``. ``complete``: every required input must be present
+    (or, when absent, have a default in ``defaults``); ``own``: inputs the node's own
+    ``validate_inputs`` takes (their combo options are its to check)."""
+    sockets = _socket_checks()
+    problems = []
+    for spec in schema.inputs:
+        value = values.get(spec.id)
+        if value is None:
+            if complete and not spec.optional and (spec.id in values or spec.id not in defaults):
+                problems.append(f"{spec.id} is missing: connect it or give it a value.")
+            continue
+        problem = value_problem(spec, value, sockets, own_options=spec.id in own)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def template_problem(name: str, text: str | None, allowed: Iterable[str], required: Iterable[str] = ()) -> str | None:
+    """Why ``text`` cannot be ``str.format``-ed with the ``allowed`` fields (None when it can, or is linked)."""
+    if text is None:
+        return None
+    allowed, required = set(allowed), set(required)
+    shown = ", ".join("{" + a + "}" for a in sorted(allowed)) or "none"
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as err:
+        return f"{name}: {err}. Write {{{{ and }}}} for literal braces; allowed fields: {shown}."
+    unknown = sorted(fields - allowed)
+    if unknown:
+        return f"{name} uses unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; allowed: {shown}."
+    missing = sorted(required - fields)
+    if missing:
+        return f"{name} must contain {', '.join('{' + f + '}' for f in missing)}, e.g. 'a photo of a {{token}}'."
+    return None
+
+
+def text_problem(name: str, text: str | None, hint: str) -> str | None:
+    """An empty text input (``None`` = linked, checked later)."""
+    return None if text is None or text.strip() else f"{name} is empty: {hint}"
+
+
+def filename_prefix_problem(prefix: str | None) -> str | None:
+    """A prefix that would write a hidden file or leave the output folder."""
+    if prefix is None:
+        return None
+    parts = prefix.replace("\\", "/").split("/")
+    if not prefix.strip() or any(not p.strip() or p.strip().startswith(".") for p in parts) or ":" in prefix:
+        return (f"filename_prefix {prefix!r} is not allowed: give a name such as 'concept' or 'runs/concept' "
+                "(no empty or dot-leading parts, no absolute paths or '..'): it must name a visible file inside the "
+                "output folder.")
+    return None
+
+
+def first(*problems: str | None) -> bool | str:
+    """``validate_inputs``' answer: True, or the first problem."""
+    return next((p for p in problems if p), True)
+
+
+def _own_validate(node_cls: type) -> Callable | None:
+    fn = node_cls.__dict__.get("validate_inputs")
+    return fn.__func__ if isinstance(fn, classmethod) else None
+
+
+def _call_own(cls: type, own: Callable | None, names: frozenset[str], values: dict[str, Any]) -> bool | str:
+    if own is None:
+        return True
+    return own(cls, **{k: v for k, v in values.items() if k in names})
+
+
+def guard(node_cls: type) -> type:
+    """Install the schema checks on ``node_cls`` (once); returns it.
+
+    A node with a BOOLEAN input also gets the hidden prompt and unique id, so that it can report
+    what :func:`refuse_non_boolean_widgets` refused.
+    """
+    if node_cls.__dict__.get(_GUARDED):
+        return node_cls
+    own_validate = _own_validate(node_cls)
+    own_order = [n for n in inspect.signature(own_validate).parameters if n != "cls"] if own_validate else []
+    own_names = frozenset(own_order)
+    own_execute = node_cls.__dict__["execute"].__func__
+    defaults = frozenset(n for n, p in inspect.signature(own_execute).parameters.items() if p.default is not p.empty)
+    own_schema = node_cls.__dict__["define_schema"].__func__
+
+    def define_schema(cls):
+        schema = own_schema(cls)
+        if any(isinstance(spec, io.Boolean.Input) for spec in schema.inputs):
+            schema.hidden = list(dict.fromkeys([*(schema.hidden or []), io.Hidden.prompt, io.Hidden.unique_id]))
+        return schema
+
+    def validate_inputs(cls, *args, **values):  # **values: ComfyUI then passes every input (linked ones as None)
+        values.update(zip(own_order, args))  # a node calling its own check positionally
+        problems = schema_problems(cls.FINALIZE_SCHEMA(), values, complete=False, own=own_names)
+        return problems[0] if problems else _call_own(cls, own_validate, own_names, values)
+
+    def checked(cls, values: dict[str, Any]) -> None:
+        problems = _refused(cls) + schema_problems(cls.FINALIZE_SCHEMA(), values, complete=True, own=own_names,
+                                                   defaults=defaults)
+        verdict = True if problems else _call_own(cls, own_validate, own_names, values)
+        if problems or verdict is not True:
+            raise InputError(f"{cls.FINALIZE_SCHEMA().display_name or cls.__name__}: {' '.join(problems) or verdict}")
+
+    if inspect.iscoroutinefunction(own_execute):
+        @functools.wraps(own_execute)
+        async def execute(cls, **values):
+            checked(cls, values)
+            return await own_execute(cls, **values)
+    else:
+        @functools.wraps(own_execute)
+        def execute(cls, **values):
+            checked(cls, values)
+            return own_execute(cls, **values)
+
+    node_cls.define_schema = classmethod(define_schema)
+    node_cls.validate_inputs = classmethod(validate_inputs)
+    node_cls.execute = classmethod(execute)
+    setattr(node_cls, _GUARDED, True)
+    return node_cls
+
+
+def _refused(cls: type) -> list[str]:
+    """Booleans :func:`refuse_non_boolean_widgets` refused for this node of the running prompt."""
+    hidden = getattr(cls, "hidden", None)
+    prompt, node_id = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
+    entry = prompt.get(node_id) if isinstance(prompt, dict) and node_id is not None else None
+    refused = entry.get(REFUSED_KEY, {}) if isinstance(entry, dict) else {}
+    return [f"{name} must be true or false (a JSON boolean), got {raw!r}; nothing was run."
+            for name, raw in sorted(refused.items())]
+
+
+def refuse_non_boolean_widgets(json_data: dict, node_classes: dict[str, type]) -> dict:
+    """``PromptServer`` on-prompt handler: our BOOLEAN inputs must be JSON booleans (or links).
+
+    ComfyUI would turn ``"false"`` into ``True``; instead the value becomes ``False`` (so nothing it
+    guards can run) and is recorded under :data:`REFUSED_KEY`, which the node reports when it runs.
+    """
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if not isinstance(prompt, dict):
+        return json_data
+    for entry in prompt.values():
+        cls = node_classes.get(entry.get("class_type")) if isinstance(entry, dict) else None
+        inputs = entry.get("inputs") if cls is not None else None
+        if not isinstance(inputs, dict):
+            continue
+        for spec in cls.FINALIZE_SCHEMA().inputs:
+            value = inputs.get(spec.id)
+            if isinstance(spec, io.Boolean.Input) and spec.id in inputs and not isinstance(value, (bool, list)):
+                entry.setdefault(REFUSED_KEY, {})[spec.id] = value
+                inputs[spec.id] = False
+    return json_data

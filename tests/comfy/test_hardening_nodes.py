@@ -1,0 +1,309 @@
+"""Issue 10 at the node level, with ComfyUI imported in this process: every input of every node
+the pack lists may arrive linked (None during validation), missing, of the wrong JSON type, NaN,
+outside its dropdown or as the wrong object on a socket; booleans count only when truly True;
+saves never overwrite; damaged files name themselves; an interrupt stops every loop.
+
+The sweeps over "every node" take the list from the pack's extension, so nodes added later are
+checked too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import comfy_harness
+import pytest
+import torch
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.fixture(scope="module")
+def models(comfy_inprocess, tmp_path_factory):
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
+    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
+
+    root = tmp_path_factory.mktemp("hardening_models")
+    build_tiny_prior(root / "diffusers" / "hard-prior", seed=0)
+    build_tiny_k22_decoder(root / "diffusers" / "hard-decoder")
+    build_tiny_llava_next(root / "LLM" / "hard-llava")
+    fp = comfy_inprocess.folder_paths
+    fp.add_model_folder_path("diffusers", str(root / "diffusers"))
+    fp.add_model_folder_path("LLM", str(root / "LLM"))
+    return root
+
+
+@pytest.fixture
+def run(pack_nodes, comfy_inprocess):
+    return lambda node_id, **inputs: comfy_harness.execute_node(pack_nodes[node_id], f"hard-{node_id}", **inputs)
+
+
+@pytest.fixture(scope="module")
+def chain(models, pack_nodes, comfy_inprocess):
+    def call(node_id, **inputs):
+        return comfy_harness.execute_node(pack_nodes[node_id], "hard", **inputs)
+
+    prior, = call("CreativeLoadPrior", prior="hard-prior", dtype="auto")
+    bank, = call("CreativePriorSampler", prior=prior, prompt="a photo of a vehicle", count=12, batch_size=12,
+                 steps=2, guidance=4.0, seed=0, negative_prompt="")
+    norm, _ = call("CreativeNormGaussianFit", embeds=bank, pca_dims=3)
+    decoder, = call("CreativeLoadDecoder", decoder="hard-decoder", dtype="auto")
+    return dict(prior=prior, bank=bank, norm=norm, decoder=decoder)
+
+
+def _specs(cls) -> list:
+    return list(cls.GET_SCHEMA().inputs)
+
+
+def _error_text(cls, **values) -> str:
+    verdict = cls.validate_inputs(**values)
+    return "" if verdict is True else str(verdict)
+
+
+# --------------------------------------------------------------------------- linked and missing inputs
+
+
+def test_every_validate_inputs_takes_linked_and_missing_inputs(pack_nodes):
+    """ComfyUI passes None for a linked input and nothing for a missing one; neither may crash."""
+    for node_id, cls in pack_nodes.items():
+        names = [spec.id for spec in _specs(cls)]
+        assert cls.validate_inputs(**{n: None for n in names}) is True, node_id
+        cls.validate_inputs()  # a missing required input: ComfyUI reports it; the check must not raise
+
+
+def test_linked_text_is_checked_when_the_node_runs(chain, run):
+    from creative_generation.nodes.inputs import InputError
+
+    with pytest.raises(InputError, match="prompt is empty"):
+        run("CreativePriorSampler", prior=chain["prior"], prompt="  ", count=2, batch_size=2, steps=2, guidance=4.0,
+            seed=0, negative_prompt="")
+    with pytest.raises(InputError, match="prompt is missing"):
+        run("CreativePriorSampler", prior=chain["prior"], prompt=None, count=2, batch_size=2, steps=2, guidance=4.0,
+            seed=0, negative_prompt="")
+
+
+# --------------------------------------------------------------------------- strict booleans
+
+
+def test_booleans_count_only_when_truly_true(pack_nodes, models, run, monkeypatch):
+    import creative_generation.nodes.model_nodes as model_nodes
+    from creative_generation.nodes.inputs import InputError
+
+    loaded = []
+    monkeypatch.setattr(model_nodes, "load_mllm", lambda *a, **k: loaded.append(k) or pytest.fail("loaded"))
+    for bad in ("false", "False", 0, 1, "", [], None):
+        with pytest.raises(InputError, match="trust_remote_code"):
+            run("CreativeLoadMLLM", model="hard-llava", dtype="auto", trust_remote_code=bad, vision_check=False)
+        with pytest.raises(InputError, match="allow_download"):
+            run("CreativeLoadPrior", prior="hard-prior", dtype="auto", allow_download=bad, hf_repo_id="x/y")
+    assert not loaded
+    booleans = {(node_id, spec.id) for node_id, cls in pack_nodes.items() for spec in _specs(cls)
+                if type(spec).__name__ == "Input" and spec.get_io_type() == "BOOLEAN"}
+    assert {("CreativeLoadMLLM", "trust_remote_code"), ("CreativeLoadMLLM", "vision_check")} <= booleans
+    for node_id, name in booleans:
+        assert name in _error_text(pack_nodes[node_id], **{name: "false"}), (node_id, name)
+
+
+def test_refused_boolean_from_the_raw_prompt_is_reported(pack_nodes):
+    """The server's on-prompt check turns "false" into False and the node then refuses to run."""
+    from creative_generation.nodes.inputs import REFUSED_KEY, InputError, refuse_non_boolean_widgets
+
+    prompt = {"1": {"class_type": "CreativeLoadMLLM",
+                    "inputs": {"model": "hard-llava", "dtype": "auto", "trust_remote_code": "false",
+                               "vision_check": ["9", 0]}}}
+    refuse_non_boolean_widgets({"prompt": prompt}, pack_nodes)
+    entry = prompt["1"]
+    assert entry["inputs"]["trust_remote_code"] is False and entry["inputs"]["vision_check"] == ["9", 0]
+    assert entry[REFUSED_KEY] == {"trust_remote_code": "false"}
+    from comfy_api.latest._io import Hidden
+
+    cls = pack_nodes["CreativeLoadMLLM"].PREPARE_CLASS_CLONE({Hidden.unique_id: "1", Hidden.prompt: prompt})
+    with pytest.raises(InputError, match="trust_remote_code must be true or false .* got 'false'"):
+        cls.execute(model="hard-llava", dtype="auto", trust_remote_code=False, vision_check=False)
+
+
+# --------------------------------------------------------------------------- numbers, dropdowns, sockets
+
+
+def test_non_finite_numbers_are_refused_on_every_float_input(pack_nodes):
+    floats = [(node_id, spec.id) for node_id, cls in pack_nodes.items() for spec in _specs(cls)
+              if spec.get_io_type() == "FLOAT"]
+    assert len(floats) >= 10, floats
+    for node_id, name in floats:
+        for bad in (NAN, INF, -INF):
+            assert name in _error_text(pack_nodes[node_id], **{name: bad}), (node_id, name, bad)
+
+
+@pytest.mark.parametrize("node_id, name, bad", [
+    ("CreativeLoRAOptimizer", "train", "token+LoRA"),
+    ("CreativeWundtSweep", "train", "both"),
+    ("CreativeLoadEmbeds", "file", 0),
+    ("CreativeLoadConcept", "file", "../secret.safetensors"),
+    ("CreativeLoadPrior", "dtype", "float64"),
+    ("CreativeLoadMLLM", "dtype", "fp64"),
+    ("CreativeCoreRenderer", "sampler_name", "no_such_sampler"),
+    ("CreativeCoreRenderer", "scheduler", 3),
+    ("CreativeEmbedsToCLIPVision", "target", "SD 3"),
+])
+def test_dropdown_values_are_checked(pack_nodes, node_id, name, bad):
+    assert f"{name}: " in _error_text(pack_nodes[node_id], **{name: bad})
+
+
+def test_pca_dims_of_one_is_refused_with_its_range(pack_nodes):
+    assert "pca_dims is 1, below its minimum 2" in _error_text(pack_nodes["CreativeNormGaussianFit"], pca_dims=1)
+
+
+def test_wrong_objects_on_sockets_name_the_input(pack_nodes):
+    from creative_generation.nodes.inputs import InputError
+
+    checked = 0
+    for node_id, cls in pack_nodes.items():
+        for spec in _specs(cls):
+            if spec.get_io_type() not in ("CREATIVE_PRIOR", "CREATIVE_EMBEDS", "CREATIVE_NORM", "CREATIVE_LOSS",
+                                          "CREATIVE_GATE", "CREATIVE_MLLM", "CREATIVE_DECODER", "CREATIVE_RENDERER",
+                                          "CREATIVE_CONCEPT", "CREATIVE_LOG", "IMAGE", "MODEL", "VAE",
+                                          "CONDITIONING"):
+                continue
+            for wrong in ("a string", 3):
+                assert f"{spec.id} must be" in _error_text(cls, **{spec.id: wrong}), (node_id, spec.id)
+                with pytest.raises(InputError, match=f"{spec.id} must be"):
+                    comfy_harness.execute_node(cls, "hard", **{spec.id: wrong})
+            checked += 1
+    assert checked >= 25
+
+
+@pytest.mark.parametrize("node_id, inputs, fragment", [
+    ("CreativeLoRAOptimizer", {"subject": "car", "prompt_template": "a {style} photo of a {token}"},
+     "unknown field(s) {style}; allowed: {token}"),
+    ("CreativeLoRAOptimizer", {"subject": "car", "prompt_template": "a { photo of a {token}"}, "allowed fields: {token}"),
+    ("CreativeLoRAOptimizer", {"subject": "car", "prompt_template": "a photo of a car"}, "must contain {token}"),
+    ("CreativeWundtSweep", {"prompt_template": "{token} {thing}"}, "unknown field(s) {thing}"),
+    ("CreativeMLLMValidityGate", {"question": "Is this a {thing}?"}, "unknown field(s) {thing}; allowed: {subject}"),
+    ("CreativeMLLMValidityGate", {"question": "Is this a {subject"}, "allowed fields: {subject}"),
+])
+def test_format_strings_name_the_allowed_fields(pack_nodes, node_id, inputs, fragment):
+    assert fragment in _error_text(pack_nodes[node_id], **inputs)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+@pytest.mark.parametrize("prefix", ["", ".", "./.", "..", "../escape", "/tmp/abs", "sub/.hidden", "a//b"])
+def test_prefixes_that_write_hidden_or_outside_files_are_refused(pack_nodes, prefix):
+    for node_id in ("CreativeSaveConcept", "CreativeSaveEmbeds", "CreativeSaveLog"):
+        assert "filename_prefix" in _error_text(pack_nodes[node_id], filename_prefix=prefix), (node_id, prefix)
+
+
+def test_saves_with_one_prefix_never_overwrite(chain, run, comfy_inprocess):
+    out = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative"
+    bank = chain["bank"]
+    run("CreativeSaveEmbeds", embeds=bank, filename_prefix="probe")
+    run("CreativeSaveEmbeds", embeds=bank, filename_prefix="probe")
+    log = {"entries": [], "stop_reason": "max_steps", "steps_run": 0, "accepted_step": 0}
+    for _ in range(2):
+        run("CreativeSaveLog", log=log, filename_prefix="probe")
+    errors = []
+
+    def save():
+        try:
+            run("CreativeSaveEmbeds", embeds=bank, filename_prefix="probe")
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(p.name for p in (out / "embeds").glob("probe_*")) == [f"probe_{i:05}.safetensors" for i in range(1, 7)]
+    assert sorted(p.name for p in (out / "logs").glob("probe_*")) == ["probe_00001.json", "probe_00002.json"]
+
+
+def test_listing_cleans_our_leftovers(pack_nodes, comfy_inprocess):
+    folder = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "concepts"
+    folder.mkdir(parents=True, exist_ok=True)
+    leftover, other = folder / ".concept_00001.safetensors.k2j4h5g6.tmp", folder / ".mine.tmp"
+    for p in (leftover, other):
+        p.write_bytes(b"")
+        os.utime(p, (time.time() - 600, time.time() - 600))
+    pack_nodes["CreativeLoadConcept"].GET_SCHEMA()  # lists the folder
+    assert not leftover.exists() and other.exists()
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def test_a_damaged_file_in_the_concepts_folder_names_itself(pack_nodes, run, comfy_inprocess):
+    folder = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "concepts"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.safetensors").write_bytes(os.urandom(256))
+    with pytest.raises(ValueError, match="broken.safetensors is damaged or not a safetensors file"):
+        run("CreativeLoadConcept", file="broken.safetensors")
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize("node", ["sampler", "renderer", "sweep"])
+def test_an_interrupt_stops_inside_the_first_step(chain, run, comfy_inprocess, monkeypatch, node):
+    """With the interrupt already set, no denoising step completes: every step of every loop (inside a
+    batch, inside a decoder step, inside the sweep's optimiser runs) is a cancel point. Before, a
+    whole batch of 1,000 steps, a decoder step or a whole sweep ran first."""
+    from creative_generation.nodes.engine import sampling
+
+    mm = comfy_inprocess.model_management
+    prior, bank, norm = chain["prior"], chain["bank"], chain["norm"]
+    done = []
+    if node == "renderer":
+        renderer, = run("CreativeDecoderRenderer", decoder=chain["decoder"], steps=50, guidance=4.0, width=64,
+                        height=64, seed=0)
+        handle = chain["decoder"].pipeline.unet.register_forward_hook(lambda *_: done.append(1))
+        call = lambda: run("CreativeRenderEmbeds", renderer=renderer, embeds=bank, start=0, count=1)
+    else:
+        predict = sampling.predict
+        monkeypatch.setattr(sampling, "predict", lambda *a, **k: done.append(1) or predict(*a, **k))
+        handle = None
+        if node == "sampler":
+            call = lambda: run("CreativePriorSampler", prior=prior, prompt="a photo", count=64, batch_size=64,
+                               steps=1000, guidance=4.0, seed=0, negative_prompt="")
+        else:
+            call = lambda: run("CreativeWundtSweep", prior=prior, norm=norm, embeds=bank, subject="vehicle",
+                               steps="0, 20", configs="none", seeds="0", anchor_text="a vehicle", learning_rate=1e-3,
+                               train="token", samples=4)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            call()
+    finally:
+        mm.interrupt_current_processing(False)
+        if handle is not None:
+            handle.remove()
+    assert done == [], f"{len(done)} denoising forward(s) ran after the interrupt"
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+def test_small_cpu_work_runs_on_one_thread_and_restores_comfyuis_setting(chain, run, monkeypatch):
+    """Beside a busy core, two OpenMP threads on tiny operations spin-wait for a descheduled peer
+    (issue 10: 252 s instead of 22 s). Our nodes use one thread for small models, then restore."""
+    import creative_generation.nodes.engine.bank as bank_module
+
+    seen = []
+    inner = bank_module.sample_embeddings
+    monkeypatch.setattr(bank_module, "sample_embeddings",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or inner(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run("CreativePriorSampler", prior=chain["prior"], prompt="a photo", count=2, batch_size=2, steps=2,
+            guidance=4.0, seed=0, negative_prompt="")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
