@@ -31,7 +31,10 @@ def _require(reason: str | None) -> None:
 
 @pytest.fixture(scope="session")
 def artefacts() -> Path:
+    """``output/browser/``, emptied of the previous session's screenshots (a stale one would mislead)."""
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTEFACTS.glob("*.png"):
+        old.unlink()
     return ARTEFACTS
 
 
