@@ -211,7 +211,9 @@ def guard(node_cls: type) -> type:
     own_order = [n for n in inspect.signature(own_validate).parameters if n != "cls"] if own_validate else []
     own_names = frozenset(own_order)
     own_execute = node_cls.__dict__["execute"].__func__
-    defaults = frozenset(n for n, p in inspect.signature(own_execute).parameters.items() if p.default is not p.empty)
+    parameters = inspect.signature(own_execute).parameters
+    defaults = frozenset(n for n, p in parameters.items() if p.default is not p.empty)
+    execute_order = [n for n in parameters if n != "cls"]
     own_schema = node_cls.__dict__["define_schema"].__func__
 
     def define_schema(cls):
@@ -234,12 +236,14 @@ def guard(node_cls: type) -> type:
 
     if inspect.iscoroutinefunction(own_execute):
         @functools.wraps(own_execute)
-        async def execute(cls, **values):
+        async def execute(cls, *args, **values):
+            values.update(zip(execute_order, args))
             checked(cls, values)
             return await own_execute(cls, **values)
     else:
         @functools.wraps(own_execute)
-        def execute(cls, **values):
+        def execute(cls, *args, **values):
+            values.update(zip(execute_order, args))
             checked(cls, values)
             return own_execute(cls, **values)
 

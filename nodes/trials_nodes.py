@@ -7,6 +7,7 @@ import json
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
+from . import inputs
 from . import memory
 from . import sockets as s
 from .engine.evaluation import format_table
@@ -64,20 +65,13 @@ class AutoTrials(io.ComfyNode):
     def validate_inputs(cls, subject="vehicle", prompt_template="a photo of a {token}"):
         if subject is not None and not str(subject).strip():
             return "subject is empty: name what the concepts must remain, e.g. 'vehicle'."
-        if prompt_template is not None and "{token}" not in str(prompt_template):
-            return "prompt_template must contain {token}, e.g. 'a photo of a {token}'."
-        return True
+        return inputs.first(inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}))
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, gate, renderer, subject="vehicle", trials=3, time_budget_s=0, alpha=1.0,
                 cluster_samples=16, steps=50, learning_rate=1e-4, lora_rank=10, train="token + LoRA", seed=0,
                 loss_terms=None, prompt_template="a photo of a {token}", guidance=4.0, prior_steps=5):
-        verdict = cls.validate_inputs(subject, prompt_template)
-        if verdict is not True:
-            raise ValueError(verdict)
-        if train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {train!r}.")
         cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
                           alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
                           template=prompt_template)

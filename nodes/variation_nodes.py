@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import comfy_bridge as cb
+from . import inputs
 from . import memory
 from . import sockets as s
 from .engine.bank import EmbeddingBank
@@ -100,20 +101,13 @@ class ImageVariations(io.ComfyNode):
     def validate_inputs(cls, subject="vehicle", prompt_template="a photo of a {token}"):
         if subject is not None and not str(subject).strip():
             return "subject is empty: name what the image shows, e.g. 'car'."
-        if prompt_template is not None and "{token}" not in str(prompt_template):
-            return "prompt_template must contain {token}, e.g. 'a photo of a {token}'."
-        return True
+        return inputs.first(inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}))
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, image, subject="vehicle", inversion_steps=200, inversion_lr=1e-2, image_weight=1.0,
                 steps=50, learning_rate=1e-4, lora_rank=10, train="token + LoRA", seed=0, gate=None, renderer=None,
                 loss_terms=None, prompt_template="a photo of a {token}", guidance=4.0, prior_steps=5):
-        verdict = cls.validate_inputs(subject, prompt_template)
-        if verdict is not True:
-            raise ValueError(verdict)
-        if train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {train!r}.")
         if gate is not None and renderer is None:
             raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
                              "renderer (Decoder Renderer).")

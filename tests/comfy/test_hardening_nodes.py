@@ -183,6 +183,8 @@ def test_wrong_objects_on_sockets_name_the_input(pack_nodes):
     ("CreativeLoRAOptimizer", {"subject": "car", "prompt_template": "a { photo of a {token}"}, "allowed fields: {token}"),
     ("CreativeLoRAOptimizer", {"subject": "car", "prompt_template": "a photo of a car"}, "must contain {token}"),
     ("CreativeWundtSweep", {"prompt_template": "{token} {thing}"}, "unknown field(s) {thing}"),
+    ("CreativeAutoTrials", {"prompt_template": "a {style} {token}"}, "unknown field(s) {style}"),
+    ("CreativeImageVariations", {"prompt_template": "a {token"}, "allowed fields: {token}"),
     ("CreativeMLLMValidityGate", {"question": "Is this a {thing}?"}, "unknown field(s) {thing}; allowed: {subject}"),
     ("CreativeMLLMValidityGate", {"question": "Is this a {subject"}, "allowed fields: {subject}"),
 ])

@@ -158,13 +158,14 @@ def test_wrong_width_is_what_core_would_choke_on(models, core):
 
 
 def test_core_renderer_refuses_models_without_unclip(pack_nodes, core, models):
-    class NotUnclip:  # e.g. an SD 1.5 model: BaseModel without a CLIP-embedding noise augmentor
-        model = torch.nn.Linear(1, 1)
+    import comfy.model_patcher
 
+    # e.g. an SD 1.5 model: a MODEL whose module has no CLIP-embedding noise augmentor
+    not_unclip = comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu")
     node = pack_nodes["CreativeCoreRenderer"]
     _, vae, positive, negative, _ = models("unclip-l")
     with pytest.raises(ValueError, match="does not take CLIP image embeddings.*SD 2.1 unCLIP"):
-        node.execute(NotUnclip(), vae, positive, negative, 0, 1, 1.0, "euler", "normal", SIZE, SIZE, 1.0, 0.0)
+        node.execute(not_unclip, vae, positive, negative, 0, 1, 1.0, "euler", "normal", SIZE, SIZE, 1.0, 0.0)
 
 
 # --------------------------------------------------------------------------- CreativeCoreRenderer
