@@ -15,7 +15,6 @@ from .engine.losses import CreativeTerm
 from .engine.optimizer import OptimConfig
 from .engine.trials import plot_trials, run_trials
 
-TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}
 SEED = dict(default=0, min=0, max=2**63 - 1)
 
 
@@ -44,7 +43,7 @@ class AutoTrials(io.ComfyNode):
                     io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
                                    tooltip="AdamW learning rate (paper: 1e-4)."),
                     io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
-                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
+                    io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
                                    tooltip="What to train (paper: token + LoRA)."),
                     io.Int.Input("seed", **SEED, control_after_generate=True,
                                  tooltip="Seed of the first trial; trial i uses seed + i."),
@@ -72,7 +71,7 @@ class AutoTrials(io.ComfyNode):
     def execute(cls, prior, norm, gate, renderer, subject="vehicle", trials=3, time_budget_s=0, alpha=1.0,
                 cluster_samples=16, steps=50, learning_rate=1e-4, lora_rank=10, train="token + LoRA", seed=0,
                 loss_terms=None, prompt_template="a photo of a {token}", guidance=4.0, prior_steps=5):
-        cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
+        cfg = OptimConfig(steps=steps, lr=learning_rate, train=s.TRAIN_CHOICES[train], rank=lora_rank,
                           alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
                           template=prompt_template)
         cfg.validate()

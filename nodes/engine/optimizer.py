@@ -65,6 +65,13 @@ class OptimConfig:
 
 @dataclass
 class OptimResult:
+    """What a run kept, how it went, and (when the gate said no) the state it refused.
+
+    ``rejected`` is the token + LoRA at the step the gate rejected (None otherwise): the run itself
+    returns the last accepted state, but automatic trials sample the refused one to learn where
+    not to go again.
+    """
+
     concept: Concept
     log: list[StepRecord]
     stop_reason: str
@@ -72,6 +79,7 @@ class OptimResult:
     accepted_step: int
     path: list[torch.Tensor] = field(default_factory=list)  # embedding per step, for plots
     snapshots: dict[int, Concept] = field(default_factory=dict)  # concept at requested steps (sweeps)
+    rejected: Concept | None = None  # the state the gate rejected (stop_reason "gate_rejected")
 
     def run_log(self) -> RunLog:
         """The records and how the run ended, as the log output and the saved log carry them."""
@@ -98,10 +106,16 @@ def _generate(view: Prior, prompt: str, negative: str, cfg: OptimConfig, generat
 
 
 class CreativeOptimizer:
-    """One optimisation run; create it, then call :meth:`run`."""
+    """One optimisation run; create it, then call :meth:`run`.
+
+    ``start``: a learned concept to begin from instead of the subject word's embedding and a fresh
+    LoRA (image variations continue from the image's inversion). Its token embedding is used when
+    the token is trained, its LoRA when the LoRA is; the LoRA must have the run's rank and targets.
+    """
 
     def __init__(self, prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[LossTerm], cfg: OptimConfig,
-                 gate: ValidityGate | None = None, renderer: Renderer | None = None) -> None:
+                 gate: ValidityGate | None = None, renderer: Renderer | None = None, *,
+                 start: Concept | None = None) -> None:
         cfg.validate()
         if not subject.strip():
             raise ValueError("The subject is empty: name what the concept must remain, e.g. 'vehicle'.")
@@ -112,9 +126,15 @@ class CreativeOptimizer:
             raise ValueError(f"The norm is {norm.embed_dim}-d but the prior makes {prior.embedding_dim}-d embeddings.")
         if gate is not None and renderer is None:
             raise ValueError("The validity gate needs a renderer to turn embeddings into images.")
+        if start is not None:
+            start.check_base(prior.identity)
+            if start.lora_state and cfg.train != "token" and (start.lora_rank, tuple(start.lora_targets)) != (
+                    cfg.rank, tuple(cfg.targets)):
+                raise ValueError(f"The starting concept's LoRA has rank {start.lora_rank} on {start.lora_targets}, "
+                                 f"the run rank {cfg.rank} on {tuple(cfg.targets)}: use the same rank and targets.")
         self.prior, self.norm, self.subject, self.cfg = prior.with_concept(None), norm, subject, cfg
         self.terms = tuple(terms)
-        self.gate, self.renderer = gate, renderer
+        self.gate, self.renderer, self.start = gate, renderer, start
         self.anchor = next((t for t in terms if isinstance(t, AnchorTerm)), None)
         self.token = (cfg.token or placeholder_for(subject)) if cfg.train != "lora" else ""
         self.adapter = f"creative_train_{time.monotonic_ns()}"
@@ -125,11 +145,21 @@ class CreativeOptimizer:
     def _setup(self) -> tuple[Prior, torch.nn.Parameter | None, list[torch.nn.Parameter]]:
         cfg, tf = self.cfg, self.prior.transformer
         activate_concept(tf, None)  # other concepts' adapters may be active on the shared prior
+        start = self.start
         vector = None
         if cfg.train in ("both", "token"):
-            vector = torch.nn.Parameter(subject_embedding(self.prior, self.subject).to(self.prior.device))
+            if start is not None and start.token_embedding is not None:
+                initial = start.token_embedding.detach().float().clone()
+            else:
+                initial = subject_embedding(self.prior, self.subject)
+            vector = torch.nn.Parameter(initial.to(self.prior.device))
         if cfg.train in ("both", "lora"):
             add_lora(tf, self.adapter, cfg.rank, cfg.alpha, cfg.targets, cfg.seed)
+            if start is not None and start.lora_state:
+                from peft import set_peft_model_state_dict
+
+                with torch.no_grad():
+                    set_peft_model_state_dict(tf, start.lora_state, adapter_name=self.adapter)
             tf.set_adapter(self.adapter)
             tf.enable_adapters()
         lora_params = [p for n, p in tf.named_parameters() if self.adapter in n]
@@ -172,7 +202,7 @@ class CreativeOptimizer:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             good, good_step = self._snapshot(vector), 0
             log: list[StepRecord] = []
-            path, reason, step = [], "max_steps", 0
+            path, reason, step, rejected = [], "max_steps", 0, None
             snapshots = {0: self._concept(good, 0, 0, "snapshot")} if 0 in snapshot_at else {}
             for step in range(1, cfg.steps + 1):
                 t0 = time.perf_counter()
@@ -189,6 +219,7 @@ class CreativeOptimizer:
                     verdict = self._render_check(view, step)
                     if not verdict.passed:
                         reason = "gate_rejected"
+                        rejected = self._concept(self._snapshot(vector), step, step, reason)
                     else:
                         good, good_step = self._snapshot(vector), step
                 record = StepRecord(step, float(loss.detach()), values, metrics, time.perf_counter() - t0, verdict)
@@ -207,7 +238,7 @@ class CreativeOptimizer:
                 good, good_step = self._snapshot(vector), step
             final = self._concept(good, step, good_step, reason)
             snapshots.update({s: final for s in snapshot_at if s not in snapshots})
-            return OptimResult(final, log, reason, step, good_step, path, snapshots)
+            return OptimResult(final, log, reason, step, good_step, path, snapshots, rejected)
         finally:
             self._teardown()
 

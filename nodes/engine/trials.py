@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .concept import Concept
-from .gate import ValidityGate, Verdict
+from .gate import ValidityGate
 from .losses import LossTerm, NegativeClusterTerm, negative_cluster
 from .norm import GaussianNorm
 from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
@@ -69,19 +69,6 @@ class TrialsResult:
         return [t.result.concept for t in self.trials]
 
 
-class _TrialOptimizer(CreativeOptimizer):
-    """The optimiser, also remembering the state the gate rejected (the run itself keeps the last accepted one)."""
-
-    rejected: Concept | None = None
-
-    def _render_check(self, view: Prior, step: int) -> Verdict:
-        verdict = super()._render_check(view, step)
-        if not verdict.passed:
-            vector = view.concept.token_embedding if view.concept is not None else None
-            self.rejected = self._concept(self._snapshot(vector), step, step, "gate_rejected")
-        return verdict
-
-
 def _end_state(prior: Prior, concept: Concept, subject: str, cfg: OptimConfig, count: int) -> torch.Tensor:
     prompt = cfg.template.format(token=concept.token or subject)
     return sample_embeddings(prior.with_concept(concept), prompt, count, batch_size=count, steps=cfg.prior_steps,
@@ -114,10 +101,9 @@ def run_trials(prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[L
         t0 = time.monotonic()
         run_cfg = replace(cfg, seed=cfg.seed + i * SEED_STRIDE)
         extra = [NegativeClusterTerm(g, float(alpha), label) for label, g in clusters]
-        optimizer = _TrialOptimizer(prior, norm, subject, [*terms, *extra], run_cfg, gate, renderer)
         hook = None if callback is None else (lambda record, i=i: callback(i, record))
-        result = optimizer.run(hook)
-        end = optimizer.rejected if result.stop_reason == "gate_rejected" else result.concept
+        result = CreativeOptimizer(prior, norm, subject, [*terms, *extra], run_cfg, gate, renderer).run(hook)
+        end = result.rejected if result.stop_reason == "gate_rejected" else result.concept
         with torch.no_grad():
             end_embeds = _end_state(prior, end, subject, run_cfg, cluster_samples)
             end_ll = float(norm.log_prob(end_embeds.double()).median())

@@ -27,25 +27,6 @@ from .prior import Prior, PriorFolderError
 from .steplog import StepRecord
 
 
-class _FromConcept(CreativeOptimizer):
-    """The optimiser, starting from a learned concept's token and LoRA instead of the subject word."""
-
-    def __init__(self, *args, start: Concept, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start = start
-
-    def _setup(self):
-        from peft import set_peft_model_state_dict
-
-        view, vector, lora_params = super()._setup()
-        with torch.no_grad():
-            if vector is not None and self.start.token_embedding is not None:
-                vector.copy_(self.start.token_embedding.to(vector))
-            if lora_params and self.start.lora_state:
-                set_peft_model_state_dict(self.prior.transformer, self.start.lora_state, adapter_name=self.adapter)
-        return view, vector, lora_params
-
-
 @dataclass
 class VariationsResult:
     image_embeds: torch.Tensor  # [1, D], the image in the prior's CLIP image space
@@ -90,8 +71,8 @@ def image_variations(prior: Prior, norm: GaussianNorm, images: torch.Tensor, sub
         hook("inversion"))
     creative = inversion  # a cancelled inversion is not continued
     if inversion.stop_reason != "cancelled":
-        creative = _FromConcept(prior, norm, subject, [CreativeTerm(norm), anchor, *terms], cfg, gate, renderer,
-                                start=inversion.concept).run(hook("creative"))
+        creative = CreativeOptimizer(prior, norm, subject, [CreativeTerm(norm), anchor, *terms], cfg, gate, renderer,
+                                     start=inversion.concept).run(hook("creative"))
     with torch.no_grad():
         image_ll = float(norm.log_prob(target.double())[0])
     return VariationsResult(target, image_ll, inversion, creative)

@@ -151,3 +151,29 @@ def test_snapshots_for_sweeps(prior, setup):
     assert gated.accepted_step == 2 and gated.steps_run == 4
     assert torch.equal(gated.snapshots[3].token_embedding, gated.concept.token_embedding)
     assert gated.snapshots[6] is gated.concept
+
+
+def test_starts_from_a_given_concept(prior, setup):
+    """``start``: token and LoRA begin where a learned concept ended (image variations start from an inversion)."""
+    _, norm, terms = setup
+    first = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=3, rank=2, alpha=2.0)).run()
+    still = _config(steps=1, lr=0.0, weight_decay=0.0, rank=2, alpha=2.0)  # one step that changes nothing
+    again = CreativeOptimizer(prior, norm, "vehicle", terms, still, start=first.concept).run()
+    assert torch.equal(again.concept.token_embedding, first.concept.token_embedding)
+    assert again.concept.lora_state.keys() == first.concept.lora_state.keys()
+    assert all(torch.equal(again.concept.lora_state[k], v) for k, v in first.concept.lora_state.items())
+    assert any(bool(v.abs().sum() > 0) for k, v in first.concept.lora_state.items() if "lora_B" in k)
+    with pytest.raises(ValueError, match="same rank"):
+        CreativeOptimizer(prior, norm, "vehicle", terms, _config(rank=4), start=first.concept)
+
+
+def test_the_rejected_state_is_returned_beside_the_kept_one(prior, setup):
+    _, norm, terms = setup
+    gated = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=6),
+                              ValidityGate(ScriptedJudge([0.9, 0.1]), every=2), render).run()
+    assert gated.stop_reason == "gate_rejected" and gated.accepted_step == 2 and gated.steps_run == 4
+    assert gated.rejected.meta["stop_reason"] == "gate_rejected" and gated.rejected.meta["steps_run"] == 4
+    assert not torch.equal(gated.rejected.token_embedding, gated.concept.token_embedding)
+    plain = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=4)).run()
+    assert plain.rejected is None
+    assert torch.allclose(gated.rejected.token_embedding, plain.concept.token_embedding, atol=1e-6)
