@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "creative_generation"
@@ -76,11 +76,11 @@ class ComfyClient:
     def check_alive(self) -> None:
         """Raise :class:`WorkflowError` when the server is known to be gone (a remote one is trusted)."""
 
-    def _get(self, path: str):
+    def _get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
-    def _post(self, path: str, body: dict):
+    def _post(self, path: str, body: dict) -> Any:
         req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:

@@ -5,6 +5,7 @@ it imports private torch modules."""
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,7 +22,7 @@ class LiveTensorBytes(TorchDispatchMode):
     ``torch.cuda.max_memory_allocated``. Costs some microseconds per op.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.current = self.peak = 0
         self._alive: dict[int, int] = {}
@@ -38,7 +39,7 @@ class LiveTensorBytes(TorchDispatchMode):
     def _freed(self, key: int) -> None:
         self.current -= self._alive.pop(key, 0)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:

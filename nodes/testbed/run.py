@@ -17,6 +17,7 @@ import importlib.util
 import runpy
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "creative_generation"
@@ -28,7 +29,7 @@ COMMANDS = {
 }
 
 
-def import_pack(name: str = PACKAGE):
+def import_pack(name: str = PACKAGE) -> ModuleType:
     """Import the repository as package ``name`` (idempotent) and return it."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,12 @@ import torch.nn.functional as F
 from . import world as W
 from .train_setup import Captioner, Config, Split, log, seed_all, update
 
+if TYPE_CHECKING:
+    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
 
-def clip_configs(cfg: Config):
+
+def clip_configs(cfg: Config) -> tuple[CLIPConfig, CLIPTextConfig, CLIPVisionConfig]:
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.width, intermediate_size=2 * cfg.width,
@@ -27,7 +32,8 @@ def clip_configs(cfg: Config):
     return config, text, vision
 
 
-def train_clip(cfg: Config, train: Split, captioner: Captioner, out: Path):
+def train_clip(cfg: Config, train: Split, captioner: Captioner,
+               out: Path) -> tuple[CLIPModel, CLIPTextConfig, CLIPVisionConfig]:
     from transformers import CLIPModel
 
     rng = seed_all(cfg.seed + 1)
@@ -64,7 +70,8 @@ def train_clip(cfg: Config, train: Split, captioner: Captioner, out: Path):
     return model.eval().requires_grad_(False), text_cfg, vision_cfg
 
 
-def split_clip(model, text_cfg, vision_cfg):
+def split_clip(model: CLIPModel, text_cfg: CLIPTextConfig,
+               vision_cfg: CLIPVisionConfig) -> tuple[CLIPTextModelWithProjection, CLIPVisionModelWithProjection]:
     """CLIPModel -> (CLIPTextModelWithProjection, CLIPVisionModelWithProjection) sharing its weights."""
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 

@@ -7,12 +7,16 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .train_setup import Config, Split, log, seed_all, to_fp16, update
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 
 # movq: 32 px images <-> 8x8x4 latents (3 blocks, factor 4). Group norm rather than Kandinsky's
 # spatial norm, whose hard-coded 32 groups would force 32+ channels at full resolution.
@@ -40,7 +44,7 @@ def pixels_pm1(split: Split, idx, res: int) -> torch.Tensor:
     return x * 2 - 1
 
 
-def train_movq(cfg: Config, train: Split):
+def train_movq(cfg: Config, train: Split) -> tuple[VQModel, torch.Tensor]:
     from diffusers import VQModel
 
     rng = seed_all(cfg.seed + 3)
@@ -72,13 +76,14 @@ def train_movq(cfg: Config, train: Split):
     return movq, latents
 
 
-def decoder_scheduler():
+def decoder_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**DECODER_SCHEDULE)
 
 
-def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, zero_embed: torch.Tensor):
+def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor,
+               zero_embed: torch.Tensor) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     rng = seed_all(cfg.seed + 4)

@@ -4,6 +4,7 @@ only; it measures validity in evaluations and is never used by the optimiser."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,8 +13,11 @@ import torch.nn.functional as F
 from . import world as W
 from .train_setup import Config, Split, log, seed_all, update
 
+if TYPE_CHECKING:
+    from .judge import LabelNet
 
-def train_judge(cfg: Config, split: Split):
+
+def train_judge(cfg: Config, split: Split) -> LabelNet:
     from .judge import LabelNet, prepare
 
     rng = seed_all(cfg.seed + 6)

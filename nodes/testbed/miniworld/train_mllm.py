@@ -19,7 +19,8 @@ from . import world as W
 from .train_setup import Config, Split, log, seed_all, to_fp16, update
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (CLIPVisionConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor,
+                              PreTrainedTokenizerFast)
 
 
 MLLM_WORDS = ("Is", "this", "still", "a", "an", "image", "?", "Yes", "yes", "No", "no", "or", ".", ",", ":",
@@ -34,7 +35,8 @@ def mllm_tokenizer() -> PreTrainedTokenizerFast:
                           eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
 
 
-def build_mllm(cfg: Config, vision_cfg, vision_state: dict):
+def build_mllm(cfg: Config, vision_cfg: CLIPVisionConfig,
+               vision_state: dict) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     from transformers import (
         LlamaConfig,
         LlavaNextConfig,
@@ -84,7 +86,8 @@ def mllm_prompt_ids(processor, image, question: str) -> torch.Tensor:
     return question_inputs(processor, image, question)["input_ids"][0]
 
 
-def train_mllm(cfg: Config, train: Split, model, processor):
+def train_mllm(cfg: Config, train: Split, model: LlavaNextForConditionalGeneration,
+               processor: LlavaNextProcessor) -> LlavaNextForConditionalGeneration:
     from PIL import Image, ImageFilter
 
     rng = seed_all(cfg.seed + 5)

@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from ..tiny.prior import clip_processor_config
 from ..tiny.tokenizer import save_clip_tokenizer
 from . import world as W
 from .train_setup import Captioner, Config, Split, log, seed_all, to_fp16, update
+
+if TYPE_CHECKING:
+    from diffusers import PriorTransformer, UnCLIPScheduler
 
 
 def prior_forward(tf: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, text_embeds: torch.Tensor,
@@ -76,7 +80,7 @@ class TextCache:
         return hidden, mask, torch.stack([self.states[t][1] for t in texts])
 
 
-def prior_scheduler():
+def prior_scheduler() -> UnCLIPScheduler:
     from diffusers import UnCLIPScheduler
 
     # Kandinsky 2.2's prior scheduler config (squaredcos_cap_v2, x0 prediction, clip to +-10).
@@ -84,7 +88,7 @@ def prior_scheduler():
                            clip_sample=True, clip_sample_range=10.0, beta_schedule="squaredcos_cap_v2")
 
 
-def train_prior(cfg: Config, train: Split, embeds: torch.Tensor, texts: TextCache):
+def train_prior(cfg: Config, train: Split, embeds: torch.Tensor, texts: TextCache) -> PriorTransformer:
     from diffusers import PriorTransformer
 
     rng = seed_all(cfg.seed + 2)

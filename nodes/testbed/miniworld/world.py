@@ -19,10 +19,13 @@ Everything is deterministic: the same ``seed`` gives the same scenes, captions a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 SIZE = 64  # native image size in pixels; drawn at SUPERSAMPLE x this and downsampled (antialiasing)
 SUPERSAMPLE = 2
@@ -277,14 +280,14 @@ def _object(draw: ImageDraw.ImageDraw, scene: Scene, s: int, rng: np.random.Gene
     def P(u: float, v: float) -> tuple[float, float]:  # unit box (-0.5..0.5, y down) -> pixels
         return cx + scene.facing * u * side, cy + v * side
 
-    def box(u0, v0, u1, v1):
+    def box(u0: float, v0: float, u1: float, v1: float) -> list[float]:
         (x0, y0), (x1, y1) = P(u0, v0), P(u1, v1)
         return [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
 
-    def poly(points, fill):
+    def poly(points: list[tuple[float, float]], fill: tuple[int, ...]) -> None:
         draw.polygon([P(u, v) for u, v in points], fill=fill, outline=line, width=w)
 
-    def wheel(u, v, r=0.11):
+    def wheel(u: float, v: float, r: float = 0.11) -> None:
         draw.ellipse(box(u - r, v - r, u + r, v + r), fill=(40, 40, 44), outline=(10, 10, 10), width=w)
         draw.ellipse(box(u - r / 2.5, v - r / 2.5, u + r / 2.5, v + r / 2.5), fill=(170, 170, 176))
 
@@ -370,7 +373,7 @@ def draw_many(scenes: list[Scene], size: int = SIZE) -> np.ndarray:
     return out
 
 
-def to_image_tensor(pixels: np.ndarray):
+def to_image_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` -> ComfyUI IMAGE (torch float32 in 0..1)."""
     import torch
 

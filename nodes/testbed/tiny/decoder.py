@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import XLMRobertaTokenizerFast
 
 # The shape of a small UNet with Kandinsky's image conditioning (diffusers' Kandinsky tests).
 _UNET = {
@@ -93,7 +97,7 @@ def _write_index(folder: Path, pipeline: str, scheduler: type, **extra: list[str
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def _tiny_xlm_roberta_tokenizer():
+def _tiny_xlm_roberta_tokenizer() -> XLMRobertaTokenizerFast:
     """An XLM-RoBERTa tokenizer over a few words and letters, built without downloads.
 
     Special tokens sit at XLM-R's ids (<s>=0, <pad>=1, </s>=2, <unk>=3); single letters make
