@@ -30,7 +30,6 @@ def test_string_false_never_turns_a_boolean_on(comfy_server, models):
     g, ids = pipeline(gate=False, steps=1)
     g.nodes[ids["prior"]]["inputs"].update(allow_download="false", hf_repo_id="someone/some-prior")
     _error(comfy_server, g, ids["prior"], "allow_download must be true or false")
-    assert "someone/some-prior" not in comfy_server.log_text() or "Fetching" not in comfy_server.log_text()
 
 
 def test_nan_and_unknown_dropdown_values_are_rejected_by_name(comfy_server, models):
@@ -59,7 +58,6 @@ def test_a_linked_prompt_validates_and_runs(comfy_server, models):
 
 
 def test_two_prompts_saving_one_prefix_keep_both(comfy_server, models):
-    names = []
     for seed in (0, 1):
         g, ids = pipeline(gate=False, steps=1, opt_seed=seed)
         g.add("CreativeSaveConcept", concept=Graph.out(ids["optimizer"], 1), filename_prefix="hardening-probe")
