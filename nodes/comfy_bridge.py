@@ -9,13 +9,14 @@ import contextlib
 import functools
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import folder_paths
 
+from .engine import threads
 from .engine.safetensors_io import remove_leftovers
 
 BUNDLED = "creative_bundled"  # the pack's own models/ (the mini world), listed next to the user's
@@ -179,9 +180,6 @@ def _prompt_server():
     return getattr(PromptServer, "instance", None)
 
 
-SMALL_WORK_PARAMS = 50_000_000  # below this, CPU work runs on one thread (see cpu_threads_for)
-
-
 def _modules_of(value: object) -> list[torch.nn.Module]:
     """The torch modules a node input computes with: engine models, core MODELs inside renderers."""
     if isinstance(value, torch.nn.Module):
@@ -193,30 +191,10 @@ def _modules_of(value: object) -> list[torch.nn.Module]:
     return [core] if isinstance(core, torch.nn.Module) else []
 
 
-@contextlib.contextmanager
-def cpu_threads_for(values: list) -> Iterator[None]:
-    """One intra-op CPU thread while a node works with small models (the mini world), then restore.
-
-    Small models make many tiny tensor operations; with two OpenMP threads each one waits for
-    its peer, and when another process keeps one core busy that peer is descheduled: the README's
-    main job took 252 s instead of 22 s beside one busy core (22 s with OMP_NUM_THREADS=1), see
-    docs/benchmarks.md. One thread loses nothing on such work. Larger models, or any on a GPU,
-    keep ComfyUI's own setting; ComfyUI's global setting is restored for every other node.
-    """
-    modules = [m for v in values for m in _modules_of(v)]
-    params = [p for m in modules for p in m.parameters()]
-    if any(p.device.type != "cpu" for p in params) or sum(p.numel() for p in params) >= SMALL_WORK_PARAMS:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(before)
+def cpu_threads_for(values: list) -> contextlib.AbstractContextManager:
+    """One CPU thread while a node works with small models only (engine/threads.py says why);
+    ComfyUI's own thread setting is restored for every other node."""
+    return threads.cpu_threads(threads.threads_for(m for v in values for m in _modules_of(v)))
 
 
 def training_mode(fn):

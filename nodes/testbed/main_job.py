@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..engine.threads import cpu_threads, threads_for
 from .miniworld.judge import load_judge
 from .miniworld.report import RunFiles, format_report, measure_run, sheet_of_files
 from .headless import REPO, HeadlessComfy
@@ -87,7 +88,9 @@ def main() -> None:
     files, subject, dims = _outputs(prompt, history, out / "comfyui")
     sheet_of_files(files.typical_images).save(out / "typical_samples.png")
     sheet_of_files(files.concept_images).save(out / "concept_samples.png")
-    result = measure_run(files, subject, dims, load_judge(JUDGE))
+    judge = load_judge(JUDGE)
+    with cpu_threads(threads_for([judge.net])):  # a small net: one thread, robust to a busy core
+        result = measure_run(files, subject, dims, judge)
     result["seconds"] = {"comfyui_workflow": round(ran, 1), "total": round(time.monotonic() - t0, 1)}
     (out / "report.json").write_text(json.dumps(result, indent=1))
     report = format_report(result)
