@@ -216,13 +216,14 @@ def guard(node_cls: type) -> type:
     execute_order = [n for n in parameters if n != "cls"]
     own_schema = node_cls.__dict__["define_schema"].__func__
 
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         schema = own_schema(cls)
         if any(isinstance(spec, io.Boolean.Input) for spec in schema.inputs):
             schema.hidden = list(dict.fromkeys([*(schema.hidden or []), io.Hidden.prompt, io.Hidden.unique_id]))
         return schema
 
-    def validate_inputs(cls, *args, **values):  # **values: ComfyUI then passes every input (linked ones as None)
+    # **values: ComfyUI then passes every input (linked ones as None) and skips its own range/combo checks
+    def validate_inputs(cls, *args, **values) -> bool | str:
         values.update(zip(own_order, args))  # a node calling its own check positionally
         problems = schema_problems(cls.FINALIZE_SCHEMA(), values, complete=False, own=own_names)
         return problems[0] if problems else _call_own(cls, own_validate, own_names, values)
@@ -236,13 +237,13 @@ def guard(node_cls: type) -> type:
 
     if inspect.iscoroutinefunction(own_execute):
         @functools.wraps(own_execute)
-        async def execute(cls, *args, **values):
+        async def execute(cls, *args, **values) -> io.NodeOutput:
             values.update(zip(execute_order, args))
             checked(cls, values)
             return await own_execute(cls, **values)
     else:
         @functools.wraps(own_execute)
-        def execute(cls, *args, **values):
+        def execute(cls, *args, **values) -> io.NodeOutput:
             values.update(zip(execute_order, args))
             checked(cls, values)
             return own_execute(cls, **values)

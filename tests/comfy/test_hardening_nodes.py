@@ -9,7 +9,6 @@ checked too.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -91,7 +90,7 @@ def test_linked_text_is_checked_when_the_node_runs(chain, run):
 
 
 def test_booleans_count_only_when_truly_true(pack_nodes, models, run, monkeypatch):
-    import creative_generation.nodes.model_nodes as model_nodes
+    from creative_generation.nodes import model_nodes
     from creative_generation.nodes.inputs import InputError
 
     loaded = []
@@ -111,7 +110,11 @@ def test_booleans_count_only_when_truly_true(pack_nodes, models, run, monkeypatc
 
 def test_refused_boolean_from_the_raw_prompt_is_reported(pack_nodes):
     """The server's on-prompt check turns "false" into False and the node then refuses to run."""
-    from creative_generation.nodes.inputs import REFUSED_KEY, InputError, refuse_non_boolean_widgets
+    from creative_generation.nodes.inputs import (
+        REFUSED_KEY,
+        InputError,
+        refuse_non_boolean_widgets,
+    )
 
     prompt = {"1": {"class_type": "CreativeLoadMLLM",
                     "inputs": {"model": "hard-llava", "dtype": "auto", "trust_remote_code": "false",

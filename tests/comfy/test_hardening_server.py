@@ -13,7 +13,6 @@ import json
 
 import pytest
 import requests
-
 from test_server_behaviour import Graph, _error, _ok, _rejected, _run, pipeline
 
 

@@ -11,13 +11,21 @@ import time
 
 import pytest
 import torch
-
 from creative_generation.nodes.engine import cancel, sampling
 from creative_generation.nodes.engine.bank import EmbeddingBank
-from creative_generation.nodes.engine.concept import (MAX_CONCEPT_ADAPTERS, Concept, ConceptMismatchError,
-                                                      activate_concept, add_lora, lora_state)
-from creative_generation.nodes.engine.safetensors_io import (DamagedFileError, load_tensors, remove_leftovers,
-                                                             save_tensors)
+from creative_generation.nodes.engine.concept import (
+    MAX_CONCEPT_ADAPTERS,
+    Concept,
+    ConceptMismatchError,
+    activate_concept,
+    add_lora,
+    lora_state,
+)
+from creative_generation.nodes.engine.safetensors_io import (
+    DamagedFileError,
+    remove_leftovers,
+    save_tensors,
+)
 
 
 def _good_bank(tmp_path):
