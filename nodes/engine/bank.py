@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .prior import Prior
+from .prior import Prior, PriorFolderError
 from .safetensors_io import load_tensors, save_tensors
 from .sampling import sample_embeddings
 
@@ -75,6 +75,20 @@ def sample_bank(prior: Prior, prompt: str, count: int = 5000, *, batch_size: int
                   "batch_size": int(batch_size),
                   "concept": prior.concept.adapter_name if prior.concept is not None else None}
     return EmbeddingBank(embeds, provenance)
+
+
+def encode_image(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """The image's CLIP embedding ``[1, D]`` (several images: their mean), by the prior's own image encoder.
+
+    What image variations start from and the image anchor pulls toward; refuses a prior without
+    an image encoder and anything that is not an IMAGE batch, before any model runs.
+    """
+    if prior.image_encoder is None:
+        raise PriorFolderError(f"The prior at '{prior.source}' has no image encoder, so it cannot read an image: "
+                               "load a prior folder with image_encoder/ (Kandinsky 2.1 / 2.2 priors ship one).")
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] != 3:
+        raise ValueError(f"Expected an IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}.")
+    return prior.encode_images(images).mean(0, keepdim=True).float().cpu()
 
 
 def encode_image_bank(prior: Prior, images: torch.Tensor, batch_size: int = 16) -> EmbeddingBank:

@@ -156,8 +156,7 @@ def measure_snapshots(prior: Prior, evaluator: Evaluator, subject: str, result: 
     """One row per snapshot of an optimiser run (``run(snapshot_at=...)`` with ``cfg``), sampled with its seed."""
     rows = []
     for step, concept in sorted(result.snapshots.items()):
-        prompt = cfg.template.format(token=concept.token or subject)
-        m = evaluator.measure_concept(prior, concept, prompt, subject, seed=cfg.seed)
+        m = evaluator.measure_concept(prior, concept, cfg.prompt(concept.token, subject), subject, seed=cfg.seed)
         rows.append({"config": name, "subject": subject, "seed": cfg.seed, "step": step, **m.as_dict(),
                      "stop_reason": result.stop_reason, "steps_run": result.steps_run})
     return rows

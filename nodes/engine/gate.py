@@ -56,7 +56,11 @@ class ValidityGate:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
+    def question_for(self, subject: str) -> str:
+        """The question asked about ``subject`` (the gate's own subject, when set, takes its place)."""
+        return self.question.format(subject=self.subject or subject)
+
     def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
-        question = self.question.format(subject=self.subject or subject)
+        question = self.question_for(subject)
         p = float(self.judge.p_yes(images, question).float().mean())
         return Verdict(step, question, p, p >= self.threshold, images[0].detach().cpu())

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .bank import EmbeddingBank
+from .bank import EmbeddingBank, encode_image
 from .norm import GaussianNorm
 from .prior import Prior
 
@@ -61,8 +61,7 @@ class AnchorTerm:
     def from_images(cls, prior: Prior, images: torch.Tensor, weight: float = 1.0) -> "AnchorTerm":
         """The image anchor, ``1 − cos(e, image embedding)``: holds variations to a given image (the mean of the
         prior's own CLIP image embeddings of ``images``) as the text anchor holds a concept to its category."""
-        target = prior.encode_images(images).mean(0).float().cpu()
-        return cls(target, "", float(weight), "image_anchor")
+        return cls(encode_image(prior, images)[0], "", float(weight), "image_anchor")
 
     def cosine(self, e: torch.Tensor) -> torch.Tensor:
         return F.cosine_similarity(e.float(), self.target.to(e.device)[None], dim=-1)

@@ -12,7 +12,6 @@ priors are refused.
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 
@@ -20,6 +19,7 @@ import torch
 
 from . import __version__
 from .concept import Concept, ConceptMismatchError, activate_concept, lora_config, lora_state
+from .optimizer import placeholder_for, subject_embedding
 from .prior import Prior
 
 
@@ -49,8 +49,6 @@ def _check_parents(prior: Prior, concepts: list[Concept]) -> None:
 
 
 def _token_vector(prior: Prior, concepts: list[Concept], weights: list[float]) -> torch.Tensor | None:
-    from .optimizer import subject_embedding
-
     if all(c.token_embedding is None for c in concepts):
         return None
     parts = [c.token_embedding.float().cpu() if c.token_embedding is not None
@@ -99,8 +97,7 @@ def mix_concepts(prior: Prior, concepts: list[Concept], weights: list[float], to
     state, rank = _mixed_lora(prior, concepts, w)
     subjects = list(dict.fromkeys(str(c.meta.get("subject", "")) for c in concepts))
     if vector is not None and not token:
-        slug = re.sub(r"[^a-z0-9]+", "-", "-".join(subjects).lower()).strip("-") or "concept"
-        token = f"<creative-mix-{slug}>"
+        token = placeholder_for("-".join(subjects), "creative-mix")
     targets = next((c.lora_targets for c in concepts if c.lora_state), concepts[0].lora_targets)
     meta = {"base_prior": prior.identity, "prior_family": prior.family, "subject": subjects[0],
             "mixed_from": [{"token": c.token, "subject": c.meta.get("subject"), "adapter": c.adapter_name,

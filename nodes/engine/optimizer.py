@@ -52,6 +52,11 @@ class OptimConfig:
     negative_prompt: str = ""
     token: str = ""
 
+    def prompt(self, token: str, subject: str) -> str:
+        """The prompt a concept is trained and sampled with: the template around its token, or around the
+        subject word when only the LoRA was trained (no token)."""
+        return self.template.format(token=token or subject)
+
     def validate(self) -> None:
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}.")
@@ -86,9 +91,10 @@ class OptimResult:
         return RunLog(self.log, self.stop_reason, self.steps_run, self.accepted_step)
 
 
-def placeholder_for(subject: str) -> str:
+def placeholder_for(subject: str, prefix: str = "creative") -> str:
+    """A token that names its subject and cannot be a word of the tokenizer: ``<creative-red-car>``."""
     slug = re.sub(r"[^a-z0-9]+", "-", subject.lower()).strip("-") or "concept"
-    return f"<creative-{slug}>"
+    return f"<{prefix}-{slug}>"
 
 
 def subject_embedding(prior: Prior, subject: str) -> torch.Tensor:
@@ -140,7 +146,7 @@ class CreativeOptimizer:
         self.adapter = f"creative_train_{time.monotonic_ns()}"
 
     def _prompt(self) -> str:
-        return self.cfg.template.format(token=self.token or self.subject)
+        return self.cfg.prompt(self.token, self.subject)
 
     def _setup(self) -> tuple[Prior, torch.nn.Parameter | None, list[torch.nn.Parameter]]:
         cfg, tf = self.cfg, self.prior.transformer

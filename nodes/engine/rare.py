@@ -90,7 +90,7 @@ def select_rare(norm: GaussianNorm, bank: EmbeddingBank | torch.Tensor, k: int, 
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     order, ll = rarity_order(norm, bank.embeds)
     pool = order[:candidates].tolist() if gate is not None else order[:k].tolist()
-    question = gate.question.format(subject=gate.subject or subject) if gate is not None else ""
+    question = gate.question_for(subject) if gate is not None else ""
     checked: list[RareSample] = []
     images: list[torch.Tensor] = []
     for start in range(0, len(pool), batch_size):

@@ -70,9 +70,9 @@ class TrialsResult:
 
 
 def _end_state(prior: Prior, concept: Concept, subject: str, cfg: OptimConfig, count: int) -> torch.Tensor:
-    prompt = cfg.template.format(token=concept.token or subject)
-    return sample_embeddings(prior.with_concept(concept), prompt, count, batch_size=count, steps=cfg.prior_steps,
-                             guidance=cfg.guidance, seed=cfg.seed, negative_prompt=cfg.negative_prompt)
+    return sample_embeddings(prior.with_concept(concept), cfg.prompt(concept.token, subject), count,
+                             batch_size=count, steps=cfg.prior_steps, guidance=cfg.guidance, seed=cfg.seed,
+                             negative_prompt=cfg.negative_prompt)
 
 
 def run_trials(prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[LossTerm], cfg: OptimConfig,

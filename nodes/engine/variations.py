@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .bank import encode_image
 from .concept import Concept
 from .gate import ValidityGate
 from .losses import AnchorTerm, CreativeTerm, LossTerm
 from .norm import GaussianNorm
 from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
-from .prior import Prior, PriorFolderError
+from .prior import Prior
 from .steplog import StepRecord
 
 
@@ -37,16 +38,6 @@ class VariationsResult:
     @property
     def concept(self) -> Concept:
         return self.creative.concept
-
-
-def encode_image(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """The image's CLIP embedding ``[1, D]`` (several images: their mean), by the prior's own image encoder."""
-    if prior.image_encoder is None:
-        raise PriorFolderError(f"The prior at '{prior.source}' has no image encoder, so it cannot read an image: load a "
-                               "prior folder with image_encoder/ (Kandinsky 2.1 / 2.2 priors ship one).")
-    if images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] != 3:
-        raise ValueError(f"Expected an IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}.")
-    return prior.encode_images(images).mean(0, keepdim=True).float().cpu()
 
 
 def image_variations(prior: Prior, norm: GaussianNorm, images: torch.Tensor, subject: str, cfg: OptimConfig, *,

@@ -73,6 +73,17 @@ def test_image_anchor_term_is_cosine_to_the_image(world):
     assert float(term(target)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_image_anchor_refuses_what_the_image_encoding_refuses(world):
+    """The image anchor encodes its image as the variations do (one encode_image), with the same refusals."""
+    prior, _, _, image, _ = world
+    blind = prior.with_concept(None)
+    blind.image_encoder = None
+    with pytest.raises(PriorFolderError, match="no image encoder"):
+        AnchorTerm.from_images(blind, image)
+    with pytest.raises(ValueError, match=r"IMAGE batch \[B, H, W, 3\]"):
+        AnchorTerm.from_images(prior, image[0])
+
+
 def test_refuses_a_prior_without_image_encoder_and_cancels(world):
     prior, renderer, norm, image, _ = world
     blind = prior.with_concept(None)
