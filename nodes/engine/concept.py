@@ -142,7 +142,6 @@ def activate_concept(transformer: torch.nn.Module, concept: Concept | None) -> N
 
     name = concept.adapter_name
     if name not in _loaded_adapters(transformer):
-        _evict_concepts(transformer, keep=MAX_CONCEPT_ADAPTERS - 1)
         try:
             transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
                                     adapter_name=name)
@@ -156,6 +155,8 @@ def activate_concept(transformer: torch.nn.Module, concept: Concept | None) -> N
             raise ConceptMismatchError(f"The concept '{concept.token or name}' does not fit this prior's layers "
                                        f"({str(err).splitlines()[0][:300]}). It was made for another model or "
                                        "is damaged: load the prior it was trained on, or train it again.") from None
+        _touch(transformer, name)
+        _evict_concepts(transformer, keep=MAX_CONCEPT_ADAPTERS)  # only after it loaded: a failure evicts nothing
     _touch(transformer, name)
     transformer.set_adapter(name)
     transformer.enable_adapters()
