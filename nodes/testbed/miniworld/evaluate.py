@@ -54,7 +54,7 @@ STUDIES = ("wundt", "train", "negative", "baselines")
 WUNDT_CONFIGS = ("none", "anchor", "gate", "both")
 DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100",
                  "baselines": "0,25,50,100,200"}
-SPREAD = ("novelty_percentile", "validity", "diversity", "rare", "creativity", "seconds")  # baselines: mean ± sd
+SPREAD = ("novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity", "seconds")  # baselines: mean ± sd
 
 
 @dataclass(frozen=True)
