@@ -51,9 +51,6 @@ class RareSelect(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, norm, embeds, k=4, candidates=32, gate=None, renderer=None, subject="vehicle", batch_size=8):
-        if k < 1 or candidates < k:
-            raise ValueError(f"k ({k}) must be at least 1 and candidates ({candidates}) at least k: raise candidates "
-                             "or lower k.")
         if gate is not None and renderer is None:
             raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
                              "renderer (Decoder Renderer).")
