@@ -51,8 +51,10 @@ def browser_server(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(browser_server):
+    """Chromium for one test module: Playwright's sync API marks an asyncio loop as running in this thread
+    while it is open, and the in-process ComfyUI tests after this folder call ``asyncio.run``."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
