@@ -186,7 +186,7 @@ class DecoderRendererNode(io.ComfyNode):
                                    tooltip="Decoder classifier-free guidance."),
                     io.Int.Input("width", default=512, min=16, max=2048, step=16, tooltip="Image width in pixels."),
                     io.Int.Input("height", default=512, min=16, max=2048, step=16, tooltip="Image height in pixels."),
-                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise seed of the decoder."),
+                    io.Int.Input("seed", **s.SEED, tooltip="Noise seed of the decoder."),
                     s.Prior.Input("prior", optional=True,
                                   tooltip="Optional: the prior, whose black-image embedding becomes the decoder's "
                                           "negative (Kandinsky's default). Without it the negative is zeros.")],

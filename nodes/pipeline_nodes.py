@@ -16,7 +16,6 @@ from .engine.optimizer import CreativeOptimizer, OptimConfig
 from .engine.plots import annotate, plot_embedding_map, plot_log
 from .engine.steplog import StepRecord
 
-SEED = dict(default=0, min=0, max=2**63 - 1)
 
 
 class PriorSampler(io.ComfyNode):
@@ -36,7 +35,7 @@ class PriorSampler(io.ComfyNode):
                                  tooltip="Prior denoising steps (paper: 5; the unCLIP scheduler needs at least 2)."),
                     io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1,
                                    tooltip="Prior classifier-free guidance (1 = off; ConceptLab used 4)."),
-                    io.Int.Input("seed", **SEED, control_after_generate=True,
+                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
                                  tooltip="Same seed and settings give the same bank."),
                     io.String.Input("negative_prompt", default="", tooltip="Unconditional prompt of the guidance.")],
             outputs=[s.Embeds.Output(display_name="embeds")],
@@ -189,7 +188,7 @@ class LoRAOptimizer(io.ComfyNode):
                     io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
                     io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
                                    tooltip="What to train (paper: token + LoRA)."),
-                    io.Int.Input("seed", **SEED, control_after_generate=True,
+                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
                                  tooltip="Seeds the LoRA init, the per-step noise and the gate's render."),
                     io.String.Input("prompt_template", default="a photo of a {token}",
                                     tooltip="Prompt the concept is trained in; {token} is the placeholder."),

@@ -19,3 +19,4 @@ CATEGORY = "creative"
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
 TRAIN_CHOICES = {"token + LoRA": "both", "token": "token", "LoRA": "lora"}  # shown -> OptimConfig.train
 PAPER_PROMPT = PAPER_TEMPLATE.format(subject="vehicle")  # the paper's template, for the default subject
+SEED = dict(default=0, min=0, max=2**63 - 1)  # a seed widget's range: any 63-bit seed

@@ -15,7 +15,6 @@ from .engine.losses import CreativeTerm
 from .engine.optimizer import OptimConfig
 from .engine.trials import plot_trials, run_trials
 
-SEED = dict(default=0, min=0, max=2**63 - 1)
 
 
 class AutoTrials(io.ComfyNode):
@@ -45,7 +44,7 @@ class AutoTrials(io.ComfyNode):
                     io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
                     io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
                                    tooltip="What to train (paper: token + LoRA)."),
-                    io.Int.Input("seed", **SEED, control_after_generate=True,
+                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
                                  tooltip="Seed of the first trial; trial i uses seed + i."),
                     s.Loss.Input("loss_terms", optional=True, tooltip="Anchor / negative-cluster terms every trial "
                                  "uses (the clusters from rejections are added to them)."),

@@ -14,8 +14,7 @@ from .engine.optimizer import OptimConfig
 from .engine.plots import plot_embedding_map
 from .engine.variations import image_variations
 
-TRAIN_CHOICES = {"token + LoRA": "both", "token": "token"}
-SEED = dict(default=0, min=0, max=2**63 - 1)
+TRAIN_CHOICES = {k: v for k, v in s.TRAIN_CHOICES.items() if v != "lora"}  # inversion needs the token
 
 
 def _no_encoder(prior) -> None:
@@ -79,7 +78,7 @@ class ImageVariations(io.ComfyNode):
                     io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
                     io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
                                    tooltip="What the inversion and the creative steps train."),
-                    io.Int.Input("seed", **SEED, control_after_generate=True,
+                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
                                  tooltip="Seeds the LoRA init, the per-step noise and the gate's render."),
                     s.Gate.Input("gate", optional=True, tooltip="Validity gate for the creative steps (needs a renderer)."),
                     s.Renderer.Input("renderer", optional=True, tooltip="Draws the variation for the gate."),
