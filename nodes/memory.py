@@ -237,8 +237,8 @@ def _mllm_tokens(judge: MLLMJudge, question: str, height: int, width: int, patch
 
 def _optimisation_estimate(prior: Prior, subject: str, cfg: OptimConfig, gate: ValidityGate | None,
                            renderer: Renderer | None, on_gpu: bool) -> budget.Estimate:
-    prompt = cfg.template.format(token=subject)
-    tokens = budget.prompt_token_count(prior.tokenizer, prompt, cfg.negative_prompt) + 1  # the placeholder: one more
+    prompt = cfg.prompt("", subject)  # the subject word stands in for the placeholder, which may take one more token
+    tokens = budget.prompt_token_count(prior.tokenizer, prompt, cfg.negative_prompt) + 1
     decoder_shape, render = None, (512, 512, 4.0)
     decoder = getattr(renderer, "decoder", None)
     if renderer is not None:
