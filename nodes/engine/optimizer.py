@@ -106,6 +106,12 @@ def subject_embedding(prior: Prior, subject: str) -> torch.Tensor:
     return table[torch.tensor(ids, device=table.device)].mean(0).detach().clone().float()
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The noise seed of one optimisation step. Wrapped to the 64 bits a torch generator takes, so
+    every seed a widget allows works (seeds below about 1.8e13 keep the noise they always had)."""
+    return (seed * 1_000_003 + step) % 2**64
+
+
 def _generate(view: Prior, prompt: str, negative: str, cfg: OptimConfig, generator: torch.Generator) -> torch.Tensor:
     cache = build_prefix(view.transformer, view.encode_prompt([negative, prompt]))
     return denoise(view, cache, initial_latents(view, 1, generator), cfg.prior_steps, cfg.guidance, generator).float()
@@ -213,7 +219,7 @@ class CreativeOptimizer:
             for step in range(1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 e = _generate(view, self._prompt(), cfg.negative_prompt, cfg,
-                              torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + step))
+                              torch.Generator("cpu").manual_seed(step_seed(cfg.seed, step)))
                 loss, values = objective(self.terms, e)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

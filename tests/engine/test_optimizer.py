@@ -102,6 +102,15 @@ def test_cancel_returns_state_and_leaves_prior_clean(prior, setup):
     assert not any(p.requires_grad for p in prior.transformer.parameters())
 
 
+@pytest.mark.parametrize("seed", [2**50, 2**63 - 1])
+def test_every_seed_of_the_widget_runs(prior, setup, seed):
+    """The frontend's 'randomize' draws seeds up to 2**50 and the widget allows 2**63 - 1; each step's
+    noise seed derived from it must still fit the 64 bits a torch generator takes."""
+    _, norm, terms = setup
+    result = CreativeOptimizer(prior, norm, "vehicle", terms, _config(steps=2, seed=seed)).run()
+    assert result.steps_run == 2 and result.concept.meta["seed"] == seed
+
+
 @pytest.mark.parametrize("mode", ["token", "lora"])
 def test_train_modes(prior, setup, mode):
     _, norm, terms = setup
