@@ -41,7 +41,8 @@ class CurateEmbeds(io.ComfyNode):
             description="Shows the renders of a batch of embeddings as a grid in the node: click a tile to mark it "
                         "as unwanted (again to unmark), then queue. 'marked' goes to Negative Cluster, 'unmarked' "
                         "is the rest. The marks are the 'marks' text, saved with the workflow; only what depends "
-                        "on them runs again. With nothing marked, 'marked' stops the nodes after it (no error).",
+                        "on them runs again. With nothing marked, 'marked' stops the nodes after it (no error); with "
+                        "everything marked, 'unmarked' does.",
             inputs=[s.Embeds.Input("embeds", tooltip="The batch to curate, e.g. a concept's samples (Prior Sampler)."),
                     io.Image.Input("images", tooltip="Their renders in the same order (Render Embeddings, start 0): "
                                    "tile i is embedding i; embeddings without a render are never marked."),
@@ -75,7 +76,8 @@ class CurateEmbeds(io.ComfyNode):
                                                folder_type=io.FolderType.temp, cls=cls, compress_level=1)
         shown = {TILES: [dict(t) for t in tiles], MARKED: picked}
         marked = _subset(embeds, picked, "marked") if picked else ExecutionBlocker(None)
-        return io.NodeOutput(marked, _subset(embeds, rest, "unmarked"), ui=shown)
+        unmarked = _subset(embeds, rest, "unmarked") if rest else ExecutionBlocker(None)  # never an empty bank
+        return io.NodeOutput(marked, unmarked, ui=shown)
 
 
 NODES = [CurateEmbeds]

@@ -47,6 +47,15 @@ def test_nothing_marked_stops_only_the_marked_branch(pack_nodes):
     assert isinstance(marked, ExecutionBlocker) and len(unmarked) == 3
 
 
+def test_everything_marked_stops_only_the_unmarked_branch(pack_nodes):
+    """An empty bank would flow on (Save Embeddings wrote a file Load Embeddings then refused)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    marked, unmarked = pack_nodes["CreativeCurateEmbeds"].PREPARE_CLASS_CLONE({}).execute(
+        embeds=_bank(3), images=torch.rand(3, 8, 8, 3), marks="0-2").result
+    assert len(marked) == 3 and isinstance(unmarked, ExecutionBlocker)
+
+
 @pytest.mark.parametrize("marks, message", [("0, x", "cannot read"), ("7", "outside")])
 def test_bad_marks_are_refused_with_what_to_change(pack_nodes, marks, message):
     node = pack_nodes["CreativeCurateEmbeds"]
