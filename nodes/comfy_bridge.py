@@ -118,10 +118,12 @@ def resolve(choice: str, options: dict[str, Path], what: str, folder: str) -> Pa
 
 
 def folder_fingerprint(path: Path | None) -> str:
-    """Changes when the files of a model folder change, so ComfyUI reloads it."""
+    """Changes when the files of a model folder (or the one file: a concept, a bank) change, so ComfyUI
+    reloads it."""
     if path is None or not path.exists():
         return ""
-    stamps = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stamps = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
     return str(hash(tuple(stamps)))
 
 

@@ -252,6 +252,18 @@ def test_a_damaged_file_in_the_concepts_folder_names_itself(pack_nodes, run, com
         run("CreativeLoadConcept", file="broken.safetensors")
 
 
+def test_a_replaced_file_is_loaded_again(pack_nodes, comfy_inprocess):
+    """A concept or bank copied over one of the same name must not come from ComfyUI's cache."""
+    folder = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "concepts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "replaced.safetensors"
+    path.write_bytes(b"first")
+    node = pack_nodes["CreativeLoadConcept"]
+    before = node.fingerprint_inputs(file="replaced.safetensors")
+    path.write_bytes(b"second version")
+    assert node.fingerprint_inputs(file="replaced.safetensors") != before
+
+
 # --------------------------------------------------------------------------- cancel
 
 
