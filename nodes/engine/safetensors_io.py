@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 META_KEY = "creative_generation"
 LEFTOVER = re.compile(r"^\..+\.(safetensors|json)\.[a-z0-9_]{8}\.tmp$")  # mkstemp(prefix=".<name>.", suffix=".tmp")
 LEFTOVER_AGE_S = 60.0
+SAVED_MODE = 0o644  # what an output file gets under the usual umask: others may read it
 
 
 class DamagedFileError(ValueError):
@@ -65,6 +66,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, numbe
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, SAVED_MODE)  # mkstemp made it owner-only; a saved concept is meant to be shared
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if not numbered:

@@ -180,3 +180,15 @@ def test_every_denoising_step_of_a_batch_is_a_cancel_point(prior):
     finally:
         cancel.set_check(None)
     assert len(seen) == 3
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    """The temporary file is owner-only (mkstemp); the published file must not stay so, or a concept saved by a
+    ComfyUI service cannot be read by the user who shares it."""
+    import stat
+    from pathlib import Path
+
+    from creative_generation.nodes.engine.safetensors_io import write_atomic
+
+    saved = write_atomic(tmp_path / "concept.safetensors", lambda p: Path(p).write_bytes(b"x"), numbered=True)
+    assert stat.S_IMODE(saved.stat().st_mode) & 0o044 == 0o044
