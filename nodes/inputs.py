@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import string
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -89,7 +90,8 @@ def _describe(value: Any) -> str:
 
 def _number_problem(name: str, value: Any, spec: io.Input, whole: bool) -> str | None:
     kind = "a whole number" if whole else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+    # numbers.Integral / Real, not int / float: another pack's node may hand on a numpy scalar
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
         return f"{name} must be {kind}, got {_describe(value)}."
     if not whole and not math.isfinite(value):
         return f"{name} must be a finite number, got {value}: give a value between {spec.min} and {spec.max}."

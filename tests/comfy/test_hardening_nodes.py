@@ -142,6 +142,20 @@ def test_non_finite_numbers_are_refused_on_every_float_input(pack_nodes):
             assert name in _error_text(pack_nodes[node_id], **{name: bad}), (node_id, name, bad)
 
 
+def test_numpy_numbers_from_other_packs_pass_the_number_checks(pack_nodes):
+    """A linked INT/FLOAT may come from another pack's node as a numpy scalar; only its value is checked."""
+    import numpy as np
+
+    from creative_generation.nodes.inputs import value_problem
+
+    specs = {spec.id: spec for spec in _specs(pack_nodes["CreativeLoRAOptimizer"])}
+    assert value_problem(specs["steps"], np.int64(50)) is None
+    assert value_problem(specs["learning_rate"], np.float32(1e-4)) is None
+    assert "steps" in value_problem(specs["steps"], np.float64(2.5))
+    assert "learning_rate" in value_problem(specs["learning_rate"], np.float32("nan"))
+    assert "steps" in value_problem(specs["steps"], True)
+
+
 @pytest.mark.parametrize("node_id, name, bad", [
     ("CreativeLoRAOptimizer", "train", "token+LoRA"),
     ("CreativeWundtSweep", "train", "both"),
