@@ -71,6 +71,23 @@ def pack_nodes(comfy_inprocess):
     return comfy_harness.pack_node_classes()
 
 
+@pytest.fixture
+def run(pack_nodes, comfy_inprocess):
+    """``run(node_id, **inputs)`` -> outputs tuple, executed like ComfyUI's executor does (hidden id ``test-<id>``)."""
+    return lambda node_id, **inputs: comfy_harness.execute_node(pack_nodes[node_id], f"test-{node_id}", **inputs)
+
+
+@pytest.fixture
+def progress_log(comfy_inprocess):
+    """Every ProgressBar update in this process: ``(node_id, value, total)``."""
+    utils = comfy_inprocess.comfy_utils
+    seen: list[tuple] = []
+    old = utils.PROGRESS_BAR_HOOK
+    utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((node_id, value, total)))
+    yield seen
+    utils.set_progress_bar_global_hook(old)
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     _require_comfyui()

@@ -20,21 +20,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def run(pack_nodes, comfy_inprocess):
-    return lambda node_id, **inputs: comfy_harness.execute_node(pack_nodes[node_id], f"test-{node_id}", **inputs)
-
-
-@pytest.fixture
-def progress_log(comfy_inprocess):
-    utils = comfy_inprocess.comfy_utils
-    seen: list[tuple] = []
-    old = utils.PROGRESS_BAR_HOOK
-    utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((node_id, value, total)))
-    yield seen
-    utils.set_progress_bar_global_hook(old)
-
-
 @pytest.fixture(scope="module")
 def world(pack_nodes, comfy_inprocess):
     """The mini world's prior, renderer and gate, a 128-sample vehicle bank and its norm."""

@@ -37,11 +37,6 @@ def models(comfy_inprocess, tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def run(pack_nodes, comfy_inprocess):
-    return lambda node_id, **inputs: comfy_harness.execute_node(pack_nodes[node_id], f"hard-{node_id}", **inputs)
-
-
 @pytest.fixture(scope="module")
 def chain(models, pack_nodes, comfy_inprocess):
     def call(node_id, **inputs):
