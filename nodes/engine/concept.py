@@ -8,10 +8,10 @@ concepts (and the plain prior) can share one loaded model: :func:`activate_conce
 
 from __future__ import annotations
 
-import os
 import contextlib
 import hashlib
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -138,28 +138,33 @@ def activate_concept(transformer: torch.nn.Module, concept: Concept | None) -> N
         if _loaded_adapters(transformer):
             transformer.disable_adapters()
         return
+    name = concept.adapter_name
+    if name not in _loaded_adapters(transformer):
+        _load_adapter(transformer, concept)  # raises, leaving nothing behind, when it does not fit
+    _touch(transformer, name)
+    _evict_concepts(transformer, keep=MAX_CONCEPT_ADAPTERS)  # reached only once it loaded: a failure evicts nothing
+    transformer.set_adapter(name)
+    transformer.enable_adapters()
+
+
+def _load_adapter(transformer: torch.nn.Module, concept: Concept) -> None:
+    """Add ``concept``'s LoRA as an adapter; a LoRA that does not fit is removed again and refused."""
     from peft import set_peft_model_state_dict
 
     name = concept.adapter_name
-    if name not in _loaded_adapters(transformer):
-        try:
-            transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
-                                    adapter_name=name)
-            result = set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
-            unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k]
-            if unexpected:
-                raise ValueError(f"{len(unexpected)} weight(s) match no layer of this prior, e.g. {unexpected[0]}.")
-        except (RuntimeError, ValueError, KeyError) as err:
-            if name in _loaded_adapters(transformer):
-                transformer.delete_adapters(name)  # a failed load leaves nothing behind
-            raise ConceptMismatchError(f"The concept '{concept.token or name}' does not fit this prior's layers "
-                                       f"({str(err).splitlines()[0][:300]}). It was made for another model or "
-                                       "is damaged: load the prior it was trained on, or train it again.") from None
-        _touch(transformer, name)
-        _evict_concepts(transformer, keep=MAX_CONCEPT_ADAPTERS)  # only after it loaded: a failure evicts nothing
-    _touch(transformer, name)
-    transformer.set_adapter(name)
-    transformer.enable_adapters()
+    try:
+        transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
+                                adapter_name=name)
+        result = set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k]
+        if unexpected:
+            raise ValueError(f"{len(unexpected)} weight(s) match no layer of this prior, e.g. {unexpected[0]}.")
+    except (RuntimeError, ValueError, KeyError) as err:
+        if name in _loaded_adapters(transformer):
+            transformer.delete_adapters(name)  # a failed load leaves nothing behind
+        raise ConceptMismatchError(f"The concept '{concept.token or name}' does not fit this prior's layers "
+                                   f"({str(err).splitlines()[0][:300]}). It was made for another model or "
+                                   "is damaged: load the prior it was trained on, or train it again.") from None
 
 
 def _touch(transformer: torch.nn.Module, name: str) -> None:
