@@ -60,7 +60,11 @@ class ValidityGate:
         """The question asked about ``subject`` (the gate's own subject, when set, takes its place)."""
         return self.question.format(subject=self.subject or subject)
 
+    def passes(self, p_yes: float) -> bool:
+        """Whether a P(yes) is enough: the one rule for a whole check and for single images (rare selection)."""
+        return p_yes >= self.threshold
+
     def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
         question = self.question_for(subject)
         p = float(self.judge.p_yes(images, question).float().mean())
-        return Verdict(step, question, p, p >= self.threshold, images[0].detach().cpu())
+        return Verdict(step, question, p, self.passes(p), images[0].detach().cpu())

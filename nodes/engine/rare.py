@@ -104,7 +104,7 @@ def select_rare(norm: GaussianNorm, bank: EmbeddingBank | torch.Tensor, k: int, 
             with torch.no_grad():
                 p_yes = gate.judge.p_yes(drawn, question).float().cpu().tolist()
         for i, (row, p) in enumerate(zip(rows, p_yes)):
-            passed = p is None or p >= gate.threshold
+            passed = p is None or gate.passes(p)
             checked.append(RareSample(row, float(ll[row]), p, passed))
             if passed and drawn is not None and len(images) < k:
                 images.append(drawn[i])
