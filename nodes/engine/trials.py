@@ -20,7 +20,7 @@ import torch
 
 from .concept import Concept
 from .gate import ValidityGate
-from .losses import LossTerm, NegativeClusterTerm, negative_cluster
+from .losses import LossTerm, negative_cluster
 from .norm import GaussianNorm
 from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
 from .plots import annotate, plot_embedding_map
@@ -93,31 +93,29 @@ def run_trials(prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[L
         raise ValueError(f"cluster_samples must be at least 2 to fit a cluster, got {cluster_samples}.")
     if time_budget < 0 or alpha < 0:
         raise ValueError("time_budget and alpha must be >= 0.")
-    t_start, done, clusters, stop = time.monotonic(), [], [], "trials"
+    t_start, done, repelled, stop = time.monotonic(), [], [], "trials"  # repelled: a term per rejection
     for i in range(trials):
         if time_budget and done and time.monotonic() - t_start > time_budget:
             stop = "time_budget"
             break
         t0 = time.monotonic()
         run_cfg = replace(cfg, seed=cfg.seed + i * SEED_STRIDE)
-        extra = [NegativeClusterTerm(g, float(alpha), label) for label, g in clusters]
         hook = None if callback is None else (lambda record, i=i: callback(i, record))
-        result = CreativeOptimizer(prior, norm, subject, [*terms, *extra], run_cfg, gate, renderer).run(hook)
+        result = CreativeOptimizer(prior, norm, subject, [*terms, *repelled], run_cfg, gate, renderer).run(hook)
         end = result.rejected if result.stop_reason == "gate_rejected" else result.concept
         with torch.no_grad():
             end_embeds = _end_state(prior, end, subject, run_cfg, cluster_samples)
             end_ll = float(norm.log_prob(end_embeds.double()).median())
-        trial = Trial(i, run_cfg.seed, result, end_embeds, end_ll, [label for label, _ in clusters])
+        trial = Trial(i, run_cfg.seed, result, end_embeds, end_ll, [t.name for t in repelled])
         if trial.rejected:
-            label = f"rejected {i + 1}"
-            clusters.append((label, negative_cluster(norm, end_embeds, alpha, label).cluster))
-            trial.cluster_added = label
+            repelled.append(negative_cluster(norm, end_embeds, alpha, f"rejected {i + 1}"))
+            trial.cluster_added = repelled[-1].name
         trial.seconds = time.monotonic() - t0
         done.append(trial)
         if result.stop_reason == "cancelled":
             stop = "cancelled"
             break
-    return TrialsResult(done, clusters, stop, [t.summary() for t in done])
+    return TrialsResult(done, [(t.name, t.cluster) for t in repelled], stop, [t.summary() for t in done])
 
 
 def plot_trials(norm: GaussianNorm, result: TrialsResult, size: int = 384) -> torch.Tensor:
