@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .bank import encode_image
 from .concept import Concept
 from .gate import ValidityGate
 from .losses import AnchorTerm, CreativeTerm, LossTerm
@@ -54,8 +53,8 @@ def image_variations(prior: Prior, norm: GaussianNorm, images: torch.Tensor, sub
     """
     if inversion_steps < 1:
         raise ValueError(f"inversion_steps must be at least 1, got {inversion_steps}.")
-    target = encode_image(prior, images)
-    anchor = AnchorTerm(target[0], "", float(image_weight), "image_anchor")
+    anchor = AnchorTerm.from_images(prior, images, image_weight)
+    target = anchor.target[None]  # [1, D]: the image in the prior's CLIP image space
     invert_cfg = replace(cfg, steps=inversion_steps, lr=inversion_lr)
     hook = (lambda stage: None if callback is None else (lambda record: callback(stage, record)))
     inversion = CreativeOptimizer(prior, norm, subject, [replace(anchor, weight=1.0)], invert_cfg).run(

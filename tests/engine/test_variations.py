@@ -16,7 +16,8 @@ from creative_generation.nodes.engine.optimizer import OptimConfig, StopOptimisa
 from creative_generation.nodes.engine.prior import PriorFolderError, load_prior
 from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
 from creative_generation.nodes.engine.sampling import sample_embeddings
-from creative_generation.nodes.engine.variations import encode_image, image_variations
+from creative_generation.nodes.engine.bank import encode_image
+from creative_generation.nodes.engine.variations import image_variations
 from creative_generation.nodes.testbed.miniworld import world as W
 from creative_generation.nodes.testbed.miniworld.judge import load_judge
 
