@@ -139,9 +139,7 @@ class Progress:
     def __call__(self, done: int, text: str | None = None, preview: torch.Tensor | None = None,
                  total: int | None = None) -> None:
         """``preview``: an image ``[H, W, 3]`` (0..1) shown as the node's progress preview, enlarged."""
-        import comfy.model_management
-
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        _throw_if_interrupted()
         self.total = total or self.total
         self.bar.update_absolute(done, self.total, None if preview is None else progress_preview(preview))
         if text:
