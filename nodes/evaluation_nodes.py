@@ -5,11 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
-from . import inputs, memory
+from . import inputs, memory, run_inputs
 from . import sockets as s
 from .engine.evaluation import AskingJudge, Evaluator, format_table, sweep_columns, sweep_summary, wundt_sweep
 from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm
-from .engine.optimizer import OptimConfig
 from .engine.plots import plot_sweep
 
 CONFIGS = ("none", "anchor", "gate", "both")
@@ -52,22 +51,20 @@ class WundtSweep(io.ComfyNode):
                     io.String.Input("seeds", default="0", tooltip="Seeds, e.g. '0, 1, 2'."),
                     io.String.Input("anchor_text", default=s.PAPER_PROMPT, multiline=True,
                                     tooltip="Category text of the anchor configurations."),
-                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
-                                   tooltip="AdamW learning rate (paper: 1e-4)."),
-                    io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
-                                   tooltip="What to train (paper: token + LoRA)."),
+                    run_inputs.learning_rate(), run_inputs.train(),
                     io.Int.Input("samples", default=32, min=2, max=4096, tooltip="Samples per measurement."),
                     s.Loss.Input("loss_terms", optional=True, tooltip="Extra terms for every configuration "
                                  "(e.g. negative clusters; the table then adds each run's median Mahalanobis "
                                  "distance to the first cluster)."),
-                    s.Gate.Input("gate", optional=True, tooltip="Needed by the gate / both configurations."),
-                    s.Renderer.Input("renderer", optional=True, tooltip="Renders samples for the gate and the judge."),
+                    run_inputs.gate("Needed by the gate / both configurations."),
+                    run_inputs.renderer("Renders samples for the gate and the judge."),
                     s.MLLM.Input("judge", optional=True, tooltip="An independent judge of validity (ideally not the "
                                  "gate's model); without it validity is not measured."),
-                    io.String.Input("prompt_template", default=OptimConfig.template, optional=True,
-                                    tooltip="Prompt the concept is trained and sampled in; {token} is its token. "
-                                            "Use the bank's prompt with {token} for the subject so that step 0 "
-                                            "is typical and the curve measures the optimiser alone.")],
+                    run_inputs.prompt_template(tooltip="Prompt the concept is trained and sampled in; {token} is its "
+                                                       "token. Use the bank's prompt with {token} for the subject so "
+                                                       "that step 0 is typical and the curve measures the optimiser "
+                                                       "alone."),
+                    run_inputs.lora_rank(optional=True), run_inputs.guidance(), run_inputs.prior_steps()],
             outputs=[io.Image.Output(display_name="plot"), io.String.Output(display_name="table")],
             hidden=[io.Hidden.unique_id])
 
@@ -81,35 +78,36 @@ class WundtSweep(io.ComfyNode):
                     parse(text)
         except ValueError as err:
             return str(err)
-        return inputs.first(
-            inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}),
-            inputs.text_problem("subject", subject, "name what the concept must remain."),
-            (gate is not None or judge is not None) and renderer is None and (
-                "the gate and the judge look at rendered images: connect a renderer."))
+        return inputs.first(run_inputs.problem(subject, prompt_template, gate, renderer,
+                                                subject_hint="name what the concept must remain."),
+                            judge is not None and renderer is None and "the judge looks at rendered images: connect "
+                                                                       "a renderer.")
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, embeds, subject, steps, configs, seeds, anchor_text, learning_rate, train, samples,
-                loss_terms=None, gate=None, renderer=None, judge=None,
-                prompt_template=OptimConfig.template) -> io.NodeOutput:
-        chosen, seed_list = parse_configs(configs), parse_ints(seeds, "seeds")
+                loss_terms=None, gate=None, renderer=None, judge=None, prompt_template=run_inputs.TEMPLATE,
+                lora_rank=10, guidance=4.0, prior_steps=5) -> io.NodeOutput:
+        chosen, seed_list, at = parse_configs(configs), parse_ints(seeds, "seeds"), parse_ints(steps, "steps")
         if gate is None and {"gate", "both"} & set(chosen):
             raise ValueError("configs include the gate but no gate is connected: connect one or drop gate/both.")
-        cfg = OptimConfig(lr=learning_rate, train=s.TRAIN_CHOICES[train], template=prompt_template)
-        gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
         base = [CreativeTerm(norm), *(loss_terms or ())]
-        anchor = AnchorTerm.from_prior(prior, anchor_text)
-        table = {"none": (base, None), "anchor": (base + [anchor], None), "gate": (base, gate),
-                 "both": (base + [anchor], gate)}
-        marked = next((t.cluster for t in loss_terms or () if isinstance(t, NegativeClusterTerm)), None)
+        run = run_inputs.build_run(prior, norm, subject, base, gate=gate, renderer=renderer,
+                                   steps=max(max(at), 1), learning_rate=learning_rate, lora_rank=lora_rank,
+                                   train=train, prompt_template=prompt_template, guidance=guidance,
+                                   prior_steps=prior_steps)
         evaluator = Evaluator(norm, embeds, renderer, AskingJudge(judge) if judge is not None else None, samples,
-                              marked=marked)
-        progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(seed_list))
-        rows = wundt_sweep(prior, evaluator, subject, {c: table[c] for c in chosen}, parse_ints(steps, "steps"),
-                           cfg, seed_list,
-                           progress=lambda done, n: progress(done, f"sweep: {done}/{n} runs"))
+                              marked=next((t.cluster for t in loss_terms or () if isinstance(t, NegativeClusterTerm)),
+                                          None))
+        loader = memory.prepare_sweep(run, evaluator)  # refuses or loads
+        with_anchor = (*base, AnchorTerm.from_prior(prior, anchor_text))
+        table = {"none": run.with_(check=None), "anchor": run.with_(terms=with_anchor, check=None),
+                 "gate": run, "both": run.with_(terms=with_anchor)}
+        progress = cb.Progress(cls.hidden.unique_id, len(chosen) * len(seed_list) * max(max(at), 1))
+        rows = wundt_sweep({c: table[c] for c in chosen}, evaluator, at, seed_list,
+                           on_step=run_inputs.reporter(progress), on_phase=loader)
         summary = sweep_summary(rows)
-        text = format_table(summary, sweep_columns(cluster=marked is not None))
+        text = format_table(summary, sweep_columns(cluster=evaluator.marked is not None))
         return io.NodeOutput(plot_sweep(summary), text, ui=ui.PreviewText(text))
 
 

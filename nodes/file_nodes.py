@@ -161,9 +161,8 @@ class SelectEmbeds(io.ComfyNode):
         return io.NodeOutput(EmbeddingBank(embeds.embeds[picked], dict(embeds.provenance, selected=picked)))
 
 
-def log_summary(log: dict) -> str:
+def log_summary(run: RunLog) -> str:
     """A few lines a person can read: how the run ended and where its numbers went."""
-    run = RunLog.from_json(log)
     records = run.records
     lines = [f"stop: {run.stop_reason} after {run.steps_run} steps; kept the state of step {run.accepted_step}"]
     if records:
@@ -195,7 +194,7 @@ class SaveLog(io.ComfyNode):
 
     @classmethod
     def execute(cls, log, filename_prefix) -> io.NodeOutput:
-        path = save_json(_save_base("logs", filename_prefix, ".json"), log, numbered=True)
+        path = save_json(_save_base("logs", filename_prefix, ".json"), log.to_json(), numbered=True)
         summary = log_summary(log)
         return io.NodeOutput(summary, ui=ui.PreviewText(f"{summary}\nsaved {path.name} in {path.parent}"))
 

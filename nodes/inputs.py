@@ -25,6 +25,8 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from . import sockets as s
+
 REFUSED_KEY = "creative_refused_inputs"  # set on a prompt's node entry by refuse_non_boolean_widgets
 _GUARDED = "_creative_inputs_guarded"
 
@@ -43,6 +45,7 @@ def _socket_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
     from .engine.norm import GaussianNorm
     from .engine.prior import Prior
     from .engine.render import KandinskyDecoder
+    from .engine.steplog import RunLog
 
     def losses(v: Any) -> bool:
         return isinstance(v, (tuple, list)) and all(callable(t) and hasattr(t, "weight") for t in v)
@@ -65,16 +68,16 @@ def _socket_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
         return check
 
     return {
-        "CREATIVE_PRIOR": (lambda v: isinstance(v, Prior), "a prior (Load Diffusion Prior)"),
-        "CREATIVE_EMBEDS": (lambda v: isinstance(v, EmbeddingBank), "embeddings (Prior Sampler, Load Embeddings)"),
-        "CREATIVE_NORM": (lambda v: isinstance(v, GaussianNorm), "a norm (Norm Gaussian Fit)"),
-        "CREATIVE_LOSS": (losses, "loss terms (Anchor Loss, Negative Cluster)"),
-        "CREATIVE_GATE": (lambda v: isinstance(v, ValidityGate), "a validity gate (MLLM Validity Gate)"),
-        "CREATIVE_MLLM": (judge, "a multimodal LLM (Load Multimodal LLM)"),
-        "CREATIVE_DECODER": (lambda v: isinstance(v, KandinskyDecoder), "a decoder (Load Kandinsky Decoder)"),
-        "CREATIVE_RENDERER": (renderer, "a renderer (Decoder Renderer, Core Model Renderer)"),
-        "CREATIVE_CONCEPT": (lambda v: isinstance(v, Concept), "a concept (Load Concept, the optimiser)"),
-        "CREATIVE_LOG": (lambda v: isinstance(v, dict) and "entries" in v, "an optimiser log"),
+        s.Prior.io_type: (lambda v: isinstance(v, Prior), "a prior (Load Diffusion Prior)"),
+        s.Embeds.io_type: (lambda v: isinstance(v, EmbeddingBank), "embeddings (Prior Sampler, Load Embeddings)"),
+        s.Norm.io_type: (lambda v: isinstance(v, GaussianNorm), "a norm (Norm Gaussian Fit)"),
+        s.Loss.io_type: (losses, "loss terms (Anchor Loss, Negative Cluster)"),
+        s.Gate.io_type: (lambda v: isinstance(v, ValidityGate), "a validity gate (MLLM Validity Gate)"),
+        s.MLLM.io_type: (judge, "a multimodal LLM (Load Multimodal LLM)"),
+        s.Decoder.io_type: (lambda v: isinstance(v, KandinskyDecoder), "a decoder (Load Kandinsky Decoder)"),
+        s.Renderer.io_type: (renderer, "a renderer (Decoder Renderer, Core Model Renderer)"),
+        s.Concept.io_type: (lambda v: isinstance(v, Concept), "a concept (Load Concept, the optimiser)"),
+        s.Log.io_type: (lambda v: isinstance(v, RunLog), "an optimiser log"),
         "IMAGE": (lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] in (1, 3, 4),
                   "an IMAGE batch [B, H, W, C]"),
         "MODEL": (core("MODEL"), "a MODEL (a checkpoint loader)"),

@@ -29,19 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import torch
 
-from .engine import budget, model_shapes
-from .engine.gate import ValidityGate, YesNoJudge
-from .engine.mllm import MLLMJudge
-from .engine.optimizer import OptimConfig
+from .engine import budget
+from .engine.evaluation import EVAL_JUDGE, Evaluator
+from .engine.gate import GateCheck
+from .engine.optimizer import CreativeRun
 from .engine.prior import Prior
-from .engine.render import ProgressCallback, Renderer
+from .engine.render import Renderer
 
 PATCHER_ATTR = "_creative_patcher"  # set on the model's main module; shared by every view of the model
 log = logging.getLogger(__name__)
@@ -164,12 +163,6 @@ def offload(*objs: object) -> None:
     mm.soft_empty_cache()
 
 
-def is_loaded(obj: object) -> bool:
-    """Whether ComfyUI lists this model among its loaded models."""
-    p = patcher_of(obj)
-    return p is not None and any(loaded.model is p for loaded in mm.current_loaded_models)
-
-
 # --------------------------------------------------------------------------- pre-flight
 
 
@@ -208,157 +201,79 @@ def check(estimate: budget.Estimate, models: dict[str, object],
     return estimate
 
 
+def on_gpu() -> bool:
+    return mm.get_torch_device().type != "cpu"
+
+
 def prepare_sampling(prior: Prior, prompt: str, negative_prompt: str, *, count: int, batch_size: int, steps: int,
                      guidance: float) -> budget.Estimate:
     """Before a Prior Sampler run: refuse it if it cannot fit, else load the prior with room for one batch."""
-    device = mm.get_torch_device()
-    tokens = budget.prompt_token_count(prior.tokenizer_for_concept(), prompt, negative_prompt)
-    estimate = budget.sampling_estimate(model_shapes.PriorShape.of(prior), prompt_tokens=tokens,
-                                        batch=min(batch_size, count), steps=steps, guidance=guidance,
-                                        on_gpu=device.type != "cpu")
-    estimate = check(estimate, {budget.PRIOR: prior}, device)
-    use(prior, memory_required=estimate.part("sampling activations").bytes)
+    estimate = prior.sampling_estimate(prompt, negative_prompt, batch=min(batch_size, count), steps=steps,
+                                       guidance=guidance, on_gpu=on_gpu())
+    estimate = check(estimate, {budget.PRIOR: prior})
+    use(prior, memory_required=budget.phase_work(estimate, budget.SAMPLING))
     return estimate
 
 
-def _mllm_tokens(judge: MLLMJudge, question: str, height: int, width: int, patch: int) -> tuple[int, int]:
-    """(input tokens, vision patches) the judge's processor makes of a ``width`` x ``height`` image."""
-    try:
-        from PIL import Image
+class PhaseLoader:
+    """The host side of a checked run: as the run enters a phase (``on_phase(name)``), load the models that
+    phase uses with room for its working memory; an MLLM is offloaded as soon as a phase does not ask it."""
 
-        inputs = judge.inputs(Image.new("RGB", (width, height)), question)
-        pixels = inputs.get("pixel_values")
-        temporal = int(getattr(getattr(judge.model.config, "vision_config", None), "temporal_patch_size", 1) or 1)
-        return int(inputs["input_ids"].shape[-1]), model_shapes.vision_patches(pixels, patch, temporal)
-    except Exception as error:  # an unusual processor: fall back to a generous guess
-        log.debug("Creative Generation: could not count MLLM tokens (%s); assuming 2,048", error)
-        return 2048, 2048
+    TRANSIENT = (budget.MLLM, EVAL_JUDGE)  # loaded only while they answer
 
+    def __init__(self, estimate: budget.Estimate, models: dict[str, object]) -> None:
+        self.estimate, self.models = estimate, models
+        self._asked: set[str] = set()
 
-def _optimisation_estimate(prior: Prior, subject: str, cfg: OptimConfig, gate: ValidityGate | None,
-                           renderer: Renderer | None, on_gpu: bool) -> budget.Estimate:
-    prompt = cfg.prompt("", subject)  # the subject word stands in for the placeholder, which may take one more token
-    tokens = budget.prompt_token_count(prior.tokenizer, prompt, cfg.negative_prompt) + 1
-    decoder_shape, render = None, (512, 512, 4.0)
-    decoder = getattr(renderer, "decoder", None)
-    if renderer is not None:
-        decoder_shape = model_shapes.DecoderShape.of(decoder)
-        s = getattr(renderer, "settings", None)
-        if s is not None:
-            render = (int(s.height), int(s.width), float(s.guidance))
-    judge = getattr(gate, "judge", None)
-    mllm_shape, m_tokens, m_patches = None, 0, 0
-    if judge is not None and isinstance(getattr(judge, "model", None), torch.nn.Module):
-        mllm_shape = model_shapes.MLLMShape.of(judge.model)
-        question = gate.question.format(subject=gate.subject or subject)
-        m_tokens, m_patches = _mllm_tokens(judge, question, render[0], render[1], mllm_shape.vision_patch)
-    return budget.optimisation_estimate(
-        model_shapes.PriorShape.of(prior), prompt_tokens=tokens, prior_steps=cfg.prior_steps, guidance=cfg.guidance,
-        rank=cfg.rank, train=cfg.train, decoder=decoder_shape, render=render, mllm=mllm_shape, mllm_tokens=m_tokens,
-        mllm_vision_tokens=m_patches, on_gpu=on_gpu)
+    def __call__(self, phase: str) -> None:
+        kinds = budget.phase_models(self.estimate, phase)
+        for kind in [k for k in self._asked if k not in kinds]:
+            offload(self.models[kind])
+            self._asked.discard(kind)
+        self._asked |= kinds & set(self.TRANSIENT)
+        use(*(self.models.get(kind) for kind in sorted(kinds)),
+            memory_required=budget.phase_work(self.estimate, phase))
 
 
-def prepare_optimisation(prior: Prior, subject: str, cfg: OptimConfig, gate: ValidityGate | None = None,
-                         renderer: Renderer | None = None) -> tuple[ValidityGate | None, Renderer | None]:
-    """Before a Creative LoRA Optimizer run (or a sweep of them) with ``cfg``: refuse it if training and
-    the gate checks cannot fit, else load the prior for training and return the gate and renderer wrapped
-    so that each check loads what it needs (:func:`gated_models`)."""
-    device = mm.get_torch_device()
-    if hasattr(renderer, "memory_estimate"):
-        check_renderer(renderer)  # a core-model renderer sizes itself; a Kandinsky decoder is in the estimate
-    estimate = _optimisation_estimate(prior, subject, cfg, gate, renderer, device.type != "cpu")
-    decoder, judge = getattr(renderer, "decoder", None), getattr(gate, "judge", None)
-    estimate = check(estimate, {budget.PRIOR: prior, budget.DECODER: decoder, budget.MLLM: judge}, device)
-    return gated_models(prior, gate, renderer, estimate)
+def prepare_run(run: CreativeRun) -> PhaseLoader:
+    """Before an optimisation run (a Creative LoRA Optimizer, each trial, variation or sweep run): refuse it
+    if training and the gate checks cannot fit, else return the loader the run calls at each phase."""
+    models = run.models()
+    return PhaseLoader(check(run.memory_estimate(on_gpu=on_gpu()), models), models)
 
 
-def render_estimate(renderer: Renderer, count: int = 1) -> budget.Estimate | None:
-    """What drawing ``count`` embeddings at once takes: the renderer's own estimate (``memory_estimate``,
-    e.g. the core renderer's from ComfyUI's model and VAE), or a Kandinsky decoder's from its shape;
-    ``None`` for a renderer the pack cannot size."""
-    own = getattr(renderer, "memory_estimate", None)
-    if callable(own):
-        return own(count)
-    shape = model_shapes.DecoderShape.of(getattr(renderer, "decoder", None))
-    s = getattr(renderer, "settings", None)
-    if shape is None or s is None:
-        return None
-    return budget.render_estimate(shape, height=int(s.height), width=int(s.width), guidance=float(s.guidance),
-                                  batch=count, on_gpu=mm.get_torch_device().type != "cpu")
+def prepare_sweep(run: CreativeRun, evaluator: Evaluator) -> PhaseLoader:
+    """Before a creativity sweep: its runs (``run`` with or without gate: the one given holds the gate if any)
+    and every measurement (sampling, rendering, the independent judge) must fit."""
+    estimate = run.memory_estimate(on_gpu=on_gpu())
+    measuring = evaluator.memory_estimate(run, on_gpu=on_gpu())
+    combined = budget.Estimate("creativity sweep", [*estimate.parts, *measuring.parts],
+                               [*estimate.phases, *measuring.phases], [*measuring.hints, *estimate.hints])
+    models = {**run.models(), budget.DECODER: evaluator.renderer, EVAL_JUDGE: evaluator.judge}
+    return PhaseLoader(check(combined, models), models)
+
+
+def prepare_selection(gate: GateCheck | None, renderer: Renderer | None, subject: str, batch: int) -> PhaseLoader:
+    """Before Rare Select: rendering a batch of candidates and judging them must fit."""
+    drawing = None if renderer is None else renderer.memory_estimate(batch, on_gpu=on_gpu())
+    asking = None if gate is None else gate.gate.memory_estimate(subject, *renderer.image_size, on_gpu=on_gpu())
+    estimate = budget.gate_check_estimate(drawing, asking)
+    models = {budget.DECODER: renderer, budget.MLLM: None if gate is None else gate.gate}
+    if estimate is None:
+        return PhaseLoader(budget.Estimate("selection", [], [budget.Phase(budget.RENDER, ())]), models)
+    return PhaseLoader(check(estimate, models), models)
 
 
 def check_renderer(renderer: Renderer, count: int = 1) -> budget.Estimate | None:
     """Refuse a render of ``count`` embeddings at once that cannot fit (e.g. 16384 x 16384), before it starts."""
-    estimate = render_estimate(renderer, count)
+    estimate = renderer.memory_estimate(count, on_gpu=on_gpu())
     if estimate is None:
         return None
-    return check(estimate, {budget.DECODER: getattr(renderer, "decoder", None)})
+    return check(estimate, {budget.DECODER: renderer})
 
 
 def prepare_rendering(renderer: Renderer, count: int) -> None:
     """Before Render Embeddings: refuse a render that cannot fit, else load the decoder with room for it."""
     estimate = check_renderer(renderer, count)
-    work = 0 if estimate is None else sum(p.bytes for p in estimate.parts if not p.model)
+    work = 0 if estimate is None else max(budget.phase_work(estimate, ph.name) for ph in estimate.phases)
     use(renderer, memory_required=work)
-
-
-def _work(estimate: budget.Estimate, *names: str) -> int:
-    return sum(p.bytes for p in estimate.parts if p.name in names)
-
-
-# --------------------------------------------------------------------------- an optimisation run
-
-
-class ManagedJudge:
-    """A gate judge whose model is loaded for each question and offloaded right after."""
-
-    def __init__(self, inner: YesNoJudge, before: Callable[[], None], after: Callable[[], None]) -> None:
-        self.inner, self._before, self._after = inner, before, after
-
-    def p_yes(self, images: torch.Tensor, question: str) -> torch.Tensor:
-        self._before()
-        try:
-            return self.inner.p_yes(images, question)
-        finally:
-            self._after()
-
-    def __getattr__(self, name: str) -> object:  # history, family, ... of the wrapped judge
-        if name.startswith("__") or name in ("inner", "_before", "_after"):  # copy/pickle probes, half-built
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-class ManagedRenderer:
-    """A renderer whose decoder is loaded (with room for the render) before it draws."""
-
-    def __init__(self, inner: Renderer, before: Callable[[], None]) -> None:
-        self.inner, self._before = inner, before
-
-    def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
-        self._before()
-        return self.inner(embeds, progress=progress)
-
-    def __getattr__(self, name: str) -> object:  # settings, decoder, ...
-        if name.startswith("__") or name in ("inner", "_before"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-def gated_models(prior: Prior, gate: ValidityGate | None, renderer: Renderer | None,
-                 estimate: budget.Estimate) -> tuple[ValidityGate | None, Renderer | None]:
-    """Load the prior for training; return the gate and renderer wrapped so that each check loads the
-    decoder, then the MLLM, offloads the MLLM afterwards and reloads the prior for the next step."""
-    training = _work(estimate, "training state", "training activations")
-    use(prior, memory_required=training)
-    if renderer is not None and patcher_of(renderer) is not None:
-        draws, rendering = renderer, _work(estimate, "render activations")
-        renderer = ManagedRenderer(draws, lambda: use(draws, memory_required=rendering))
-    if gate is not None and patcher_of(gate.judge) is not None:
-        judge, asking = gate.judge, _work(estimate, "MLLM forward")
-
-        def after() -> None:
-            offload(judge)
-            use(prior, memory_required=training)
-
-        gate = dataclasses.replace(gate, judge=ManagedJudge(judge, lambda: use(judge, memory_required=asking), after))
-    return gate, renderer

@@ -6,16 +6,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
-from . import inputs, memory
+from . import inputs, memory, run_inputs
 from . import sockets as s
 from .engine.bank import EmbeddingBank, encode_image_bank, sample_bank
 from .engine.gate import PAPER_QUESTION, ValidityGate
 from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm, negative_cluster
 from .engine.norm import GaussianNorm
-from .engine.optimizer import CreativeOptimizer, OptimConfig
 from .engine.plots import annotate, plot_embedding_map, plot_log
-from .engine.steplog import StepRecord
-
 
 
 class PriorSampler(io.ComfyNode):
@@ -178,25 +175,12 @@ class LoRAOptimizer(io.ComfyNode):
                     s.Norm.Input("norm", tooltip="The norm (Norm Gaussian Fit) whose low-probability regions to seek."),
                     io.String.Input("subject", default="vehicle", tooltip="What the concept must remain (the gate "
                                     "asks about it; the token starts from this word)."),
-                    s.Loss.Input("loss_terms", optional=True, tooltip="Anchor / negative-cluster terms."),
-                    s.Gate.Input("gate", optional=True, tooltip="Validity gate (needs a renderer)."),
-                    s.Renderer.Input("renderer", optional=True, tooltip="Draws the concept for the gate."),
-                    io.Int.Input("steps", default=50, min=1, max=100_000, tooltip="Maximum steps (paper: good results "
-                                 "in ~50, at most 1,000; the gate may stop earlier)."),
-                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
-                                   tooltip="AdamW learning rate (paper: 1e-4)."),
-                    io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
-                    io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
-                                   tooltip="What to train (paper: token + LoRA)."),
-                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
-                                 tooltip="Seeds the LoRA init, the per-step noise and the gate's render."),
-                    io.String.Input("prompt_template", default="a photo of a {token}",
-                                    tooltip="Prompt the concept is trained in; {token} is the placeholder."),
+                    run_inputs.loss_terms(), run_inputs.gate(), run_inputs.renderer(),
+                    run_inputs.steps(), run_inputs.learning_rate(), run_inputs.lora_rank(), run_inputs.train(),
+                    run_inputs.seed(), run_inputs.prompt_template(optional=False),
                     io.Float.Input("creative_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                    tooltip="Weight of log Ĝ(ẽ) (Eq. 5)."),
-                    io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Prior guidance while training."),
-                    io.Int.Input("prior_steps", default=5, min=2, max=100,
-                                 tooltip="Prior steps, with gradients (paper: 5; the unCLIP scheduler needs at least 2).")],
+                    run_inputs.guidance(optional=False), run_inputs.prior_steps(optional=False)],
             outputs=[s.Prior.Output(display_name="prior"), s.Concept.Output(display_name="concept"),
                      s.Log.Output(display_name="log"), io.String.Output(display_name="token"),
                      io.Image.Output(display_name="gate_images"), io.Image.Output(display_name="loss_plot"),
@@ -205,48 +189,27 @@ class LoRAOptimizer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, subject=None, prompt_template=None, gate=None, renderer=None) -> bool | str:
-        return inputs.first(
-            inputs.text_problem("subject", subject, "name what the concept must remain, e.g. 'vehicle'."),
-            inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}),
-            gate is not None and renderer is None and (
-                "gate is connected but renderer is not: the gate judges rendered images, so connect a renderer "
-                "(Decoder Renderer)."))
+        return inputs.first(run_inputs.problem(subject, prompt_template, gate, renderer))
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, subject, steps, learning_rate, lora_rank, train, seed, prompt_template,
                 creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None) -> io.NodeOutput:
         terms = [CreativeTerm(norm, creative_weight), *(loss_terms or ())]
-        cfg = OptimConfig(steps=steps, lr=learning_rate, train=s.TRAIN_CHOICES[train], rank=lora_rank,
-                          alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
-                          template=prompt_template)
-        gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses or loads
-        optimizer = CreativeOptimizer(prior, norm, subject, terms, cfg, gate, renderer)
+        run = run_inputs.build_run(prior, norm, subject, terms, gate=gate, renderer=renderer, steps=steps,
+                                   learning_rate=learning_rate, lora_rank=lora_rank, train=train, seed=seed,
+                                   prompt_template=prompt_template, guidance=guidance, prior_steps=prior_steps)
+        loader = memory.prepare_run(run)  # refuses a run that cannot fit
         progress = cb.Progress(cls.hidden.unique_id, steps)
-        result = optimizer.run(lambda record: progress(record.step, _describe(record), preview=_gate_image(record)))
+        result = run.run(run_inputs.reporter(progress), on_phase=loader)
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
-        checks = [r.gate for r in result.log if r.gate is not None and r.gate.image is not None]
+        checks = [r.gate for r in result.records if r.gate is not None and r.gate.image is not None]
         gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
         captions = [f"step {v.step}: P(yes) {v.p_yes:.2f} {'yes' if v.passed else 'NO'}" for v in checks]
         clusters = [(t.name, t.cluster) for t in terms if isinstance(t, NegativeClusterTerm)]
-        log = result.run_log().to_json()  # the log socket carries what Save Optimisation Log writes
-        return io.NodeOutput(prior.with_concept(result.concept), result.concept, log, result.concept.token,
-                             gate_images, plot_log(result.log), plot_embedding_map(norm, None, result.path, clusters),
+        return io.NodeOutput(prior.with_concept(result.concept), result.concept, result.log, result.concept.token,
+                             gate_images, plot_log(result.records), plot_embedding_map(norm, None, result.path, clusters),
                              ui=ui.PreviewImage(annotate(cb.enlarged(gate_images), captions), cls=cls) if checks else None)
-
-
-def _gate_image(record: StepRecord) -> torch.Tensor | None:
-    """The concept's render the gate judged at this step: the node's progress preview."""
-    return record.gate.image if record.gate is not None else None
-
-
-def _describe(record: StepRecord) -> str:
-    parts = [f"step {record.step}", f"loss {record.loss:.4g}", f"log p {record.log_likelihood:.4g}"]
-    if "anchor_cos" in record.metrics:
-        parts.append(f"anchor cos {record.metrics['anchor_cos']:.3f}")
-    if record.gate is not None:
-        parts.append(f"gate P(yes) {record.gate.p_yes:.3f} -> {'yes' if record.gate.passed else 'NO'}")
-    return ", ".join(parts)
 
 
 NODES = [PriorSampler, NormGaussianFit, AnchorLoss, NegativeCluster, MLLMValidityGate, LoRAOptimizer]

@@ -6,8 +6,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
-from . import memory
+from . import inputs, memory, run_inputs
 from . import sockets as s
+from .engine.gate import GateCheck
 from .engine.evaluation import format_table
 from .engine.plots import annotate
 from .engine.rare import select_rare, selection_bank
@@ -28,10 +29,10 @@ class RareSelect(io.ComfyNode):
                     io.Int.Input("candidates", default=32, min=1, max=100_000,
                                  tooltip="At most this many of the rarest embeddings are rendered and gated; "
                                          "at least k."),
-                    s.Gate.Input("gate", optional=True, tooltip="Validity gate: only samples it accepts are kept "
-                                 "(needs a renderer). Without it the k rarest are returned as they are."),
-                    s.Renderer.Input("renderer", optional=True, tooltip="Draws the candidates for the gate and the "
-                                     "output images (Decoder Renderer)."),
+                    run_inputs.gate("Validity gate: only samples it accepts are kept (needs a renderer). Without "
+                                    "it the k rarest are returned as they are."),
+                    run_inputs.renderer("Draws the candidates for the gate and the output images (Decoder "
+                                        "Renderer)."),
                     io.String.Input("subject", default="vehicle", optional=True,
                                     tooltip="What the samples must still be; the gate asks about it (unless the "
                                             "gate sets its own subject)."),
@@ -43,24 +44,22 @@ class RareSelect(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, k=4, candidates=32):
+    def validate_inputs(cls, k=4, candidates=32, gate=None, renderer=None):
         if isinstance(k, int) and isinstance(candidates, int) and candidates < k:
             return f"candidates ({candidates}) must be at least k ({k}): raise candidates or lower k."
-        return True
+        return inputs.first(run_inputs.problem(gate=gate, renderer=renderer))
 
     @classmethod
     @cb.training_mode
     def execute(cls, norm, embeds, k=4, candidates=32, gate=None, renderer=None, subject="vehicle", batch_size=8):
-        if gate is not None and renderer is None:
-            raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
-                             "renderer (Decoder Renderer).")
+        check = GateCheck.of(gate, renderer)  # a gate without a renderer is refused
         if gate is not None and not (gate.subject or str(subject).strip()):
             raise ValueError("subject is empty: name what the samples must still be, e.g. 'vehicle'.")
         pool = min(candidates if gate is not None else k, len(embeds))
+        loader = memory.prepare_selection(check, renderer, str(subject), min(batch_size, max(pool, 1)))
         progress = cb.Progress(cls.hidden.unique_id, max(pool, 1))
-        memory.use(renderer, gate.judge if gate is not None else None)
         selection = select_rare(norm, embeds, k, candidates=min(candidates, len(embeds)), gate=gate,
-                                renderer=renderer, subject=str(subject), batch_size=batch_size,
+                                renderer=renderer, subject=str(subject), batch_size=batch_size, on_phase=loader,
                                 progress=lambda done, total: progress(done, f"checked {done}/{total} rarest", total=total))
         if not selection.samples:
             raise ValueError(f"None of the {len(selection.checked)} rarest embeddings passed the gate: raise "

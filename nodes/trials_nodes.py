@@ -7,12 +7,10 @@ import json
 from comfy_api.latest import io, ui
 
 from . import comfy_bridge as cb
-from . import inputs
-from . import memory
+from . import inputs, memory, run_inputs
 from . import sockets as s
 from .engine.evaluation import format_table
 from .engine.losses import CreativeTerm
-from .engine.optimizer import OptimConfig
 from .engine.trials import plot_trials, run_trials
 
 
@@ -38,54 +36,35 @@ class AutoTrials(io.ComfyNode):
                                    tooltip="Repulsion weight α of each cluster made from a rejection."),
                     io.Int.Input("cluster_samples", default=16, min=2, max=4096,
                                  tooltip="Embeddings sampled from a rejected state to fit its cluster."),
-                    io.Int.Input("steps", default=50, min=1, max=100_000, tooltip="Maximum steps per trial."),
-                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
-                                   tooltip="AdamW learning rate (paper: 1e-4)."),
-                    io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
-                    io.Combo.Input("train", options=list(s.TRAIN_CHOICES), default="token + LoRA",
-                                   tooltip="What to train (paper: token + LoRA)."),
-                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
-                                 tooltip="Seed of the first trial; trial i uses seed + i."),
-                    s.Loss.Input("loss_terms", optional=True, tooltip="Anchor / negative-cluster terms every trial "
-                                 "uses (the clusters from rejections are added to them)."),
-                    io.String.Input("prompt_template", default="a photo of a {token}", optional=True,
-                                    tooltip="Prompt the concept is trained in; {token} is the placeholder."),
-                    io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1, optional=True,
-                                   tooltip="Prior guidance while training."),
-                    io.Int.Input("prior_steps", default=5, min=2, max=100, optional=True,
-                                 tooltip="Prior steps, with gradients (paper: 5).")],
+                    run_inputs.steps("Maximum steps per trial."), run_inputs.learning_rate(),
+                    run_inputs.lora_rank(), run_inputs.train(),
+                    run_inputs.seed("Seed of the first trial; trial i uses seed + i."),
+                    run_inputs.loss_terms("Anchor / negative-cluster terms every trial uses (the clusters from "
+                                          "rejections are added to them)."),
+                    run_inputs.prompt_template(), run_inputs.guidance(), run_inputs.prior_steps()],
             outputs=[s.Concept.Output(display_name="concepts", is_output_list=True,
                                       tooltip="Each trial's kept concept (the state its gate last accepted)."),
                      io.String.Output(display_name="trial_log"), io.Image.Output(display_name="trial_map")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject="vehicle", prompt_template="a photo of a {token}"):
-        if subject is not None and not str(subject).strip():
-            return "subject is empty: name what the concepts must remain, e.g. 'vehicle'."
-        return inputs.first(inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}))
+    def validate_inputs(cls, subject="vehicle", prompt_template=run_inputs.TEMPLATE):
+        return inputs.first(run_inputs.problem(subject, prompt_template,
+                                               subject_hint="name what the concepts must remain, e.g. 'vehicle'."))
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, gate, renderer, subject="vehicle", trials=3, time_budget_s=0, alpha=1.0,
                 cluster_samples=16, steps=50, learning_rate=1e-4, lora_rank=10, train="token + LoRA", seed=0,
-                loss_terms=None, prompt_template="a photo of a {token}", guidance=4.0, prior_steps=5):
-        cfg = OptimConfig(steps=steps, lr=learning_rate, train=s.TRAIN_CHOICES[train], rank=lora_rank,
-                          alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
-                          template=prompt_template)
-        cfg.validate()
-        terms = [CreativeTerm(norm), *(loss_terms or ())]
-        gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses what cannot fit
+                loss_terms=None, prompt_template=run_inputs.TEMPLATE, guidance=4.0, prior_steps=5):
+        run = run_inputs.build_run(prior, norm, subject, [CreativeTerm(norm), *(loss_terms or ())], gate=gate,
+                                   renderer=renderer, steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
+                                   train=train, seed=seed, prompt_template=prompt_template, guidance=guidance,
+                                   prior_steps=prior_steps)
+        loader = memory.prepare_run(run)  # refuses what cannot fit
         progress = cb.Progress(cls.hidden.unique_id, trials * steps)
-
-        def report(trial: int, record) -> None:
-            progress(trial * steps + record.step, f"trial {trial + 1}/{trials}, step {record.step}, "
-                     f"log p {record.log_likelihood:.4g}"
-                     + ("" if record.gate is None else f", gate P(yes) {record.gate.p_yes:.2f}"))
-
-        result = run_trials(prior, norm, subject, terms, cfg, gate, renderer, trials=trials,
-                            time_budget=float(time_budget_s), alpha=alpha, cluster_samples=cluster_samples,
-                            callback=report)
+        result = run_trials(run, trials=trials, time_budget=float(time_budget_s), alpha=alpha,
+                            cluster_samples=cluster_samples, on_step=run_inputs.reporter(progress), on_phase=loader)
         columns = ["trial", "seed", "stop_reason", "steps_run", "accepted_step", "end_log_likelihood",
                    "cluster_added", "seconds"]
         table = format_table([dict(r, trial=r["trial"] + 1) for r in result.log], columns)

@@ -5,12 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import comfy_bridge as cb
-from . import inputs
-from . import memory
+from . import inputs, memory, run_inputs
 from . import sockets as s
 from .engine.bank import EmbeddingBank
 from .engine.losses import AnchorTerm
-from .engine.optimizer import OptimConfig
 from .engine.plots import plot_embedding_map
 from .engine.variations import image_variations
 
@@ -71,25 +69,16 @@ class ImageVariations(io.ComfyNode):
                                    tooltip="Learning rate of the inversion."),
                     io.Float.Input("image_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                    tooltip="Weight of the image anchor during the creative steps."),
-                    io.Int.Input("steps", default=50, min=1, max=100_000, tooltip="Maximum creative steps (the gate "
-                                 "may stop earlier)."),
-                    io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
-                                   tooltip="AdamW learning rate of the creative steps (paper: 1e-4)."),
-                    io.Int.Input("lora_rank", default=10, min=1, max=256, tooltip="LoRA rank (paper: 10)."),
-                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="token + LoRA",
-                                   tooltip="What the inversion and the creative steps train."),
-                    io.Int.Input("seed", **s.SEED, control_after_generate=True,
-                                 tooltip="Seeds the LoRA init, the per-step noise and the gate's render."),
-                    s.Gate.Input("gate", optional=True, tooltip="Validity gate for the creative steps (needs a renderer)."),
-                    s.Renderer.Input("renderer", optional=True, tooltip="Draws the variation for the gate."),
-                    s.Loss.Input("loss_terms", optional=True, tooltip="More terms for the creative steps, e.g. a text "
-                                 "Anchor Loss beside the image anchor."),
-                    io.String.Input("prompt_template", default="a photo of a {token}", optional=True,
-                                    tooltip="Prompt of the token; {token} is the placeholder."),
-                    io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1, optional=True,
-                                   tooltip="Prior guidance while training."),
-                    io.Int.Input("prior_steps", default=5, min=2, max=100, optional=True,
-                                 tooltip="Prior steps, with gradients (paper: 5).")],
+                    run_inputs.steps("Maximum creative steps (the gate may stop earlier)."),
+                    run_inputs.learning_rate("AdamW learning rate of the creative steps (paper: 1e-4)."),
+                    run_inputs.lora_rank(), run_inputs.train(TRAIN_CHOICES, "What the inversion and the creative "
+                                                                            "steps train."),
+                    run_inputs.seed(), run_inputs.gate("Validity gate for the creative steps (needs a renderer)."),
+                    run_inputs.renderer("Draws the variation for the gate."),
+                    run_inputs.loss_terms("More terms for the creative steps, e.g. a text Anchor Loss beside the "
+                                          "image anchor."),
+                    run_inputs.prompt_template(tooltip="Prompt of the token; {token} is the placeholder."),
+                    run_inputs.guidance(), run_inputs.prior_steps()],
             outputs=[s.Prior.Output(display_name="prior"), s.Concept.Output(display_name="concept"),
                      s.Concept.Output(display_name="inversion"), io.String.Output(display_name="token"),
                      s.Embeds.Output(display_name="image_embeds"), io.Image.Output(display_name="embedding_map"),
@@ -97,42 +86,29 @@ class ImageVariations(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, subject="vehicle", prompt_template="a photo of a {token}"):
-        if subject is not None and not str(subject).strip():
-            return "subject is empty: name what the image shows, e.g. 'car'."
-        return inputs.first(inputs.template_problem("prompt_template", prompt_template, {"token"}, {"token"}))
+    def validate_inputs(cls, subject="vehicle", prompt_template=run_inputs.TEMPLATE, gate=None, renderer=None):
+        return inputs.first(run_inputs.problem(subject, prompt_template, gate, renderer,
+                                               subject_hint="name what the image shows, e.g. 'car'."))
 
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, image, subject="vehicle", inversion_steps=200, inversion_lr=1e-2, image_weight=1.0,
                 steps=50, learning_rate=1e-4, lora_rank=10, train="token + LoRA", seed=0, gate=None, renderer=None,
-                loss_terms=None, prompt_template="a photo of a {token}", guidance=4.0, prior_steps=5):
-        if gate is not None and renderer is None:
-            raise ValueError("gate is connected but renderer is not: the gate judges rendered images, so connect a "
-                             "renderer (Decoder Renderer).")
+                loss_terms=None, prompt_template=run_inputs.TEMPLATE, guidance=4.0, prior_steps=5):
+        run = run_inputs.build_run(prior, norm, subject, tuple(loss_terms or ()), gate=gate, renderer=renderer,
+                                   steps=steps, learning_rate=learning_rate, lora_rank=lora_rank, train=train,
+                                   seed=seed, prompt_template=prompt_template, guidance=guidance,
+                                   prior_steps=prior_steps, train_choices=TRAIN_CHOICES)
         _no_encoder(prior)
         image = _image(image)
-        cfg = OptimConfig(steps=steps, lr=learning_rate, train=TRAIN_CHOICES[train], rank=lora_rank,
-                          alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
-                          template=prompt_template)
-        cfg.validate()
-        gate, renderer = memory.prepare_optimisation(prior, subject, cfg, gate, renderer)  # refuses what cannot fit
+        loader = memory.prepare_run(run)  # refuses what cannot fit
         progress = cb.Progress(cls.hidden.unique_id, inversion_steps + steps)
-
-        def report(stage: str, record) -> None:
-            done = record.step + (inversion_steps if stage == "creative" else 0)
-            metric = record.metrics.get("anchor_cos")
-            progress(done, f"{stage} step {record.step}: log p {record.log_likelihood:.4g}"
-                     + ("" if metric is None else f", cos to image {metric:.3f}")
-                     + ("" if record.gate is None else f", gate P(yes) {record.gate.p_yes:.2f}"))
-
-        result = image_variations(prior, norm, image, subject, cfg, inversion_steps=inversion_steps,
-                                  inversion_lr=inversion_lr, image_weight=image_weight, terms=tuple(loss_terms or ()),
-                                  gate=gate, renderer=renderer, callback=report)
+        result = image_variations(run, image, inversion_steps=inversion_steps, inversion_lr=inversion_lr,
+                                  image_weight=image_weight, on_step=run_inputs.reporter(progress), on_phase=loader)
         inv, cre = result.inversion, result.creative
         text = (f"image log-likelihood {result.image_log_likelihood:.4g}; inversion: {inv.stop_reason} after "
-                f"{inv.steps_run} steps, last log p {inv.log[-1].log_likelihood:.4g}; variation: {cre.stop_reason} "
-                f"after {cre.steps_run} steps, kept step {cre.accepted_step}, last log p {cre.log[-1].log_likelihood:.4g}")
+                f"{inv.steps_run} steps, last log p {inv.records[-1].log_likelihood:.4g}; variation: {cre.stop_reason} "
+                f"after {cre.steps_run} steps, kept step {cre.accepted_step}, last log p {cre.records[-1].log_likelihood:.4g}")
         progress.text(text)
         bank = EmbeddingBank(result.image_embeds, {"kind": "images", "prior": prior.identity, "count": 1})
         view = prior.with_concept(result.concept)

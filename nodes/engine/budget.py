@@ -35,7 +35,7 @@ The activation formulas are checked against live-tensor peaks measured on small 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +47,10 @@ GIB = 1024**3
 
 # Components (``Part.model``) whose weights move with one ComfyUI-managed model.
 PRIOR, DECODER, MLLM = "prior", "decoder", "mllm"
+# Phases of a run, as hosts hear them (the optimiser's on_phase) to load what the phase uses.
+SAMPLING, TRAINING, RENDER, JUDGE = "sampling", "training step", "gate check: render", "gate check: MLLM"
+TRAINING_STATE = "training state"
+PhaseCallback = Callable[[str], None]  # hears a phase's name before a run enters it
 
 # Copies of each trainable value alive during a step: parameter, gradient (of the previous
 # step, freed only at zero_grad), AdamW exp_avg and exp_avg_sq, the gate's snapshot.
@@ -90,10 +94,6 @@ def fmt_count(n: int) -> str:
 
 
 # --------------------------------------------------------------------------- pure arithmetic
-
-
-def weight_bytes(params: int, dtype: torch.dtype | str) -> int:
-    return int(params) * dtype_bytes(dtype)
 
 
 def lora_parameters(width: int, layers: int, rank: int, targets: int = LORA_TARGETS) -> int:
@@ -325,59 +325,89 @@ def sampling_estimate(prior: PriorShape, *, prompt_tokens: int, batch: int, step
     hints = [(f"lower batch_size (about {fmt_bytes(per_100)} per 100 embeddings at this size; note that another "
               "batch size draws a different bank for the same seed)")]
     hints += _dtype_hint("prior", prior.dtype, prior.weight_bytes, "Load Diffusion Prior", on_gpu)
-    return Estimate("prior sampling run", parts, [Phase("sampling", tuple(p.name for p in parts))], hints)
+    return Estimate("prior sampling run", parts, [Phase(SAMPLING, tuple(p.name for p in parts))], hints)
 
 
-def optimisation_estimate(prior: PriorShape, *, prompt_tokens: int, prior_steps: int, guidance: float, rank: int,
-                          train: str = "both", batch: int = 1, decoder: DecoderShape | None = None,
-                          render: tuple[int, int, float] = (512, 512, 4.0), render_batch: int = 1,
-                          mllm: MLLMShape | None = None, mllm_tokens: int = 0, mllm_vision_tokens: int = 0,
-                          on_gpu: bool = True) -> Estimate:
-    """Memory of a Creative LoRA Optimizer run: a training phase and, with a gate, render and MLLM phases."""
-    cfg = guidance > 1.0
+def training_estimate(prior: PriorShape, *, prompt_tokens: int, prior_steps: int, guidance: float, rank: int,
+                      train: str = "both", batch: int = 1, on_gpu: bool = True) -> Estimate:
+    """Memory of the optimiser's training steps: the prior's weights, the trained values and their
+    AdamW state, and the activations kept for the backward pass."""
+    guided = guidance > 1.0
     trains_lora, trains_token = train in ("both", "lora"), train in ("both", "token")
     lora = lora_parameters(prior.width, prior.layers, rank) if trains_lora else 0
     trainable = lora + (prior.text_width if trains_token else 0)
     state = training_state_bytes(trainable, torch.float32)
     act = prior_training_activation_bytes(
         width=prior.width, layers=prior.layers, heads=prior.heads, ff_width=prior.ff_width,
-        prompt_tokens=prompt_tokens, prior_steps=prior_steps, batch=batch, cfg=cfg, dtype=prior.dtype,
+        prompt_tokens=prompt_tokens, prior_steps=prior_steps, batch=batch, cfg=guided, dtype=prior.dtype,
         lora_rank=rank if trains_lora else 0, text_width=prior.text_width, text_layers=prior.text_layers,
         text_heads=prior.text_heads, text_ff_width=prior.text_ff_width, text_trained=trains_token)
     parts = [_weights_part("prior weights", PRIOR, prior.params, prior.weight_bytes, prior.dtype),
-             Part("training state", state, f"LoRA rank {rank} + token: {fmt_count(trainable)} values x "
-                                           f"{TRAINING_COPIES} (param, grad, 2 AdamW moments, snapshot), fp32"),
+             Part(TRAINING_STATE, state, f"LoRA rank {rank} + token: {fmt_count(trainable)} values x "
+                                         f"{TRAINING_COPIES} (param, grad, 2 AdamW moments, snapshot), fp32"),
              Part("training activations", act, f"{prior_steps} prior steps with gradients"
-                                               f"{', CFG' if cfg else ''}, batch {batch}, {dtype_name(prior.dtype)}")]
-    phases = [Phase("training step", ("prior weights", "training state", "training activations"))]
-    hints: list[str] = []
-    if decoder is not None:
-        drawing = render_estimate(decoder, height=render[0], width=render[1], guidance=render[2],
-                                  batch=render_batch, on_gpu=on_gpu)
-        parts += drawing.parts
-        phases.append(Phase("gate check: render", ("training state", "decoder weights", "render activations")))
-        hints.append(f"render the gate's images smaller (Decoder Renderer width/height; now {render[1]}x{render[0]})")
-        hints += drawing.hints[1:]
-    if mllm is not None:
-        mact = mllm_activation_bytes(tokens=max(1, mllm_tokens), hidden=mllm.hidden, layers=mllm.layers,
-                                     intermediate=mllm.intermediate, heads=mllm.heads, kv_heads=mllm.kv_heads,
-                                     vision_tokens=mllm_vision_tokens, vision_hidden=mllm.vision_hidden,
-                                     vision_intermediate=mllm.vision_intermediate, vision_heads=mllm.vision_heads,
-                                     dtype=mllm.dtype)
-        parts += [_weights_part("MLLM weights", MLLM, mllm.params, mllm.weight_bytes, mllm.dtype),
-                  Part("MLLM forward", mact, f"{mllm_tokens} tokens ({mllm_vision_tokens} image patches), "
-                                             f"{dtype_name(mllm.dtype)} (heuristic)")]
-        phases.append(Phase("gate check: MLLM", ("training state", "MLLM weights", "MLLM forward")))
-        hints.append(f"use a smaller MLLM for the gate (weights now {fmt_bytes(mllm.weight_bytes)}; a ~2 B model such "
-                     f"as Qwen2-VL-2B-Instruct needs about {fmt_bytes(2.2e9 * dtype_bytes(mllm.dtype))} in "
-                     f"{dtype_name(mllm.dtype)})")
-        hints += _dtype_hint("MLLM", mllm.dtype, mllm.weight_bytes, "Load Multimodal LLM", on_gpu)
-    hints += _dtype_hint("prior", prior.dtype, prior.weight_bytes, "Load Diffusion Prior", on_gpu)
+                                               f"{', CFG' if guided else ''}, batch {batch}, {dtype_name(prior.dtype)}")]
+    hints = _dtype_hint("prior", prior.dtype, prior.weight_bytes, "Load Diffusion Prior", on_gpu)
     if prior_steps > 5:
         hints.append(f"lower prior_steps (activations grow with it; now {prior_steps}, paper: 5)")
     if trains_lora and rank > 16:
         hints.append(f"lower lora_rank (now {rank}, paper: 10)")
-    return Estimate("optimisation run", parts, phases, hints)
+    return Estimate("optimisation run", parts, [Phase(TRAINING, tuple(p.name for p in parts))], hints)
+
+
+def mllm_estimate(mllm: MLLMShape, *, tokens: int, vision_tokens: int, on_gpu: bool = True) -> Estimate:
+    """Memory of one yes/no question to an MLLM: its weights and one forward (a heuristic)."""
+    act = mllm_activation_bytes(tokens=max(1, tokens), hidden=mllm.hidden, layers=mllm.layers,
+                                intermediate=mllm.intermediate, heads=mllm.heads, kv_heads=mllm.kv_heads,
+                                vision_tokens=vision_tokens, vision_hidden=mllm.vision_hidden,
+                                vision_intermediate=mllm.vision_intermediate, vision_heads=mllm.vision_heads,
+                                dtype=mllm.dtype)
+    parts = [_weights_part("MLLM weights", MLLM, mllm.params, mllm.weight_bytes, mllm.dtype),
+             Part("MLLM forward", act, f"{tokens} tokens ({vision_tokens} image patches), "
+                                       f"{dtype_name(mllm.dtype)} (heuristic)")]
+    hints = [f"use a smaller MLLM for the gate (weights now {fmt_bytes(mllm.weight_bytes)}; a ~2 B model such "
+             f"as Qwen2-VL-2B-Instruct needs about {fmt_bytes(2.2e9 * dtype_bytes(mllm.dtype))} in "
+             f"{dtype_name(mllm.dtype)})"]
+    hints += _dtype_hint("MLLM", mllm.dtype, mllm.weight_bytes, "Load Multimodal LLM", on_gpu)
+    return Estimate("gate question", parts, [Phase(JUDGE, tuple(p.name for p in parts))], hints)
+
+
+def gate_check_estimate(drawing: Estimate | None, asking: Estimate | None) -> Estimate | None:
+    """A gate check: the render's phases (named :data:`RENDER`), then the question (:data:`JUDGE`)."""
+    if drawing is None and asking is None:
+        return None
+    parts, phases, hints = [], [], []
+    if drawing is not None:
+        single = len(drawing.phases) == 1
+        phases += [Phase(RENDER if single else f"{RENDER} ({ph.name})", ph.parts) for ph in drawing.phases]
+        parts, hints = [*drawing.parts], [*drawing.hints]
+    if asking is not None:
+        parts += asking.parts
+        phases += asking.phases
+        hints += asking.hints
+    return Estimate("gate check", parts, phases, hints)
+
+
+def optimisation_estimate(training: Estimate, checking: Estimate | None = None) -> Estimate:
+    """A Creative LoRA Optimizer run: its training phase and, with a gate, the check's phases, during which
+    the training state stays alive (the prior's weights and activations may be moved out)."""
+    if checking is None:
+        return training
+    phases = [*training.phases, *(Phase(ph.name, (TRAINING_STATE, *ph.parts)) for ph in checking.phases)]
+    return Estimate(training.what, [*training.parts, *checking.parts], phases, [*checking.hints, *training.hints])
+
+
+def phase_work(estimate: Estimate, phase: str) -> int:
+    """Working memory (no model weights) of the phases named ``phase`` (or ``phase (...)``): the most any needs."""
+    named = [ph for ph in estimate.phases if ph.name == phase or ph.name.startswith(f"{phase} (")]
+    return max((sum(p.bytes for p in estimate.parts if p.name in ph.parts and not p.model) for ph in named),
+               default=0)
+
+
+def phase_models(estimate: Estimate, phase: str) -> set[str]:
+    """The model kinds whose weights the phases named ``phase`` use."""
+    named = [ph for ph in estimate.phases if ph.name == phase or ph.name.startswith(f"{phase} (")]
+    return {p.model for p in estimate.parts if p.model and any(p.name in ph.parts for ph in named)}
 
 
 def render_estimate(decoder: DecoderShape, *, height: int, width: int, guidance: float, batch: int = 1,

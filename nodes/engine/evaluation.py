@@ -19,21 +19,22 @@ given steps, which is the paper's creativity-vs-steps (Wundt) curve.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from . import budget
 from .bank import EmbeddingBank
 from .concept import Concept
-from .gate import ValidityGate
-from .losses import LossTerm
+from .gate import draw
 from .norm import GaussianNorm
-from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
+from .optimizer import CreativeRun, OptimResult, StepCallback
 from .prior import Prior
-from .render import ProgressCallback, Renderer
+from .render import Renderer
 from .sampling import sample_embeddings
+
+EVAL_JUDGE = "evaluation: judge"  # the phase, and the memory kind, of the independent judge
 
 
 class SubjectJudge(Protocol):
@@ -41,6 +42,7 @@ class SubjectJudge(Protocol):
         """``[B]`` bool: does each image ``[B,H,W,3]`` show the subject?"""
 
 
+@runtime_checkable
 class RarityJudge(SubjectJudge, Protocol):
     def is_rare(self, images: torch.Tensor, subject: str) -> torch.Tensor:
         """``[B]`` bool: does each image show a combination its world seldom shows (a purple car)?"""
@@ -85,17 +87,19 @@ class Evaluator:
         self._bank_spread = _pairwise_spread(self.norm, self.bank.embeds[:512])
         self._novel_ll = float(torch.quantile(self._bank_ll, self.novel_quantile))
 
-    def measure_embeddings(self, embeds: torch.Tensor, subject: str) -> Measurement:
+    def measure_embeddings(self, embeds: torch.Tensor, subject: str,
+                           on_phase: budget.PhaseCallback | None = None) -> Measurement:
         lls = self.norm.log_prob(embeds.double())
         ll = float(lls.median())
         pct = float((self._bank_ll < ll).double().mean() * 100)
         validity = rare = creativity = None
         if self.renderer is not None and self.judge is not None:
-            with torch.no_grad():
-                images = self.renderer(embeds[:self.rendered])
+            images = draw(self.renderer, embeds[:self.rendered], on_phase)
+            if on_phase is not None:
+                on_phase(EVAL_JUDGE)
             valid = self.judge.is_subject(images, subject).bool().cpu()
             novel = lls[:len(valid)].cpu() < self._novel_ll
-            if hasattr(self.judge, "is_rare"):
+            if isinstance(self.judge, RarityJudge):
                 seen_rare = self.judge.is_rare(images, subject).bool().cpu()
                 rare, novel = float(seen_rare.float().mean()), novel | seen_rare
             validity, creativity = float(valid.float().mean()), float((valid & novel).float().mean())
@@ -103,12 +107,40 @@ class Evaluator:
         distance = None if self.marked is None else float(self.marked.mahalanobis(embeds.double()).median())
         return Measurement(ll, pct, validity, diversity, distance, rare, creativity)
 
-    def measure_concept(self, prior: Prior, concept: Concept | None, prompt: str, subject: str,
-                        seed: int = 0) -> Measurement:
-        """Sample the concept's prompt from the prior carrying it and measure the samples."""
-        embeds = sample_embeddings(prior.with_concept(concept), prompt, self.samples,
-                                   batch_size=self.samples, seed=seed)
-        return self.measure_embeddings(embeds, subject)
+    def measure_concept(self, prior: Prior, concept: Concept | None, prompt: str, subject: str, seed: int = 0, *,
+                        steps: int = 5, guidance: float = 4.0,
+                        on_phase: budget.PhaseCallback | None = None) -> Measurement:
+        """Sample the concept's prompt from the prior carrying it (``steps``, ``guidance``: the run's prior
+        settings) and measure the samples."""
+        if on_phase is not None:
+            on_phase(budget.SAMPLING)
+        embeds = sample_embeddings(prior.with_concept(concept), prompt, self.samples, batch_size=self.samples,
+                                   steps=steps, guidance=guidance, seed=seed)
+        return self.measure_embeddings(embeds, subject, on_phase)
+
+    def memory_estimate(self, run: CreativeRun, *, on_gpu: bool) -> budget.Estimate:
+        """Memory of one measurement of ``run``'s concepts: sampling all samples at once, rendering the
+        rendered ones at once, one question of an MLLM judge (phases :data:`budget.SAMPLING`,
+        :data:`budget.RENDER`, :data:`EVAL_JUDGE`)."""
+        config = run.config
+        parts, phases, hints = [], [], []
+        sampling = run.generator.sampling_estimate(config.prompt("", run.subject), config.negative_prompt,
+                                                   batch=self.samples, steps=config.prior_steps,
+                                                   guidance=config.guidance, on_gpu=on_gpu)
+        estimates = [sampling]
+        if self.renderer is not None and self.judge is not None:
+            drawing = self.renderer.memory_estimate(min(self.rendered, self.samples), on_gpu=on_gpu)
+            height, width = self.renderer.image_size
+            own = getattr(self.judge, "memory_estimate", None)
+            asking = own(run.subject, height, width, on_gpu=on_gpu) if callable(own) else None
+            checking = budget.gate_check_estimate(drawing, asking)
+            if checking is not None:
+                estimates.append(checking)
+        for estimate in estimates:
+            parts += [replace(p, model=EVAL_JUDGE) if p.model == budget.MLLM else p for p in estimate.parts]
+            phases += [replace(ph, name=ph.name.replace(budget.JUDGE, EVAL_JUDGE)) for ph in estimate.phases]
+            hints += estimate.hints
+        return budget.Estimate("measurement", parts, phases, [f"lower samples (now {self.samples})", *hints])
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -133,31 +165,42 @@ class AskingJudge:
     def is_subject(self, images: torch.Tensor, subject: str) -> torch.Tensor:
         return self.judge.p_yes(images, self.question.format(subject=subject)) >= self.threshold
 
+    def managed_modules(self) -> dict[str, torch.nn.Module]:
+        """The asked model's modules (none for a scripted judge), so a host can load it."""
+        modules = getattr(self.judge, "managed_modules", None)
+        return modules() if callable(modules) else {}
 
-def wundt_sweep(prior: Prior, evaluator: Evaluator, subject: str,
-                configs: dict[str, tuple[Sequence[LossTerm], ValidityGate | None]], steps: list[int], cfg: OptimConfig,
-                seeds: list[int], progress: ProgressCallback | None = None) -> list[dict]:
-    """Novelty/validity/diversity at ``steps`` for each configuration ``name -> (terms, gate)`` and seed."""
-    rows, runs, done = [], len(configs) * len(seeds), 0
-    for name, (terms, gate) in configs.items():
+    def memory_estimate(self, subject: str, height: int, width: int, *, on_gpu: bool) -> budget.Estimate | None:
+        own = getattr(self.judge, "memory_estimate", None)
+        question = self.question.format(subject=subject)
+        return own(question, height, width, on_gpu=on_gpu) if callable(own) else None
+
+
+def wundt_sweep(runs: dict[str, CreativeRun], evaluator: Evaluator, steps: list[int], seeds: list[int], *,
+                on_step: StepCallback | None = None, on_phase: budget.PhaseCallback | None = None) -> list[dict]:
+    """Novelty/validity/diversity at ``steps`` for each configuration ``name -> run`` and seed (each run
+    with ``max(steps)`` steps and that seed). ``on_step`` hears every step, counted over the whole sweep."""
+    rows, per_run = [], max(max(steps), 1)
+    total, done = len(runs) * len(seeds) * per_run, 0
+    for name, run in runs.items():
         for seed in seeds:
-            run_cfg = replace(cfg, steps=max(max(steps), 1), seed=seed)
-            result = CreativeOptimizer(prior, evaluator.norm, subject, terms, run_cfg, gate,
-                                       evaluator.renderer).run(snapshot_at=frozenset(steps))
-            rows += measure_snapshots(prior, evaluator, subject, result, run_cfg, name)
-            done += 1
-            if progress is not None:
-                progress(done, runs)
+            seeded = run.with_(config=replace(run.config, steps=per_run, seed=seed))
+            result = seeded.run(on_step, on_phase=on_phase, snapshot_at=frozenset(steps),
+                                stage=f"{name}, seed {seed}", offset=done, total=total)
+            rows += measure_snapshots(seeded, evaluator, result, name, on_phase)
+            done += per_run
     return rows
 
 
-def measure_snapshots(prior: Prior, evaluator: Evaluator, subject: str, result: OptimResult, cfg: OptimConfig,
-                      name: str) -> list[dict]:
-    """One row per snapshot of an optimiser run (``run(snapshot_at=...)`` with ``cfg``), sampled with its seed."""
-    rows = []
+def measure_snapshots(run: CreativeRun, evaluator: Evaluator, result: OptimResult, name: str,
+                      on_phase: budget.PhaseCallback | None = None) -> list[dict]:
+    """One row per snapshot of ``run`` (run with ``snapshot_at=...``), sampled with its seed and prior settings."""
+    config, subject, rows = run.config, run.subject, []
     for step, concept in sorted(result.snapshots.items()):
-        m = evaluator.measure_concept(prior, concept, cfg.prompt(concept.token, subject), subject, seed=cfg.seed)
-        rows.append({"config": name, "subject": subject, "seed": cfg.seed, "step": step, **m.as_dict(),
+        m = evaluator.measure_concept(run.generator, concept, config.prompt(concept.token, subject), subject,
+                                      seed=config.seed, steps=config.prior_steps, guidance=config.guidance,
+                                      on_phase=on_phase)
+        rows.append({"config": name, "subject": subject, "seed": config.seed, "step": step, **m.as_dict(),
                      "stop_reason": result.stop_reason, "steps_run": result.steps_run})
     return rows
 

@@ -12,6 +12,9 @@ from typing import Protocol
 
 import torch
 
+from . import budget
+from .render import Renderer
+
 PAPER_QUESTION = "Is this still a {subject}? Yes or No."
 
 
@@ -64,7 +67,70 @@ class ValidityGate:
         """Whether a P(yes) is enough: the one rule for a whole check and for single images (rare selection)."""
         return p_yes >= self.threshold
 
+    def provenance(self) -> dict[str, object]:
+        """How the gate judged, as a concept's metadata records it."""
+        return {"question": self.question, "every": self.every, "threshold": self.threshold}
+
+    def memory_estimate(self, subject: str, height: int, width: int, *, on_gpu: bool) -> budget.Estimate | None:
+        """What one question about a ``width`` x ``height`` image takes: the judge's own estimate, or
+        ``None`` for a judge the pack cannot size (a scripted judge holds no model)."""
+        own = getattr(self.judge, "memory_estimate", None)
+        return own(self.question_for(subject), height, width, on_gpu=on_gpu) if callable(own) else None
+
     def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
         question = self.question_for(subject)
         p = float(self.judge.p_yes(images, question).float().mean())
         return Verdict(step, question, p, self.passes(p), images[0].detach().cpu())
+
+
+def draw(renderer: Renderer, embeds: torch.Tensor, on_phase: budget.PhaseCallback | None = None) -> torch.Tensor:
+    """Render without gradients, telling the host first (:data:`budget.RENDER`) so it can load the decoder."""
+    if on_phase is not None:
+        on_phase(budget.RENDER)
+    with torch.no_grad():
+        return renderer(embeds)
+
+
+NEEDS_RENDERER = ("gate is connected but renderer is not: the gate judges rendered images, so connect a renderer "
+                  "(Decoder Renderer).")
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """The gate with the renderer that draws what it judges: the one place that pairs them.
+
+    A gate without a renderer is refused here (:data:`NEEDS_RENDERER`), for every caller. A check
+    renders, then asks; ``on_phase`` hears :data:`budget.RENDER` and :data:`budget.JUDGE` before each,
+    so a host can load the decoder, then the MLLM.
+    """
+
+    gate: ValidityGate
+    renderer: Renderer
+
+    @classmethod
+    def of(cls, gate: ValidityGate | None, renderer: Renderer | None) -> GateCheck | None:
+        """The check of an optional gate: ``None`` without a gate, refused without a renderer."""
+        if gate is None:
+            return None
+        if renderer is None:
+            raise ValueError(NEEDS_RENDERER)
+        return cls(gate, renderer)
+
+    def models(self) -> dict[str, object]:
+        """The check's models by memory kind."""
+        return {budget.DECODER: self.renderer, budget.MLLM: self.gate}
+
+    def judge(self, embeds: torch.Tensor, subject: str, step: int,
+              on_phase: budget.PhaseCallback | None = None) -> Verdict:
+        """Render ``embeds`` and ask whether they still show ``subject``."""
+        images = draw(self.renderer, embeds, on_phase)
+        if on_phase is not None:
+            on_phase(budget.JUDGE)
+        return self.gate.ask(images, subject, step)
+
+    def memory_estimate(self, count: int, subject: str, *, on_gpu: bool) -> budget.Estimate:
+        """Rendering ``count`` embeddings at once, then one question about one image."""
+        height, width = self.renderer.image_size
+        drawing = self.renderer.memory_estimate(count, on_gpu=on_gpu)
+        asking = self.gate.memory_estimate(subject, height, width, on_gpu=on_gpu)
+        return budget.gate_check_estimate(drawing, asking)

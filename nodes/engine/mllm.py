@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import logging
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+
+from . import budget
+from .model_shapes import MLLMShape, vision_patches
 
 if TYPE_CHECKING:
     from transformers import BatchFeature, PretrainedConfig
@@ -41,6 +45,9 @@ NO_VARIANTS = ("No", "no", " No", " no")
 PROBE_COLOURS = {"red": (1.0, 0.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 PROBE_QUESTION = "Is this image {colour}? Yes or No."
 PROBE_SIZE = 64
+# A judge lives as long as ComfyUI caches it: its answer cache and history stay bounded on a long-running server.
+ANSWER_CACHE_LIMIT = 4096
+HISTORY_LIMIT = 1024
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +149,8 @@ class MLLMJudge:
         self.yes_ids, self.no_ids = answer_token_ids(processor.tokenizer)
         # Computing logits for the last position only skips a [T, vocab] matmul (150 k vocab for Qwen).
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._answers: dict[tuple[str, str], float] = {}
-        self.history: list[dict[str, object]] = []
+        self._answers: OrderedDict[tuple[str, str], float] = OrderedDict()  # least recently used first
+        self.history: deque[dict[str, object]] = deque(maxlen=HISTORY_LIMIT)
 
     @property
     def device(self) -> torch.device:
@@ -164,14 +171,32 @@ class MLLMJudge:
         """P(yes) for one 8-bit image, from the cache when this judge already answered it."""
         key = (pixel_sha256(pixels), question)
         cached = key in self._answers
-        if not cached:
+        if cached:
+            self._answers.move_to_end(key)
+        else:
             logits = self.next_token_logits(Image.fromarray(pixels), question)
             self._answers[key] = float(yes_probability(logits, self.yes_ids, self.no_ids))
+            if len(self._answers) > ANSWER_CACHE_LIMIT:
+                self._answers.popitem(last=False)
         p = self._answers[key]
         self.history.append({"question": question, "image_sha256": key[0], "p_yes": p, "cached": cached})
         log.info("MLLM judge (%s): P(yes) = %.4f for %r on image %s%s", self.family.name, p, question, key[0][:12],
                  " (cached)" if cached else "")
         return p
+
+    def memory_estimate(self, question: str, height: int, width: int, *, on_gpu: bool) -> budget.Estimate:
+        """Memory of one question about a ``width`` x ``height`` image: the weights and one forward, with the
+        tokens and image patches this judge's processor makes of such an image."""
+        shape = MLLMShape.of(self.model)
+        try:
+            inputs = self.inputs(Image.new("RGB", (width, height)), question)
+            temporal = int(getattr(getattr(self.model.config, "vision_config", None), "temporal_patch_size", 1) or 1)
+            tokens = int(inputs["input_ids"].shape[-1])
+            patches = vision_patches(inputs.get("pixel_values"), shape.vision_patch, temporal)
+        except Exception as error:  # an unusual processor: fall back to a generous guess
+            log.debug("Creative Generation: could not count MLLM tokens (%s); assuming 2,048", error)
+            tokens = patches = 2048
+        return budget.mllm_estimate(shape, tokens=tokens, vision_tokens=patches, on_gpu=on_gpu)
 
     def check_vision(self) -> VisionCheck:
         """Ask about plain red and blue images; see :class:`VisionCheck`. Call ``.raise_if_blind()`` to enforce."""

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+from . import budget
 from .concept import Concept, activate_concept, placeholder_embeddings
+from .model_shapes import PriorShape
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -102,6 +104,20 @@ class Prior:
         parts = {"transformer": self.transformer, "text_encoder": self.text_encoder,
                  "image_encoder": self.image_encoder}
         return {name: module for name, module in parts.items() if module is not None}
+
+    def sampling_estimate(self, prompt: str, negative_prompt: str, *, batch: int, steps: int, guidance: float,
+                          on_gpu: bool) -> budget.Estimate:
+        """Memory of sampling ``batch`` embeddings of ``prompt`` at once (the prompt as this view tokenizes it)."""
+        tokens = budget.prompt_token_count(self.tokenizer_for_concept(), prompt, negative_prompt)
+        return budget.sampling_estimate(PriorShape.of(self), prompt_tokens=tokens, batch=batch, steps=steps,
+                                        guidance=guidance, on_gpu=on_gpu)
+
+    def training_estimate(self, prompt: str, negative_prompt: str, *, prior_steps: int, guidance: float, rank: int,
+                          train: str, on_gpu: bool) -> budget.Estimate:
+        """Memory of optimisation steps on ``prompt``; one token more than it takes, for the placeholder."""
+        tokens = budget.prompt_token_count(self.tokenizer, prompt, negative_prompt) + 1
+        return budget.training_estimate(PriorShape.of(self), prompt_tokens=tokens, prior_steps=prior_steps,
+                                        guidance=guidance, rank=rank, train=train, on_gpu=on_gpu)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Prior":
         for module in (self.transformer, self.text_encoder, self.image_encoder):

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import budget
 from .bank import EmbeddingBank
-from .gate import ValidityGate
+from .gate import GateCheck, ValidityGate, draw
 from .norm import GaussianNorm
 from .render import ProgressCallback, Renderer
 
@@ -54,7 +55,7 @@ def rarity_order(norm: GaussianNorm, embeds: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _check(norm: GaussianNorm, bank: EmbeddingBank, k: int, candidates: int, gate: ValidityGate | None,
-           renderer, subject: str) -> None:
+           subject: str) -> None:
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}.")
     if candidates < k:
@@ -68,24 +69,25 @@ def _check(norm: GaussianNorm, bank: EmbeddingBank, k: int, candidates: int, gat
     if norm.prior_identity and bank.prior_identity and norm.prior_identity != bank.prior_identity:
         raise ValueError(f"The bank comes from prior '{bank.prior_identity}' but the norm was fitted on "
                          f"'{norm.prior_identity}': sample the bank from the norm's prior.")
-    if gate is not None and renderer is None:
-        raise ValueError("The gate judges rendered images: give a renderer too (Decoder Renderer).")
     if gate is not None and not (gate.subject or subject.strip()):
         raise ValueError("The gate needs a subject to ask about: set the subject, e.g. 'vehicle'.")
 
 
 def select_rare(norm: GaussianNorm, bank: EmbeddingBank | torch.Tensor, k: int, *, candidates: int | None = None,
                 gate: ValidityGate | None = None, renderer: Renderer | None = None,
-                subject: str = "", batch_size: int = 8, progress: ProgressCallback | None = None) -> RareSelection:
+                subject: str = "", batch_size: int = 8, progress: ProgressCallback | None = None,
+                on_phase: budget.PhaseCallback | None = None) -> RareSelection:
     """The ``k`` rarest embeddings of ``bank`` that pass ``gate``, checking at most ``candidates`` of the rarest.
 
     Candidates are rendered and judged ``batch_size`` at a time, rarest first, and the search
     stops as soon as ``k`` passed. ``progress(checked, candidates)`` runs after every batch;
     raising from it cancels. With a renderer but no gate, the ``k`` rarest are rendered.
+    ``on_phase`` hears each render and each question (as in an optimiser's gate check).
     """
     bank = bank if isinstance(bank, EmbeddingBank) else EmbeddingBank(bank.detach().float().cpu())
     candidates = min(len(bank), k if candidates is None else candidates)
-    _check(norm, bank, k, candidates, gate, renderer, subject)
+    check = GateCheck.of(gate, renderer)  # a gate without a renderer is refused here
+    _check(norm, bank, k, candidates, gate, subject)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     order, ll = rarity_order(norm, bank.embeds)
@@ -97,10 +99,11 @@ def select_rare(norm: GaussianNorm, bank: EmbeddingBank | torch.Tensor, k: int, 
         rows = pool[start:start + batch_size]
         drawn = None
         if renderer is not None:
-            with torch.no_grad():
-                drawn = renderer(bank.embeds[rows]).detach().float().cpu()
+            drawn = draw(renderer, bank.embeds[rows], on_phase).detach().float().cpu()
         p_yes = [None] * len(rows)
-        if gate is not None:
+        if check is not None:
+            if on_phase is not None:
+                on_phase(budget.JUDGE)
             with torch.no_grad():
                 p_yes = gate.judge.p_yes(drawn, question).float().cpu().tolist()
         for i, (row, p) in enumerate(zip(rows, p_yes)):

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from . import cancel
+from . import budget, cancel
+from .model_shapes import DecoderShape
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
 
 if TYPE_CHECKING:
@@ -46,7 +47,17 @@ _EXPECTED = "kandinsky-community/kandinsky-2-2-decoder or kandinsky-community/ka
 
 
 class Renderer(Protocol):
-    """What the gate, the evaluator and Render Embeddings draw with: ``renderer(embeds) -> images``."""
+    """What the gate, the evaluator and Render Embeddings draw with: ``renderer(embeds) -> images``.
+
+    A renderer also says the size it draws at and sizes its own memory, so a host can check a
+    render before it starts without knowing what draws (a Kandinsky decoder, a core model)."""
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images it draws."""
+
+    def memory_estimate(self, count: int, *, on_gpu: bool) -> budget.Estimate | None:
+        """Memory of drawing ``count`` embeddings at once (``None``: a renderer that cannot be sized)."""
 
     def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         """Draw ``embeds`` ``[B, D]`` as ``[B, H, W, 3]`` float32 in 0..1 on the CPU."""
@@ -240,6 +251,19 @@ class DecoderRenderer:
     def managed_modules(self) -> dict[str, torch.nn.Module]:
         """The decoder's modules: a renderer is loaded by loading its decoder."""
         return self.decoder.managed_modules()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.settings.height, self.settings.width
+
+    def memory_estimate(self, count: int, *, on_gpu: bool) -> budget.Estimate | None:
+        """The decoder's weights plus the working memory of drawing ``count`` embeddings at these settings;
+        ``None`` for a decoder without a diffusers pipeline to read its shape from."""
+        shape, s = DecoderShape.of(self.decoder), self.settings
+        if shape is None:
+            return None
+        return budget.render_estimate(shape, height=s.height, width=s.width, guidance=s.guidance, batch=count,
+                                      on_gpu=on_gpu)
 
     def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         s = self.settings

@@ -13,20 +13,16 @@ where it ended and which cluster it added.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .concept import Concept
-from .gate import ValidityGate
-from .losses import LossTerm, negative_cluster
+from .losses import negative_cluster
 from .norm import GaussianNorm
-from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
+from .optimizer import CreativeRun, OptimResult, PhaseCallback, StepCallback, StopReason
 from .plots import annotate, plot_embedding_map
-from .prior import Prior
 from .sampling import sample_embeddings
-from .steplog import StepRecord
 
 SEED_STRIDE = 1  # trial i runs with seed cfg.seed + i * SEED_STRIDE
 
@@ -46,7 +42,7 @@ class Trial:
 
     @property
     def rejected(self) -> bool:
-        return self.result.stop_reason == "gate_rejected"
+        return self.result.stop_reason is StopReason.GATE_REJECTED
 
     def summary(self) -> dict:
         r = self.result
@@ -60,7 +56,7 @@ class Trial:
 class TrialsResult:
     trials: list[Trial]
     clusters: list[tuple[str, GaussianNorm]]
-    stop_reason: str  # "trials" (all ran), "time_budget" or "cancelled"
+    stop_reason: str  # "trials" (all ran) or "time_budget"
     log: list[dict] = field(default_factory=list)
 
     @property
@@ -69,23 +65,23 @@ class TrialsResult:
         return [t.result.concept for t in self.trials]
 
 
-def _end_state(prior: Prior, concept: Concept, subject: str, cfg: OptimConfig, count: int) -> torch.Tensor:
-    return sample_embeddings(prior.with_concept(concept), cfg.prompt(concept.token, subject), count,
-                             batch_size=count, steps=cfg.prior_steps, guidance=cfg.guidance, seed=cfg.seed,
-                             negative_prompt=cfg.negative_prompt)
+def _end_state(run: CreativeRun, concept: Concept, count: int) -> torch.Tensor:
+    config = run.config
+    return sample_embeddings(run.generator.with_concept(concept), config.prompt(concept.token, run.subject), count,
+                             batch_size=count, steps=config.prior_steps, guidance=config.guidance, seed=config.seed,
+                             negative_prompt=config.negative_prompt)
 
 
-def run_trials(prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[LossTerm], cfg: OptimConfig,
-               gate: ValidityGate, renderer: Callable[[torch.Tensor], torch.Tensor], *, trials: int = 3,
-               time_budget: float = 0.0, alpha: float = 1.0, cluster_samples: int = 16,
-               callback: Callable[[int, StepRecord], None] | None = None) -> TrialsResult:
-    """Up to ``trials`` optimisation runs; each rejection adds a negative cluster to the next runs.
+def run_trials(run: CreativeRun, *, trials: int = 3, time_budget: float = 0.0, alpha: float = 1.0,
+               cluster_samples: int = 16, on_step: StepCallback | None = None,
+               on_phase: PhaseCallback | None = None) -> TrialsResult:
+    """Up to ``trials`` runs of ``run`` (trial i with seed + i); each rejection adds a negative cluster
+    (repulsion weight ``alpha``) to the next runs.
 
-    ``time_budget`` seconds (0 = none) is checked before each new trial. ``callback(trial, record)``
-    runs after every step and may raise to cancel (a :class:`StopOptimisation` ends the trials
-    after the current one; other exceptions propagate).
+    ``time_budget`` seconds (0 = none) is checked before each new trial. ``on_step`` hears every step of
+    every trial (stage "trial N", counted over all trials); a cancel raises from the engine's cancel point.
     """
-    if gate is None or renderer is None:
+    if run.check is None:
         raise ValueError("Automatic trials need the validity gate and a renderer: a trial ends when the gate says no.")
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}.")
@@ -94,27 +90,26 @@ def run_trials(prior: Prior, norm: GaussianNorm, subject: str, terms: Sequence[L
     if time_budget < 0 or alpha < 0:
         raise ValueError("time_budget and alpha must be >= 0.")
     t_start, done, repelled, stop = time.monotonic(), [], [], "trials"  # repelled: a term per rejection
+    steps = run.config.steps
     for i in range(trials):
         if time_budget and done and time.monotonic() - t_start > time_budget:
             stop = "time_budget"
             break
         t0 = time.monotonic()
-        run_cfg = replace(cfg, seed=cfg.seed + i * SEED_STRIDE)
-        hook = None if callback is None else (lambda record, i=i: callback(i, record))
-        result = CreativeOptimizer(prior, norm, subject, [*terms, *repelled], run_cfg, gate, renderer).run(hook)
-        end = result.rejected if result.stop_reason == "gate_rejected" else result.concept
+        trial_run = run.with_(config=replace(run.config, seed=run.config.seed + i * SEED_STRIDE),
+                              terms=(*run.terms, *repelled))
+        result = trial_run.run(on_step, on_phase=on_phase, stage=f"trial {i + 1}", offset=i * steps,
+                               total=trials * steps)
+        end = result.rejected if result.stop_reason is StopReason.GATE_REJECTED else result.concept
         with torch.no_grad():
-            end_embeds = _end_state(prior, end, subject, run_cfg, cluster_samples)
-            end_ll = float(norm.log_prob(end_embeds.double()).median())
-        trial = Trial(i, run_cfg.seed, result, end_embeds, end_ll, [t.name for t in repelled])
+            end_embeds = _end_state(trial_run, end, cluster_samples)
+            end_ll = float(run.norm.log_prob(end_embeds.double()).median())
+        trial = Trial(i, trial_run.config.seed, result, end_embeds, end_ll, [t.name for t in repelled])
         if trial.rejected:
-            repelled.append(negative_cluster(norm, end_embeds, alpha, f"rejected {i + 1}"))
+            repelled.append(negative_cluster(run.norm, end_embeds, alpha, f"rejected {i + 1}"))
             trial.cluster_added = repelled[-1].name
         trial.seconds = time.monotonic() - t0
         done.append(trial)
-        if result.stop_reason == "cancelled":
-            stop = "cancelled"
-            break
     return TrialsResult(done, [(t.name, t.cluster) for t in repelled], stop, [t.summary() for t in done])
 
 

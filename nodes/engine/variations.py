@@ -13,18 +13,13 @@ Three steps built from the method's own parts:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from .concept import Concept
-from .gate import ValidityGate
-from .losses import AnchorTerm, CreativeTerm, LossTerm
-from .norm import GaussianNorm
-from .optimizer import CreativeOptimizer, OptimConfig, OptimResult
-from .prior import Prior
-from .steplog import StepRecord
+from .losses import AnchorTerm, CreativeTerm
+from .optimizer import CreativeRun, OptimResult, PhaseCallback, StepCallback
 
 
 @dataclass
@@ -39,30 +34,26 @@ class VariationsResult:
         return self.creative.concept
 
 
-def image_variations(prior: Prior, norm: GaussianNorm, images: torch.Tensor, subject: str, cfg: OptimConfig, *,
-                     inversion_steps: int = 200, inversion_lr: float = 1e-2, image_weight: float = 1.0,
-                     terms: Sequence[LossTerm] = (), gate: ValidityGate | None = None,
-                     renderer: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     callback: Callable[[str, StepRecord], None] | None = None) -> VariationsResult:
+def image_variations(run: CreativeRun, images: torch.Tensor, *, inversion_steps: int = 200,
+                     inversion_lr: float = 1e-2, image_weight: float = 1.0, on_step: StepCallback | None = None,
+                     on_phase: PhaseCallback | None = None) -> VariationsResult:
     """Invert ``images`` into a token (+ LoRA), then optimise creatively from there, anchored to the image.
 
-    ``cfg`` is the creative stage's configuration; the inversion uses the same token, LoRA shape and
-    prior settings with ``inversion_steps`` and ``inversion_lr``. ``terms`` are added to the creative
-    stage (e.g. a text anchor). ``callback(stage, record)``, stage "inversion" or "creative", runs after
-    every step and may raise to cancel.
+    ``run`` is the creative stage (its terms, e.g. a text anchor, are kept and the creative term and the
+    image anchor are put in front); the inversion uses the same token, LoRA shape and prior settings with
+    ``inversion_steps`` and ``inversion_lr``, no gate, and the image anchor as its only term. ``on_step``
+    hears both stages ("inversion", then "creative"), counted as one job.
     """
     if inversion_steps < 1:
         raise ValueError(f"inversion_steps must be at least 1, got {inversion_steps}.")
-    anchor = AnchorTerm.from_images(prior, images, image_weight)
+    anchor = AnchorTerm.from_images(run.generator, images, image_weight)
     target = anchor.target[None]  # [1, D]: the image in the prior's CLIP image space
-    invert_cfg = replace(cfg, steps=inversion_steps, lr=inversion_lr)
-    hook = (lambda stage: None if callback is None else (lambda record: callback(stage, record)))
-    inversion = CreativeOptimizer(prior, norm, subject, [replace(anchor, weight=1.0)], invert_cfg).run(
-        hook("inversion"))
-    creative = inversion  # a cancelled inversion is not continued
-    if inversion.stop_reason != "cancelled":
-        creative = CreativeOptimizer(prior, norm, subject, [CreativeTerm(norm), anchor, *terms], cfg, gate, renderer,
-                                     start=inversion.concept).run(hook("creative"))
+    total = inversion_steps + run.config.steps
+    inversion = run.with_(terms=(replace(anchor, weight=1.0),), check=None, start=None,
+                          config=replace(run.config, steps=inversion_steps, lr=inversion_lr)).run(
+        on_step, on_phase=on_phase, stage="inversion", total=total)
+    creative = run.with_(terms=(CreativeTerm(run.norm), anchor, *run.terms), start=inversion.concept).run(
+        on_step, on_phase=on_phase, stage="creative", offset=inversion_steps, total=total)
     with torch.no_grad():
-        image_ll = float(norm.log_prob(target.double())[0])
+        image_ll = float(run.norm.log_prob(target.double())[0])
     return VariationsResult(target, image_ll, inversion, creative)
