@@ -124,10 +124,6 @@ class CoreRenderSettings:
     strength: float = 1.0
     noise_augmentation: float = 0.0
 
-    @property
-    def guidance(self) -> float:  # the name DecoderRenderer's settings use
-        return self.cfg
-
 
 @dataclass(frozen=True, eq=False)
 class CoreRenderer:
@@ -152,7 +148,11 @@ class CoreRenderer:
     def embed_width(self) -> int:
         return model_embed_width(self.model)
 
-    def memory_estimate(self, count: int = 1) -> budget.Estimate:
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.settings.height, self.settings.width
+
+    def memory_estimate(self, count: int = 1, *, on_gpu: bool = True) -> budget.Estimate:
         """Memory of drawing ``count`` embeddings, from ComfyUI's own estimates: the sampler's minimum for one
         latent (``memory_required``, as ComfyUI's sampler computes it), the VAE decode of one 512 px tile (the
         floor core's decode falls back to) and the decoded images. The model's weights ComfyUI manages itself."""

@@ -12,13 +12,14 @@ all cover them, exactly as they cover a checkpoint.
   are the CPU, but the model is still registered).
 * Our modules cannot run split across devices (they have no ``comfy.ops`` casting layers), so
   :class:`WholeModelPatcher` loads and unloads them all-or-nothing.
-* During an optimisation run the MLLM is loaded for each gate check and offloaded right after;
-  the decoder stays loaded until ComfyUI needs its room; the prior is reloaded with its training
-  memory reserved after every check (:func:`gated_models`).
-* One entry point per kind of run, taking the engine objects (and the optimiser's config):
-  :func:`prepare_sampling`, :func:`prepare_optimisation`, :func:`prepare_rendering`. Each
-  estimates the run's peak memory (``engine/budget.py``; a core-model renderer from ComfyUI's own
-  estimates), refuses with numbers and what to change a run that cannot fit, and loads the models.
+* Engine values size themselves: a prior, a renderer, a gate's judge, a :class:`CreativeRun` and an
+  evaluator each return a ``budget.Estimate`` (parts, the phases they are alive in, hints). This
+  module only compares an estimate with ComfyUI's free memory (:func:`check`, refusing with the
+  numbers and what to change) and loads: one entry point per kind of work
+  (:func:`prepare_sampling`, :func:`prepare_run`, :func:`prepare_sweep`, :func:`prepare_selection`,
+  :func:`prepare_rendering`). A run then tells its :class:`PhaseLoader` each phase it enters
+  (training, the gate's render, the gate's question): the phase's models are loaded with room for
+  its working memory, and an MLLM is offloaded as soon as a phase no longer asks it.
 * Engine models say which torch modules move together (``managed_modules()``); :func:`register`
   puts them under one ModelPatcher.
 

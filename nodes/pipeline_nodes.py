@@ -69,7 +69,7 @@ class NormGaussianFit(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, embeds, pca_dims) -> io.NodeOutput:
-        norm = GaussianNorm.fit(embeds, pca_dims)
+        norm = GaussianNorm.from_bank(embeds, pca_dims)
         return io.NodeOutput(norm, plot_embedding_map(norm, embeds.embeds))
 
 

@@ -132,7 +132,7 @@ def clip_text_saved_values(tokens: int, width: int, ff_width: int, heads: int, l
 
 
 def prior_training_activation_bytes(*, width: int, layers: int, heads: int, ff_width: int, prompt_tokens: int,
-                                    prior_steps: int, batch: int = 1, cfg: bool = True, dtype=torch.float32,
+                                    prior_steps: int, batch: int = 1, guided: bool = True, dtype=torch.float32,
                                     lora_rank: int = 10, text_width: int = 0, text_layers: int = 0,
                                     text_heads: int = 1, text_ff_width: int = 0, text_trained: bool = True) -> int:
     """Autograd's saved activations for one optimiser step (the peak is at the end of the forward).
@@ -143,7 +143,7 @@ def prior_training_activation_bytes(*, width: int, layers: int, heads: int, ff_w
     and the projected prompt embedding). Each denoising step then runs 3 tokens for each of
     ``batch`` x (2 with CFG) rows, attending to the prefix and to themselves.
     """
-    rows = batch * (2 if cfg else 1)
+    rows = batch * (2 if guided else 1)
     prefix = prompt_tokens + 1
     per_layer = (prior_layer_saved_values(2 * prefix, width, ff_width, heads, prefix, lora_rank)
                  + prior_steps * prior_layer_saved_values(rows * STEP_TOKENS, width, ff_width, heads,
@@ -155,7 +155,7 @@ def prior_training_activation_bytes(*, width: int, layers: int, heads: int, ff_w
 
 
 def prior_sampling_activation_bytes(*, width: int, layers: int, heads: int, ff_width: int, prompt_tokens: int,
-                                    batch: int, cfg: bool = True, dtype=torch.float32, embed_dim: int = 0) -> int:
+                                    batch: int, guided: bool = True, dtype=torch.float32, embed_dim: int = 0) -> int:
     """Peak working memory of sampling one batch without gradients.
 
     The prefix cache holds keys and values of both prompts in every layer; a denoising step
@@ -164,7 +164,7 @@ def prior_sampling_activation_bytes(*, width: int, layers: int, heads: int, ff_w
     the attention scores, their concatenation and softmax (3 x heads x keys). For small batches
     the prefix pass over both prompts is the larger working set.
     """
-    rows = batch * (2 if cfg else 1)
+    rows = batch * (2 if guided else 1)
     prefix = prompt_tokens + 1
     cache = layers * 2 * 2 * prefix * width
     per_token = max(8 * width + 2 * ff_width, 6 * width + 3 * heads * (prefix + STEP_TOKENS))
@@ -174,7 +174,7 @@ def prior_sampling_activation_bytes(*, width: int, layers: int, heads: int, ff_w
 
 
 def unet_activation_bytes(*, height: int, width: int, latent_factor: int, channels: Iterable[int],
-                          layers_per_block: int, batch: int = 1, cfg: bool = True, dtype=torch.float32) -> int:
+                          layers_per_block: int, batch: int = 1, guided: bool = True, dtype=torch.float32) -> int:
     """Heuristic peak of one UNet call: skip connections + the top level's working set.
 
     ``channels`` are the UNet's ``block_out_channels``; the latent is ``height/latent_factor`` x
@@ -184,7 +184,7 @@ def unet_activation_bytes(*, height: int, width: int, latent_factor: int, channe
     materialise the attention map (measured on CPU; flash/memory-efficient kernels on GPU).
     """
     channels = list(channels)
-    rows = batch * (2 if cfg else 1)
+    rows = batch * (2 if guided else 1)
     pixels = max(1, (height // latent_factor) * (width // latent_factor))
     skips = sum((layers_per_block + 1) * c * (pixels // 4**i) for i, c in enumerate(channels))
     top = 4 * (channels[0] + channels[min(1, len(channels) - 1)]) * pixels
@@ -314,13 +314,13 @@ def _dtype_hint(what: str, dtype: torch.dtype, nbytes: int, node: str, on_gpu: b
 def sampling_estimate(prior: PriorShape, *, prompt_tokens: int, batch: int, steps: int, guidance: float,
                       on_gpu: bool = True) -> Estimate:
     """Memory of a Prior Sampler run: the prior's weights plus one batch's working memory."""
-    cfg = guidance > 1.0
+    guided = guidance > 1.0
     act = prior_sampling_activation_bytes(width=prior.width, layers=prior.layers, heads=prior.heads,
-                                          ff_width=prior.ff_width, prompt_tokens=prompt_tokens, batch=batch, cfg=cfg,
+                                          ff_width=prior.ff_width, prompt_tokens=prompt_tokens, batch=batch, guided=guided,
                                           dtype=prior.dtype, embed_dim=prior.embed_dim)
     parts = [_weights_part("prior weights", PRIOR, prior.params, prior.weight_bytes, prior.dtype),
              Part("sampling activations", act,
-                  f"batch {batch}{' x2 (CFG)' if cfg else ''}, {steps} steps, {dtype_name(prior.dtype)}")]
+                  f"batch {batch}{' x2 (CFG)' if guided else ''}, {steps} steps, {dtype_name(prior.dtype)}")]
     per_100 = act / max(1, batch) * 100
     hints = [(f"lower batch_size (about {fmt_bytes(per_100)} per 100 embeddings at this size; note that another "
               "batch size draws a different bank for the same seed)")]
@@ -339,7 +339,7 @@ def training_estimate(prior: PriorShape, *, prompt_tokens: int, prior_steps: int
     state = training_state_bytes(trainable, torch.float32)
     act = prior_training_activation_bytes(
         width=prior.width, layers=prior.layers, heads=prior.heads, ff_width=prior.ff_width,
-        prompt_tokens=prompt_tokens, prior_steps=prior_steps, batch=batch, cfg=guided, dtype=prior.dtype,
+        prompt_tokens=prompt_tokens, prior_steps=prior_steps, batch=batch, guided=guided, dtype=prior.dtype,
         lora_rank=rank if trains_lora else 0, text_width=prior.text_width, text_layers=prior.text_layers,
         text_heads=prior.text_heads, text_ff_width=prior.text_ff_width, text_trained=trains_token)
     parts = [_weights_part("prior weights", PRIOR, prior.params, prior.weight_bytes, prior.dtype),
@@ -414,14 +414,14 @@ def render_estimate(decoder: DecoderShape, *, height: int, width: int, guidance:
                     on_gpu: bool = True) -> Estimate:
     """Memory of drawing ``batch`` embeddings with a Kandinsky decoder: its weights plus the larger of
     the UNet's and the MoVQ decode's working memory."""
-    cfg = guidance > 1.0
+    guided = guidance > 1.0
     unet = unet_activation_bytes(height=height, width=width, latent_factor=decoder.latent_factor,
                                  channels=decoder.unet_channels, layers_per_block=decoder.layers_per_block,
-                                 batch=batch, cfg=cfg, dtype=decoder.dtype)
+                                 batch=batch, guided=guided, dtype=decoder.dtype)
     movq = movq_activation_bytes(height=height, width=width, channels=decoder.movq_channels, batch=batch,
                                  dtype=decoder.dtype)
     parts = [_weights_part("decoder weights", DECODER, decoder.params, decoder.weight_bytes, decoder.dtype),
-             Part("render activations", max(unet, movq), f"{width}x{height}{', CFG' if cfg else ''}"
+             Part("render activations", max(unet, movq), f"{width}x{height}{', CFG' if guided else ''}"
                                                          f"{f', batch {batch}' if batch > 1 else ''}, "
                                                          f"{dtype_name(decoder.dtype)} (heuristic)")]
     hints = [f"render smaller (Decoder Renderer width/height; now {width}x{height})"

@@ -19,7 +19,8 @@ import torch
 
 from . import __version__
 from .concept import Concept, ConceptMismatchError, activate_concept, lora_config, lora_state
-from .optimizer import placeholder_for, subject_embedding
+from .optimizer import placeholder_for
+from .prior_training import subject_embedding
 from .prior import Prior
 
 

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 from .bank import EmbeddingBank
-from .safetensors_io import load_tensors, save_tensors
 
-FORMAT = "creative-norm/1"
 
 
 class NormFitError(ValueError):
@@ -71,8 +69,9 @@ class GaussianNorm:
         return str(self.provenance.get("prior", ""))
 
     @classmethod
-    def fit(cls, bank: EmbeddingBank | torch.Tensor, dims: int = 50, *, ridge: float = 1e-6) -> "GaussianNorm":
-        """PCA to ``dims`` and a regularised Gaussian of the projected bank."""
+    def from_bank(cls, bank: EmbeddingBank | torch.Tensor, dims: int = 50, *, ridge: float = 1e-6) -> "GaussianNorm":
+        """A new norm fitted to ``bank``: PCA to ``dims`` and a regularised Gaussian of the projected bank.
+        (A constructor, so not named ``fit``: scikit-learn's ``fit`` fits an existing estimator and returns it.)"""
         from sklearn.decomposition import PCA
 
         provenance = dict(bank.provenance) if isinstance(bank, EmbeddingBank) else {}
@@ -126,15 +125,3 @@ class GaussianNorm:
         """log Ĝ(ẽ) for raw embeddings ``[B, D]``; differentiable in ``e``."""
         y = self.whiten(e)
         return (-0.5 * y.pow(2).sum(-1) - self._log_norm.to(e.device)).to(e.dtype)
-
-    def save(self, path) -> None:
-        save_tensors(path, {"mean0": self.mean0, "components": self.components, "center": self.center,
-                            "covariance": self.covariance}, dict(self.provenance, format=FORMAT))
-
-    @classmethod
-    def load(cls, path) -> "GaussianNorm":
-        tensors, meta = load_tensors(path)
-        if meta.pop("format", None) != FORMAT:
-            raise ValueError(f"{path} is not a Creative Generation norm.")
-        return cls(tensors["mean0"].double(), tensors["components"].double(), tensors["center"].double(),
-                   tensors["covariance"].double(), meta)

@@ -17,17 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from . import __version__, budget, cancel
-from .concept import LORA_TARGETS, Concept, activate_concept, add_lora, lora_state
+from .concept import LORA_TARGETS, Concept
 from .gate import GateCheck, Verdict
 from .losses import AnchorTerm, LossTerm, objective
 from .norm import GaussianNorm
-from .prior import Prior
-from .sampling import build_prefix, denoise, initial_latents
 from .steplog import RunLog, StepRecord
 
 class TrainMode(StrEnum):
@@ -139,31 +137,54 @@ StepCallback = Callable[[StepEvent], None]
 PhaseCallback = budget.PhaseCallback
 
 
+class Training(Protocol):
+    """A generator's side of one run, open while it trains: the values AdamW moves, a differentiable
+    embedding per noise seed, the images the gate judges, snapshots of the learned state."""
+
+    params: list[torch.nn.Parameter]
+
+    def embed(self, seed: int) -> torch.Tensor:
+        """The embedding ``[1, D]`` (float32) of the current state for this noise seed, with gradients."""
+
+    def check_images(self, seed: int, check: GateCheck, on_phase: PhaseCallback) -> torch.Tensor:
+        """The images ``[B, H, W, 3]`` the gate judges of the current state (no gradients)."""
+
+    def snapshot(self) -> object:
+        """A copy of the learned state, to roll back to."""
+
+    def learned(self, state: object, meta: dict[str, Any]) -> Any:
+        """A snapshot as what the run returns (a concept), with the run's ``meta`` plus the generator's own."""
+
+    def close(self) -> None:
+        """Leave the shared model as it was (remove training adapters, stop gradients)."""
+
+
+class Generator(Protocol):
+    """What a run trains and draws embeddings from (the diffusion prior; a few-step SD model)."""
+
+    identity: str  # the embedding space its outputs live in; a norm fitted elsewhere is refused
+    embedding_dim: int
+
+    def check_start(self, start: Any, config: OptimConfig) -> None:
+        """Refuse a starting state this generator cannot continue from."""
+
+    def training_estimate(self, run: CreativeRun, *, on_gpu: bool) -> budget.Estimate:
+        """Memory of the run's training steps (and of the gate's renders when the generator draws them)."""
+
+    def open_training(self, run: CreativeRun) -> Training:
+        """Start training for ``run``: the returned session must be closed."""
+
+
 def placeholder_for(subject: str, prefix: str = "creative") -> str:
     """A token that names its subject and cannot be a word of the tokenizer: ``<creative-red-car>``."""
     slug = re.sub(r"[^a-z0-9]+", "-", subject.lower()).strip("-") or "concept"
     return f"<{prefix}-{slug}>"
 
 
-def subject_embedding(prior: Prior, subject: str) -> torch.Tensor:
-    """Mean input-embedding row of the subject word's tokens: the token's starting point."""
-    ids = prior.tokenizer(subject, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError(f"The subject {subject!r} has no tokens.")
-    table = prior.text_encoder.get_input_embeddings().weight
-    return table[torch.tensor(ids, device=table.device)].mean(0).detach().clone().float()
-
-
 def step_seed(seed: int, step: int) -> int:
     """The noise seed of one optimisation step. Wrapped to the 64 bits a torch generator takes, so
     every seed a widget allows works (seeds below about 1.8e13 keep the noise they always had)."""
     return (seed * 1_000_003 + step) % 2**64
-
-
-def _generate(view: Prior, prompt: str, negative: str, config: OptimConfig, generator: torch.Generator) -> torch.Tensor:
-    cache = build_prefix(view.transformer, view.encode_prompt([negative, prompt]))
-    return denoise(view, cache, initial_latents(view, 1, generator), config.prior_steps, config.guidance,
-                   generator).float()
 
 
 @dataclass(frozen=True)
@@ -177,7 +198,7 @@ class CreativeRun:
     and targets. Automatic trials, image variations and the sweep derive further runs with :meth:`with_`.
     """
 
-    generator: Prior
+    generator: Generator
     norm: GaussianNorm
     subject: str
     terms: tuple[LossTerm, ...]
@@ -191,16 +212,13 @@ class CreativeRun:
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise ValueError("The subject is empty: name what the concept must remain, e.g. 'vehicle'.")
         if norm.prior_identity and norm.prior_identity != prior.identity:
-            raise ValueError(f"The norm was fitted on embeddings of prior '{norm.prior_identity}', not of the "
-                             f"prior given ('{prior.identity}'). Fit the norm on a bank from this prior.")
+            raise ValueError(f"The norm was fitted on embeddings of '{norm.prior_identity}', not of the "
+                             f"generator given ('{prior.identity}'). Fit the norm on a bank from this generator.")
         if norm.embed_dim != prior.embedding_dim:
-            raise ValueError(f"The norm is {norm.embed_dim}-d but the prior makes {prior.embedding_dim}-d embeddings.")
+            raise ValueError(f"The norm is {norm.embed_dim}-d but the generator makes {prior.embedding_dim}-d "
+                             "embeddings.")
         if start is not None:
-            start.check_base(prior.identity)
-            if start.lora_state and config.train.lora and (start.lora_rank, tuple(start.lora_targets)) != (
-                    config.rank, config.targets):
-                raise ValueError(f"The starting concept's LoRA has rank {start.lora_rank} on {start.lora_targets}, "
-                                 f"the run rank {config.rank} on {config.targets}: use the same rank and targets.")
+            prior.check_start(start, config)
 
     def with_(self, **changes: Any) -> CreativeRun:
         """The same run with some parts changed (checked again)."""
@@ -224,10 +242,7 @@ class CreativeRun:
 
     def memory_estimate(self, *, on_gpu: bool) -> budget.Estimate:
         """Peak memory of the run, phase by phase: training steps and, with a gate, its checks."""
-        config = self.config  # the subject word stands in for the placeholder (one token more is counted)
-        training = self.generator.training_estimate(
-            config.prompt("", self.subject), config.negative_prompt, prior_steps=config.prior_steps,
-            guidance=config.guidance, rank=config.rank, train=str(config.train), on_gpu=on_gpu)
+        training = self.generator.training_estimate(self, on_gpu=on_gpu)
         checking = None if self.check is None else self.check.memory_estimate(1, self.subject, on_gpu=on_gpu)
         return budget.optimisation_estimate(training, checking)
 
@@ -243,53 +258,22 @@ class CreativeRun:
         creativity-vs-steps sweeps: the current state, or with a gate the last state it accepted. Steps after
         an early stop get the state that was kept.
         """
-        return _Training(self, on_phase or (lambda phase: None)).run(
+        return _Loop(self, on_phase or (lambda phase: None)).run(
             on_step, snapshot_at, stage, offset, total or self.config.steps)
 
 
-class _Training:
-    """The mutable side of one run: the training adapter, the optimiser, the last accepted state."""
+class _Loop:
+    """The mutable side of one run: the generator's training session, AdamW, the last accepted state."""
 
     def __init__(self, spec: CreativeRun, on_phase: PhaseCallback) -> None:
         self.spec, self.on_phase = spec, on_phase
-        self.prior = spec.generator.with_concept(None)
-        self.adapter = f"creative_train_{time.monotonic_ns()}"
 
-    def _setup(self) -> tuple[Prior, torch.nn.Parameter | None, list[torch.nn.Parameter]]:
-        spec, config, tf = self.spec, self.spec.config, self.prior.transformer
-        activate_concept(tf, None)  # other concepts' adapters may be active on the shared prior
-        start, vector = spec.start, None
-        if config.train.token:
-            if start is not None and start.token_embedding is not None:
-                initial = start.token_embedding.detach().float().clone()
-            else:
-                initial = subject_embedding(self.prior, spec.subject)
-            vector = torch.nn.Parameter(initial.to(self.prior.device))
-        if config.train.lora:
-            add_lora(tf, self.adapter, config.rank, config.lora_alpha, config.targets, config.seed)
-            if start is not None and start.lora_state:
-                from peft import set_peft_model_state_dict
-
-                with torch.no_grad():
-                    set_peft_model_state_dict(tf, start.lora_state, adapter_name=self.adapter)
-            tf.set_adapter(self.adapter)
-            tf.enable_adapters()
-        lora_params = [p for n, p in tf.named_parameters() if self.adapter in n]
-        for p in lora_params:
-            p.requires_grad_(True)
-        concept = Concept(spec.token, vector) if vector is not None else None
-        return self.prior.with_concept(concept), vector, lora_params
-
-    def _snapshot(self, vector: torch.Tensor | None) -> dict[str, Any]:
-        lora = lora_state(self.prior.transformer, self.adapter) if self.spec.config.train.lora else {}
-        return {"vector": None if vector is None else vector.detach().float().cpu().clone(), "lora": lora}
-
-    def _gate_check(self, view: Prior, step: int) -> Verdict:
+    def _gate_check(self, training: Training, step: int) -> Verdict:
         spec = self.spec
         with torch.no_grad():
-            e = _generate(view, spec.prompt, spec.config.negative_prompt, spec.config,
-                          torch.Generator("cpu").manual_seed(spec.config.seed))
-            verdict = spec.check.judge(e, spec.subject, step, on_phase=self.on_phase)
+            images = training.check_images(spec.config.seed, spec.check, self.on_phase)
+            self.on_phase(budget.JUDGE)
+            verdict = spec.check.gate.ask(images, spec.subject, step)
         self.on_phase(budget.TRAINING)
         return verdict
 
@@ -307,19 +291,17 @@ class _Training:
         spec, config = self.spec, self.spec.config
         gated = spec.check is not None
         self.on_phase(budget.TRAINING)
-        view, vector, lora_params = self._setup()
+        training = spec.generator.open_training(spec)
         try:
-            params = ([vector] if vector is not None else []) + lora_params
-            opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-            good, good_step = self._snapshot(vector), 0
+            opt = torch.optim.AdamW(training.params, lr=config.lr, weight_decay=config.weight_decay)
+            good, good_step = training.snapshot(), 0
             records: list[StepRecord] = []
             path, reason, step, rejected = [], StopReason.MAX_STEPS, 0, None
             snapshots = {0: (good, 0)} if 0 in snapshot_at else {}
             for step in range(1, config.steps + 1):
                 cancel.point()
                 t0 = time.perf_counter()
-                e = _generate(view, spec.prompt, config.negative_prompt, config,
-                              torch.Generator("cpu").manual_seed(step_seed(config.seed, step)))
+                e = training.embed(step_seed(config.seed, step))
                 loss, values = objective(spec.terms, e)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -328,46 +310,39 @@ class _Training:
                 path.append(e.detach().cpu()[0])
                 verdict = None
                 if gated and (spec.check.gate.due(step) or step == config.steps):
-                    verdict = self._gate_check(view, step)
+                    verdict = self._gate_check(training, step)
                     if not verdict.passed:
-                        reason, rejected = StopReason.GATE_REJECTED, self._snapshot(vector)
+                        reason, rejected = StopReason.GATE_REJECTED, training.snapshot()
                     else:
-                        good, good_step = self._snapshot(vector), step
+                        good, good_step = training.snapshot(), step
                 record = StepRecord(step, float(loss.detach()), values, metrics, time.perf_counter() - t0, verdict)
                 records.append(record)
                 if step in snapshot_at and reason is StopReason.MAX_STEPS:  # with a gate: what it last vouched for
-                    snapshots[step] = (good, good_step) if gated else (self._snapshot(vector), step)
+                    snapshots[step] = (good, good_step) if gated else (training.snapshot(), step)
                 if on_step is not None:
                     on_step(StepEvent(record, stage, offset + step, total))
                 if reason is not StopReason.MAX_STEPS:
                     break
             if not gated:
-                good, good_step = self._snapshot(vector), step
+                good, good_step = training.snapshot(), step
             log = RunLog(records, reason, step, good_step)
-            final = self._concept(good, log)
-            kept = {s: self._concept(state, RunLog([], "snapshot", s, at)) for s, (state, at) in snapshots.items()}
+            final = training.learned(good, self._meta(log))
+            kept = {s: training.learned(state, self._meta(RunLog([], "snapshot", s, at)))
+                    for s, (state, at) in snapshots.items()}
             kept.update({s: final for s in snapshot_at if s not in kept})
-            refused = None if rejected is None else self._concept(rejected, RunLog([], reason, step, step))
+            refused = None if rejected is None else training.learned(rejected, self._meta(RunLog([], reason, step,
+                                                                                                  step)))
             return OptimResult(final, log, path, kept, refused)
         finally:
-            self._teardown()
+            training.close()
 
-    def _concept(self, state: dict[str, Any], log: RunLog) -> Concept:
-        """The learned state as a concept; its metadata records how the run went (from its log)."""
+    def _meta(self, log: RunLog) -> dict[str, Any]:
+        """What every learned state records of its run (the generator adds what identifies it)."""
         spec, config = self.spec, self.spec.config
-        meta = {"base_prior": self.prior.identity, "prior_family": self.prior.family, "subject": spec.subject,
-                "steps_run": log.steps_run, "accepted_step": log.accepted_step, "stop_reason": str(log.stop_reason),
-                "seed": config.seed, "prompt_template": config.template,
+        return {"subject": spec.subject, "steps_run": log.steps_run, "accepted_step": log.accepted_step,
+                "stop_reason": str(log.stop_reason), "seed": config.seed, "prompt_template": config.template,
                 "loss_weights": {t.name: t.weight for t in spec.terms},
                 "config": {k: (str(v) if k == "train" else v) for k, v in asdict(config).items() if k != "targets"},
                 "norm": {k: spec.norm.provenance.get(k) for k in ("dims", "count")},
                 "gate": None if spec.check is None else spec.check.gate.provenance(),
                 "package_version": __version__}
-        return Concept(spec.token, state["vector"], state["lora"], config.rank, config.lora_alpha,
-                       config.targets, meta)
-
-    def _teardown(self) -> None:
-        tf = self.prior.transformer
-        if self.adapter in (getattr(tf, "peft_config", None) or {}):
-            tf.delete_adapters(self.adapter)
-        tf.requires_grad_(False)

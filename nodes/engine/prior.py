@@ -23,6 +23,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from .optimizer import CreativeRun, OptimConfig
+    from .prior_training import PriorTraining
+
 from . import budget
 from .concept import Concept, activate_concept, placeholder_embeddings
 from .model_shapes import PriorShape
@@ -112,12 +115,28 @@ class Prior:
         return budget.sampling_estimate(PriorShape.of(self), prompt_tokens=tokens, batch=batch, steps=steps,
                                         guidance=guidance, on_gpu=on_gpu)
 
-    def training_estimate(self, prompt: str, negative_prompt: str, *, prior_steps: int, guidance: float, rank: int,
-                          train: str, on_gpu: bool) -> budget.Estimate:
-        """Memory of optimisation steps on ``prompt``; one token more than it takes, for the placeholder."""
-        tokens = budget.prompt_token_count(self.tokenizer, prompt, negative_prompt) + 1
-        return budget.training_estimate(PriorShape.of(self), prompt_tokens=tokens, prior_steps=prior_steps,
-                                        guidance=guidance, rank=rank, train=train, on_gpu=on_gpu)
+    def training_estimate(self, run: CreativeRun, *, on_gpu: bool) -> budget.Estimate:
+        """Memory of the run's optimisation steps: the subject word stands in for the placeholder, and one
+        token more is counted for it."""
+        config = run.config
+        tokens = budget.prompt_token_count(self.tokenizer, config.prompt("", run.subject), config.negative_prompt) + 1
+        return budget.training_estimate(PriorShape.of(self), prompt_tokens=tokens, prior_steps=config.prior_steps,
+                                        guidance=config.guidance, rank=config.rank, train=str(config.train),
+                                        on_gpu=on_gpu)
+
+    def check_start(self, start: Concept, config: OptimConfig) -> None:
+        """A run may continue from a concept of this prior whose LoRA has the run's rank and targets."""
+        start.check_base(self.identity)
+        if start.lora_state and config.train.lora and (start.lora_rank, tuple(start.lora_targets)) != (
+                config.rank, config.targets):
+            raise ValueError(f"The starting concept's LoRA has rank {start.lora_rank} on {start.lora_targets}, "
+                             f"the run rank {config.rank} on {config.targets}: use the same rank and targets.")
+
+    def open_training(self, run: CreativeRun) -> PriorTraining:
+        """A training session of ``run`` on this prior (token and/or LoRA)."""
+        from .prior_training import PriorTraining
+
+        return PriorTraining(self, run)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Prior":
         for module in (self.transformer, self.text_encoder, self.image_encoder):

@@ -20,13 +20,13 @@ def data():
 
 
 def test_projection_matches_sklearn_pca(data):
-    norm = GaussianNorm.fit(data, 10)
+    norm = GaussianNorm.from_bank(data, 10)
     ref = PCA(n_components=10, svd_solver="full").fit(data.numpy()).transform(data.numpy())
     assert np.allclose(norm.project(data).numpy(), ref, atol=1e-9)
 
 
 def test_log_prob_matches_scipy(data):
-    norm = GaussianNorm.fit(EmbeddingBank(data.float(), {"prior": "p:1"}), 12)
+    norm = GaussianNorm.from_bank(EmbeddingBank(data.float(), {"prior": "p:1"}), 12)
     z = norm.project(data).numpy()
     ref = multivariate_normal(mean=np.zeros(12), cov=norm.covariance.numpy()).logpdf(z)
     assert np.allclose(norm.log_prob(data).numpy(), ref, atol=1e-6, rtol=0)
@@ -38,7 +38,7 @@ def test_log_prob_matches_scipy(data):
 
 def test_full_covariance_is_estimated_not_assumed_diagonal(data):
     """Ledoit-Wolf in PCA space: nearly diagonal (PCA decorrelates) but fitted as a full matrix."""
-    norm = GaussianNorm.fit(data, 12)
+    norm = GaussianNorm.from_bank(data, 12)
     from sklearn.covariance import LedoitWolf
 
     ref = LedoitWolf().fit(norm.project(data).numpy()).covariance_
@@ -46,7 +46,7 @@ def test_full_covariance_is_estimated_not_assumed_diagonal(data):
 
 
 def test_log_prob_is_differentiable(data):
-    norm = GaussianNorm.fit(data, 8)
+    norm = GaussianNorm.from_bank(data, 8)
     e = data[:3].clone().requires_grad_(True)
     norm.log_prob(e).sum().backward()
     assert e.grad is not None and torch.isfinite(e.grad).all() and e.grad.abs().sum() > 0
@@ -58,7 +58,7 @@ def test_singular_bank_stays_positive_definite():
     rng = np.random.default_rng(1)
     x = np.zeros((100, 20))
     x[:, :3] = rng.normal(size=(100, 3)) * 1e-3
-    norm = GaussianNorm.fit(torch.from_numpy(x), 10)
+    norm = GaussianNorm.from_bank(torch.from_numpy(x), 10)
     assert torch.isfinite(norm.log_prob(torch.from_numpy(x))).all()
 
 
@@ -66,7 +66,7 @@ def test_singular_bank_stays_positive_definite():
                                                (0, 300, "between 1")])
 def test_bad_dims(data, dims, rows, message):
     with pytest.raises(NormFitError, match=message):
-        GaussianNorm.fit(data[:rows], dims)
+        GaussianNorm.from_bank(data[:rows], dims)
 
 
 def test_bad_rows(data):
@@ -74,13 +74,13 @@ def test_bad_rows(data):
     bad[3, 0] = float("nan")
     bad[7, 2] = float("inf")
     with pytest.raises(NormFitError, match="2 row"):
-        GaussianNorm.fit(bad, 5)
+        GaussianNorm.from_bank(bad, 5)
     with pytest.raises(NormFitError, match="empty"):
-        GaussianNorm.fit(data[:0], 5)
+        GaussianNorm.from_bank(data[:0], 5)
 
 
 def test_cluster_shares_pca(data):
-    norm = GaussianNorm.fit(data, 10)
+    norm = GaussianNorm.from_bank(data, 10)
     cluster = norm.fit_cluster(data[:30])
     assert torch.equal(cluster.components, norm.components) and torch.equal(cluster.mean0, norm.mean0)
     assert torch.allclose(cluster.center, norm.project(data[:30]).mean(0))
@@ -89,11 +89,3 @@ def test_cluster_shares_pca(data):
     assert torch.isfinite(single.log_prob(data)).all()
     with pytest.raises(NormFitError, match="different prior"):
         norm.fit_cluster(data[:, :20])
-
-
-def test_save_load_roundtrip(data, tmp_path):
-    norm = GaussianNorm.fit(EmbeddingBank(data.float(), {"prior": "p:1", "prompt": "x"}), 10)
-    norm.save(tmp_path / "n.safetensors")
-    again = GaussianNorm.load(tmp_path / "n.safetensors")
-    assert torch.equal(again.log_prob(data), norm.log_prob(data))
-    assert again.provenance == norm.provenance
