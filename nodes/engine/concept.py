@@ -51,10 +51,16 @@ class Concept:
 
     @property
     def adapter_name(self) -> str:
-        """Stable per content, so re-applying the same concept reuses the loaded adapter."""
+        """Stable per content, so re-applying the same concept reuses the loaded adapter.
+
+        The key covers all that defines the adapter (rank, alpha, targets, each weight's name, shape
+        and values): two concepts that differ in any of them must never share a loaded adapter, or
+        one would run with the other's scale, or a damaged one pass where it fails on its own.
+        """
         h = hashlib.sha256(self.token.encode())
+        h.update(repr((int(self.lora_rank), float(self.lora_alpha), tuple(map(str, self.lora_targets)))).encode())
         for key in sorted(self.lora_state):
-            h.update(key.encode())
+            h.update(f"{key}{tuple(self.lora_state[key].shape)}".encode())
             h.update(self.lora_state[key].detach().float().cpu().numpy().tobytes())
         if self.token_embedding is not None:
             h.update(self.token_embedding.detach().float().cpu().numpy().tobytes())
@@ -117,9 +123,56 @@ def lora_config(rank: int, alpha: float, targets: tuple[str, ...]) -> LoraConfig
 def add_lora(transformer: torch.nn.Module, name: str, rank: int, alpha: float, targets: tuple[str, ...],
              seed: int) -> None:
     """Inject a fresh peft LoRA (A Kaiming-random from ``seed``, B zero) as adapter ``name``."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _undone_on_failure(transformer, name):
         torch.manual_seed(seed)
         transformer.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+
+
+@contextlib.contextmanager
+def _undone_on_failure(transformer: torch.nn.Module, name: str) -> Iterator[None]:
+    """Adding adapter ``name`` within the block; when the block raises, ``transformer`` is put back as it was.
+
+    A half-added adapter is worse than a refused one: diffusers' ``add_adapter`` marks the model as
+    carrying adapters (``_hf_peft_config_loaded``) before peft injects a layer, and peft attaches
+    ``peft_config`` only once injection succeeded, so targets that match no layer used to leave the
+    mark without the registry and every later ``add_adapter`` on the shared prior failed with
+    ``AttributeError: ... no attribute 'peft_config'``. Injection can also stop halfway (a target
+    that is not a supported layer), and loading weights switches the active adapter. So this puts
+    back the mark, the registry, each adapter layer's active and enabled state, every
+    ``requires_grad``, and unwraps the layers that were wrapped for this adapter alone.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    attrs = {k: transformer.__dict__[k] for k in ("_hf_peft_config_loaded", "peft_config") if k in transformer.__dict__}
+    configs = dict(attrs.get("peft_config") or {})
+    layers = {n: (list(m.active_adapters), m.disable_adapters)
+              for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)}
+    grads = {n: p.requires_grad for n, p in transformer.named_parameters()}
+    try:
+        yield
+    except BaseException:
+        for path, module in list(transformer.named_modules()):
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            if path not in layers:  # wrapped for this adapter only: put the original layer back
+                parent, _, child = path.rpartition(".")
+                setattr(transformer.get_submodule(parent), child, module.get_base_layer())
+                continue
+            with warnings.catch_warnings():  # peft warns when the adapter it deletes was the active one
+                warnings.simplefilter("ignore", UserWarning)
+                module.delete_adapter(name)
+            active, disabled = layers[path]
+            module.set_adapter(active)
+            module.enable_adapters(not disabled)
+        for key in ("_hf_peft_config_loaded", "peft_config"):
+            transformer.__dict__.pop(key, None)
+        transformer.__dict__.update(attrs)
+        if "peft_config" in attrs:  # the same dict, since peft and mixing hold on to it
+            attrs["peft_config"].clear()
+            attrs["peft_config"].update(configs)
+        for n, p in transformer.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        raise
 
 
 def lora_state(transformer: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -153,15 +206,19 @@ def _load_adapter(transformer: torch.nn.Module, concept: Concept) -> None:
 
     name = concept.adapter_name
     try:
-        transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
-                                adapter_name=name)
-        result = set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k]
-        if unexpected:
-            raise ValueError(f"{len(unexpected)} weight(s) match no layer of this prior, e.g. {unexpected[0]}.")
+        with _undone_on_failure(transformer, name):  # a failed load leaves the prior as it was
+            transformer.add_adapter(lora_config(concept.lora_rank, concept.lora_alpha, concept.lora_targets),
+                                    adapter_name=name)
+            result = set_peft_model_state_dict(transformer, concept.lora_state, adapter_name=name)
+            # every key of the state is a LoRA weight, so each unexpected one is the concept's; missing
+            # keys of the prior's own weights are expected, those of this adapter mean a layer left untrained
+            unexpected = list(result.unexpected_keys)
+            if unexpected:
+                raise ValueError(f"{len(unexpected)} weight(s) match no layer of this prior, e.g. {unexpected[0]}.")
+            missing = [k for k in result.missing_keys if f".{name}." in k]
+            if missing:
+                raise ValueError(f"{len(missing)} LoRA weight(s) of its layers are missing, e.g. {missing[0]}.")
     except (RuntimeError, ValueError, KeyError) as err:
-        if name in _loaded_adapters(transformer):
-            transformer.delete_adapters(name)  # a failed load leaves nothing behind
         raise ConceptMismatchError(f"The concept '{concept.token or name}' does not fit this prior's layers "
                                    f"({str(err).splitlines()[0][:300]}). It was made for another model or "
                                    "is damaged: load the prior it was trained on, or train it again.") from None

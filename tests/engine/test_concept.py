@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from creative_generation.nodes.engine.concept import Concept, ConceptMismatchError, add_lora, lora_state
-from creative_generation.nodes.engine.optimizer import subject_embedding
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from creative_generation.nodes.engine.bank import sample_bank
+from creative_generation.nodes.engine.concept import LORA_TARGETS, Concept, ConceptMismatchError, add_lora, lora_state
+from creative_generation.nodes.engine.losses import CreativeTerm
+from creative_generation.nodes.engine.norm import GaussianNorm
+from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig, subject_embedding
+from creative_generation.nodes.engine.prior import load_prior
 from creative_generation.nodes.engine.sampling import sample_embeddings
 
 
@@ -71,3 +77,102 @@ def test_concept_refuses_other_prior(prior):
     concept = Concept("<tok>", torch.randn(32), meta={"base_prior": "kandinsky-2.1:0000"})
     with pytest.raises(ConceptMismatchError, match="trained on prior 'kandinsky-2.1:0000'"):
         prior.with_concept(concept)
+
+
+# -- a failed concept load leaves the shared prior exactly as it was (issue 18) --------------------------------
+
+
+@pytest.fixture
+def fresh_prior(tiny_prior_dir):
+    """A prior no adapter was ever added to (the session's ``prior`` carries other tests' adapters)."""
+    return load_prior(str(tiny_prior_dir))
+
+
+@pytest.fixture(scope="module")
+def small_norm(prior):
+    return GaussianNorm.fit(sample_bank(prior, "a photo of a vehicle", 64, batch_size=64, seed=0), 8)
+
+
+def _adapter_state(tf) -> dict:
+    """Everything adding an adapter can change on a transformer, weights aside."""
+    return {"modules": [(n, type(m).__name__) for n, m in tf.named_modules()],
+            "marks": {k: sorted(v) if k == "peft_config" else v for k, v in vars(tf).items()
+                      if k in ("_hf_peft_config_loaded", "peft_config")},
+            "layers": {n: (list(m.active_adapters), m.disable_adapters) for n, m in tf.named_modules()
+                       if isinstance(m, BaseTunerLayer)},
+            "grads": {n: p.requires_grad for n, p in tf.named_parameters()}}
+
+
+def _broken(prior, kind: str) -> Concept:
+    """A concept that cannot load on ``prior``, broken in one of the ways a real file can be."""
+    state = _trained_lora(prior, 5)
+    base = {"base_prior": prior.identity}
+    if kind == "no layer":  # targets that match no module: diffusers had already marked the model
+        return Concept("", None, state, 4, 4.0, ("no_such_layer",), base)
+    if kind == "half injected":  # to_q layers are wrapped before peft meets a LayerNorm it cannot adapt
+        return Concept("", None, state, 4, 4.0, ("to_q", "norm1"), base)
+    if kind == "wrong rank":  # the adapter is added, then its weights do not fit it
+        return Concept("", None, state, 8, 4.0, LORA_TARGETS, base)
+    if kind == "missing weights":  # its to_q layers would stay untrained
+        return Concept("", None, {k: v for k, v in state.items() if "to_q" not in k}, 4, 4.0, LORA_TARGETS, base)
+    assert kind == "unknown weights"
+    return Concept("", None, {k.replace("to_q", "to_qq"): v for k, v in state.items()}, 4, 4.0, LORA_TARGETS, base)
+
+
+def _valid(prior, seed: int) -> Concept:
+    return Concept("", None, _trained_lora(prior, seed), 4, 4.0, meta={"base_prior": prior.identity})
+
+
+KINDS = ["no layer", "half injected", "wrong rank", "unknown weights", "missing weights"]
+
+
+@pytest.mark.parametrize("before", ["fresh", "concept active", "adapters disabled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_failed_load_leaves_the_prior_as_it_was(fresh_prior, small_norm, before, kind):
+    """Then an optimiser run and a valid concept both work, also when the failure was the first thing done."""
+    prior = fresh_prior
+    broken = _broken(prior, kind)  # built first: it adds and removes a scratch adapter
+    if before != "fresh":
+        prior.with_concept(_valid(prior, 1)).activate()
+        if before == "adapters disabled":
+            prior.activate()
+    was = _adapter_state(prior.transformer)
+    weights = {k: v.clone() for k, v in prior.transformer.state_dict().items()}
+    with pytest.raises(ConceptMismatchError, match="does not fit this prior's layers"):
+        prior.with_concept(broken).activate()
+    assert _adapter_state(prior.transformer) == was
+    now = prior.transformer.state_dict()
+    assert now.keys() == weights.keys() and all(torch.equal(now[k], v) for k, v in weights.items())
+    result = CreativeOptimizer(prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                               OptimConfig(steps=2, train="both", rank=4, alpha=4.0)).run()
+    assert result.steps_run == 2 and result.concept.lora_state
+    base = sample_embeddings(prior, "a photo of a car", 2, seed=1)
+    assert not torch.allclose(sample_embeddings(prior.with_concept(_valid(prior, 2)), "a photo of a car", 2, seed=1),
+                              base, atol=1e-4)
+    assert torch.equal(sample_embeddings(prior, "a photo of a car", 2, seed=1), base)
+
+
+def test_failed_training_adapter_leaves_the_prior_as_it_was(fresh_prior, small_norm):
+    """The optimiser adds its adapter through add_lora: targets that match nothing are refused just as cleanly."""
+    was = _adapter_state(fresh_prior.transformer)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        CreativeOptimizer(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                          OptimConfig(steps=2, rank=4, alpha=4.0, targets=("no_such_layer",))).run()
+    assert _adapter_state(fresh_prior.transformer) == was
+    result = CreativeOptimizer(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                               OptimConfig(steps=2, rank=4, alpha=4.0)).run()
+    assert result.steps_run == 2
+
+
+def test_adapter_key_covers_rank_alpha_and_targets(prior):
+    """Same weights, other settings: never the same loaded adapter, so the outcome does not depend on history."""
+    good = _valid(prior, 7)
+    twice = Concept("", None, good.lora_state, 4, 8.0, meta=good.meta)  # alpha 8: the LoRA acts twice as strongly
+    fewer = Concept("", None, good.lora_state, 4, 4.0, ("to_q", "to_k", "to_v"), good.meta)
+    damaged = Concept("", None, good.lora_state, 8, 4.0, meta=good.meta)  # says rank 8, holds rank 4
+    assert len({c.adapter_name for c in (good, twice, fewer, damaged)}) == 4
+    a = sample_embeddings(prior.with_concept(good), "a photo of a car", 2, seed=1)
+    b = sample_embeddings(prior.with_concept(twice), "a photo of a car", 2, seed=1)
+    assert not torch.allclose(a, b, atol=1e-4), "alpha 8 ran with the alpha-4 adapter loaded before it"
+    with pytest.raises(ConceptMismatchError, match="does not fit"):  # refused even right after `good` loaded
+        prior.with_concept(damaged).activate()
