@@ -48,6 +48,7 @@ class Concept:
     lora_alpha: float = 10.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False)  # the file it was loaded from, for messages; never saved
 
     @property
     def adapter_name(self) -> str:
@@ -72,6 +73,19 @@ class Concept:
             raise ConceptMismatchError(
                 f"This concept was trained on prior '{base}' but is applied to '{prior_identity}'. "
                 "Load the prior it was trained on (see the concept's metadata), or train a new concept.")
+
+    def check_token_width(self, width: int) -> None:
+        """Refuse a token embedding the prior's text encoder cannot take (``width``: its token embedding width).
+
+        A concept without a base-prior tag passes :meth:`check_base`; a wrong width would otherwise
+        surface only at sampling, as a tensor-size error naming no file.
+        """
+        e = self.token_embedding
+        if e is not None and e.shape[-1] != width:
+            raise ConceptMismatchError(
+                f"{self.source or 'This concept'}: the token embedding of '{self.token}' is {e.shape[-1]} wide, "
+                f"but this prior's text encoder takes {width}-wide token embeddings. The concept was made for "
+                "another prior: load the prior it was trained on, or train the concept again on this one.")
 
     def save(self, path: str | os.PathLike, *, numbered: bool = False) -> Path:
         """Write the concept; ``numbered``: as the first free ``<stem>_NNNNN`` name (see save_tensors)."""
@@ -98,6 +112,7 @@ class Concept:
         problem = concept.problem()
         if problem:
             raise ValueError(f"{path}: {problem} The file is damaged: delete it or save the concept again.")
+        concept.source = str(path)
         return concept
 
     def problem(self) -> str | None:

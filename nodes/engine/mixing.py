@@ -42,7 +42,7 @@ def _check_parents(prior: Prior, concepts: list[Concept]) -> None:
         raise ConceptMismatchError(f"These concepts were trained on different priors ({sorted(bases)}); a mix only "
                                    "makes sense within one prior. Mix concepts trained on the same prior.")
     for c in concepts:
-        c.check_base(prior.identity)
+        prior.check_concept(c)
     with_lora = {c.lora_targets for c in concepts if c.lora_state}
     if len(with_lora) > 1:
         raise ValueError(f"The concepts' LoRAs sit on different modules ({sorted(with_lora)}); train them with the "

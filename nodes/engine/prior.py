@@ -102,6 +102,16 @@ class Prior:
     def embedding_dim(self) -> int:
         return int(self.transformer.config.embedding_dim)
 
+    @property
+    def token_width(self) -> int:
+        """Width of the text encoder's token embeddings: what a concept's token embedding must have."""
+        return int(self.text_encoder.get_input_embeddings().embedding_dim)
+
+    def check_concept(self, concept: Concept) -> None:
+        """Refuse ``concept`` when it was made for another prior (its base tag, or its token's width)."""
+        concept.check_base(self.identity)
+        concept.check_token_width(self.token_width)
+
     def managed_modules(self) -> dict[str, torch.nn.Module]:
         """The torch modules a host's memory manager moves together (the first one keys the model)."""
         parts = {"transformer": self.transformer, "text_encoder": self.text_encoder,
@@ -147,7 +157,7 @@ class Prior:
     def with_concept(self, concept: Concept | None) -> "Prior":
         """A view of this prior that understands ``concept.token`` and carries its LoRA."""
         if concept is not None:
-            concept.check_base(self.identity)
+            self.check_concept(concept)
         return dataclasses.replace(self, concept=concept, _tokenizers=self._tokenizers)
 
     def tokenizer_for_concept(self) -> PreTrainedTokenizerBase:

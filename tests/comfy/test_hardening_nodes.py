@@ -333,3 +333,18 @@ def test_small_cpu_work_runs_on_one_thread_and_restores_comfyuis_setting(chain, 
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_concept_of_another_width_is_refused_when_applied_naming_its_file(models, run, comfy_inprocess):
+    """Issue 18: a 7-wide token embedding without a base-prior tag passed Apply Concept and failed at sampling
+    with "The expanded size of the tensor (32) must match ...", naming no file."""
+    from creative_generation.nodes.engine.concept import Concept
+
+    folder = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "concepts"
+    folder.mkdir(parents=True, exist_ok=True)
+    Concept("<narrow>", torch.randn(7)).save(folder / "narrow.safetensors")
+    prior, = run("CreativeLoadPrior", prior="hard-prior", dtype="auto")
+    concept, _ = run("CreativeLoadConcept", file="narrow.safetensors")
+    with pytest.raises(ValueError, match=r"narrow\.safetensors: the token embedding of '<narrow>' is 7 wide, "
+                                         r"but this prior's text encoder takes 32-wide"):
+        run("CreativeApplyConcept", prior=prior, concept=concept)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from creative_generation.nodes.engine.bank import sample_bank
 from creative_generation.nodes.engine.concept import LORA_TARGETS, Concept, ConceptMismatchError, add_lora, lora_state
 from creative_generation.nodes.engine.losses import CreativeTerm
+from creative_generation.nodes.engine.mixing import mix_concepts
 from creative_generation.nodes.engine.norm import GaussianNorm
 from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig, subject_embedding
 from creative_generation.nodes.engine.prior import load_prior
@@ -176,3 +178,17 @@ def test_adapter_key_covers_rank_alpha_and_targets(prior):
     assert not torch.allclose(a, b, atol=1e-4), "alpha 8 ran with the alpha-4 adapter loaded before it"
     with pytest.raises(ConceptMismatchError, match="does not fit"):  # refused even right after `good` loaded
         prior.with_concept(damaged).activate()
+
+
+def test_a_token_of_another_width_is_refused_when_applied(prior, tmp_path):
+    """Without a base-prior tag it used to pass and fail at sampling with a tensor-size error naming no file."""
+    path = tmp_path / "narrow.safetensors"
+    Concept("<narrow>", torch.randn(7)).save(path)
+    narrow = Concept.load(path)
+    message = re.escape(str(path)) + r": the token embedding of '<narrow>' is 7 wide, but this prior's text " \
+                                     r"encoder takes 32-wide"
+    with pytest.raises(ConceptMismatchError, match=message):
+        prior.with_concept(narrow)
+    with pytest.raises(ConceptMismatchError, match=message):
+        mix_concepts(prior, [narrow, Concept("<wide>", torch.randn(32))], [1.0, 1.0])
+    prior.with_concept(Concept("<wide>", torch.randn(32)))  # the right width passes
