@@ -136,7 +136,7 @@ class Prior:
 
     def check_start(self, start: Concept, config: OptimConfig) -> None:
         """A run may continue from a concept of this prior whose LoRA has the run's rank and targets."""
-        start.check_base(self.identity)
+        self.check_concept(start)
         if start.lora_state and config.train.lora and (start.lora_rank, tuple(start.lora_targets)) != (
                 config.rank, config.targets):
             raise ValueError(f"The starting concept's LoRA has rank {start.lora_rank} on {start.lora_targets}, "

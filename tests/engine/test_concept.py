@@ -13,8 +13,9 @@ from creative_generation.nodes.engine.concept import LORA_TARGETS, Concept, Conc
 from creative_generation.nodes.engine.losses import CreativeTerm
 from creative_generation.nodes.engine.mixing import mix_concepts
 from creative_generation.nodes.engine.norm import GaussianNorm
-from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig, subject_embedding
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
 from creative_generation.nodes.engine.prior import load_prior
+from creative_generation.nodes.engine.prior_training import subject_embedding
 from creative_generation.nodes.engine.sampling import sample_embeddings
 
 
@@ -92,7 +93,7 @@ def fresh_prior(tiny_prior_dir):
 
 @pytest.fixture(scope="module")
 def small_norm(prior):
-    return GaussianNorm.fit(sample_bank(prior, "a photo of a vehicle", 64, batch_size=64, seed=0), 8)
+    return GaussianNorm.from_bank(sample_bank(prior, "a photo of a vehicle", 64, batch_size=64, seed=0), 8)
 
 
 def _adapter_state(tf) -> dict:
@@ -145,8 +146,8 @@ def test_failed_load_leaves_the_prior_as_it_was(fresh_prior, small_norm, before,
     assert _adapter_state(prior.transformer) == was
     now = prior.transformer.state_dict()
     assert now.keys() == weights.keys() and all(torch.equal(now[k], v) for k, v in weights.items())
-    result = CreativeOptimizer(prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
-                               OptimConfig(steps=2, train="both", rank=4, alpha=4.0)).run()
+    result = CreativeRun(prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                         OptimConfig(steps=2, train="both", rank=4, lora_alpha=4.0)).run()
     assert result.steps_run == 2 and result.concept.lora_state
     base = sample_embeddings(prior, "a photo of a car", 2, seed=1)
     assert not torch.allclose(sample_embeddings(prior.with_concept(_valid(prior, 2)), "a photo of a car", 2, seed=1),
@@ -158,11 +159,11 @@ def test_failed_training_adapter_leaves_the_prior_as_it_was(fresh_prior, small_n
     """The optimiser adds its adapter through add_lora: targets that match nothing are refused just as cleanly."""
     was = _adapter_state(fresh_prior.transformer)
     with pytest.raises(ValueError, match="no_such_layer"):
-        CreativeOptimizer(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
-                          OptimConfig(steps=2, rank=4, alpha=4.0, targets=("no_such_layer",))).run()
+        CreativeRun(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                    OptimConfig(steps=2, rank=4, lora_alpha=4.0, targets=("no_such_layer",))).run()
     assert _adapter_state(fresh_prior.transformer) == was
-    result = CreativeOptimizer(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
-                               OptimConfig(steps=2, rank=4, alpha=4.0)).run()
+    result = CreativeRun(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                         OptimConfig(steps=2, rank=4, lora_alpha=4.0)).run()
     assert result.steps_run == 2
 
 
@@ -180,7 +181,7 @@ def test_adapter_key_covers_rank_alpha_and_targets(prior):
         prior.with_concept(damaged).activate()
 
 
-def test_a_token_of_another_width_is_refused_when_applied(prior, tmp_path):
+def test_a_token_of_another_width_is_refused_when_applied(prior, small_norm, tmp_path):
     """Without a base-prior tag it used to pass and fail at sampling with a tensor-size error naming no file."""
     path = tmp_path / "narrow.safetensors"
     Concept("<narrow>", torch.randn(7)).save(path)
@@ -191,4 +192,6 @@ def test_a_token_of_another_width_is_refused_when_applied(prior, tmp_path):
         prior.with_concept(narrow)
     with pytest.raises(ConceptMismatchError, match=message):
         mix_concepts(prior, [narrow, Concept("<wide>", torch.randn(32))], [1.0, 1.0])
+    with pytest.raises(ConceptMismatchError, match=message):  # a run continuing from it
+        CreativeRun(prior, small_norm, "vehicle", [CreativeTerm(small_norm)], OptimConfig(steps=1), start=narrow)
     prior.with_concept(Concept("<wide>", torch.randn(32)))  # the right width passes
