@@ -46,6 +46,14 @@ class PriorTraining:
     def __init__(self, prior: Prior, run: CreativeRun) -> None:
         self.run, self.prior = run, prior.with_concept(None)
         self.adapter = f"creative_train_{time.monotonic_ns()}"
+        try:
+            self._open()
+        except BaseException:  # a half-opened session (e.g. a starting LoRA of the wrong shape) is closed here
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        run = self.run
         config, tf, start = run.config, self.prior.transformer, run.start
         activate_concept(tf, None)  # other concepts' adapters may be active on the shared prior
         self.vector = None

@@ -167,6 +167,18 @@ def test_failed_training_adapter_leaves_the_prior_as_it_was(fresh_prior, small_n
     assert result.steps_run == 2
 
 
+def test_a_starting_lora_that_does_not_fit_leaves_no_training_adapter(fresh_prior, small_norm):
+    """A run continuing from a concept whose LoRA weights have the wrong shapes (its rank and targets claim to
+    match) fails while its session opens: the half-opened session is closed, the prior is as it was."""
+    state = {k: v[:, :-1] if v.ndim == 2 and v.shape[1] > 4 else v for k, v in _trained_lora(fresh_prior, 3).items()}
+    start = Concept("", None, state, 4, 4.0, meta={"base_prior": fresh_prior.identity})
+    was = _adapter_state(fresh_prior.transformer)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        CreativeRun(fresh_prior, small_norm, "vehicle", [CreativeTerm(small_norm)],
+                    OptimConfig(steps=2, train="lora", rank=4, lora_alpha=4.0), start=start).run()
+    assert _adapter_state(fresh_prior.transformer) == was
+
+
 def test_adapter_key_covers_rank_alpha_and_targets(prior):
     """Same weights, other settings: never the same loaded adapter, so the outcome does not depend on history."""
     good = _valid(prior, 7)
