@@ -17,7 +17,7 @@ import torch
 import folder_paths
 
 from .engine import threads
-from .engine.safetensors_io import remove_leftovers
+from .engine.safetensors_io import remove_leftovers_below
 
 BUNDLED = "creative_bundled"  # the pack's own models/ (the mini world), listed next to the user's
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -82,11 +82,23 @@ def mllm_folders() -> dict[str, Path]:
     return {**_model_dirs((LLM,), lambda p: (p / "config.json").is_file()), **_model_dirs((BUNDLED,), _has_processor)}
 
 
+def _kind_folders(kind: str) -> list[str]:
+    return folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []
+
+
 def file_options(kind: str) -> list[str]:
-    """The files a loader lists; our own leftover temporary files there are cleaned first."""
-    for folder in folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []:
-        remove_leftovers(folder)
+    """The files a loader lists; what killed saves of ours left there (sub-folders too) is cleaned first."""
+    for folder in _kind_folders(kind):
+        remove_leftovers_below(folder)
     return folder_paths.get_filename_list(kind)
+
+
+def clean_leftovers() -> None:
+    """At start-up: what killed saves of ours left in every folder we write or list files from."""
+    folders = {str(Path(folder_paths.get_output_directory()) / "creative"), *_kind_folders(CONCEPTS),
+               *_kind_folders(EMBEDS)}
+    for folder in sorted(folders):
+        remove_leftovers_below(folder)
 
 
 _installed: dict[str, bool] = {}

@@ -10,7 +10,9 @@ from . import (comfy_bridge, core_render_nodes, curation_nodes, evaluation_nodes
 
 class CreativeExtension(ComfyExtension):
     async def on_load(self) -> None:
+        """At start-up (ComfyUI imports the pack): our folders, and what a killed save left in them."""
         comfy_bridge.register_folders()
+        comfy_bridge.clean_leftovers()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         comfy_bridge.register_folders()

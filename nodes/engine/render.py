@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from . import budget, cancel
 from .model_shapes import DecoderShape
@@ -174,21 +176,63 @@ class KandinskyDecoder:
         return lambda step, t, latents: progress(step + 1, self._total_steps())
 
 
+ATTENTION_CHUNK_MACS = 1 << 28  # multiply-adds per attention chunk: tens of ms on one CPU core
+
+
 @contextlib.contextmanager
 def cancellable(*modules: torch.nn.Module) -> Iterator[None]:
-    """Within the block, every sub-module call of ``modules`` is a cancel point.
+    """Within the block, every sub-module call of ``modules`` is a cancel point, and so is every
+    chunk of a long attention (:func:`chunked_attention`).
 
     One denoising step or the final decode of a large image can take minutes on a CPU; the
-    per-step callback alone would not stop them.
+    per-step callback alone would not stop them, and at 1024 px and above one attention call
+    over all pixels is itself tens of seconds to minutes (its cost grows with the square of the
+    pixels). The torch-function mode is this thread's only, so other threads are not affected.
     """
     handles = [m.register_forward_pre_hook(lambda *_: cancel.point())
                for module in modules for name, m in module.named_modules()
                if not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))]
     try:
-        yield
+        with _ChunkedAttention():
+            yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _ChunkedAttention(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` through :func:`chunked_attention`; every other call as is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return chunked_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                      **options) -> torch.Tensor:
+    """``scaled_dot_product_attention`` in chunks of query rows with a cancel point before each.
+
+    Exact: each query row attends to all keys on its own, so the rows can be computed apart (a
+    mask is cut the same way unless it is broadcast over the rows). Causal attention, whose rows
+    depend on their position, and dropout run as one call.
+    """
+    rows, keys, width = query.shape[-2], key.shape[-2], query.shape[-1]
+    chunk = max(1, ATTENTION_CHUNK_MACS // max(1, keys * (width + value.shape[-1]) * query[..., 0, 0].numel()))
+    if is_causal or dropout_p or chunk >= rows:
+        cancel.point()
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, **options)
+    cut_mask = attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] == rows
+    parts = []
+    for start in range(0, rows, chunk):
+        cancel.point()
+        rows_here = slice(start, start + chunk)
+        mask = attn_mask[..., rows_here, :] if cut_mask else attn_mask
+        parts.append(F.scaled_dot_product_attention(query[..., rows_here, :], key, value, attn_mask=mask,
+                                                    **options))
+    return torch.cat(parts, dim=-2)
 
 
 def detect_decoder_family(folder: str | os.PathLike) -> str:

@@ -1,34 +1,53 @@
 """Safetensors files with a JSON provenance header, and the JSON log, written atomically, never over another file.
 
 Every artefact the pack writes (banks, norms, concepts) goes through here so that an interrupted
-run never leaves a half-written file: we write a hidden temporary file beside the target
-(``.<name>.<random>.tmp``) and only then give it its name. :func:`save_tensors` replaces the target
-(``os.replace``, atomic on POSIX and Windows); with ``numbered=True`` it instead takes the first
-free ``<stem>_00001<suffix>`` name with an exclusive hard link (``os.link`` fails if the name
-exists), so two saves at once, in one process or two, never overwrite each other or an earlier
-file. Temporary files a killed process left behind are removed the next time the folder is
-written or listed (:func:`remove_leftovers`), only ours (by their name pattern) and only when
-older than a minute, so a save in progress elsewhere is never touched.
+run never leaves a half-written file: each save works in its own hidden folder beside the target
+(``.creative-partial-<random>/``), writes the file there and only then gives it its name.
+:func:`save_tensors` replaces the target (``os.replace``, atomic on POSIX and Windows); with
+``numbered=True`` it instead takes the first free ``<stem>_00001<suffix>`` name with an exclusive
+hard link (``os.link`` fails if the name exists), so two saves at once, in one process or two,
+never overwrite each other or an earlier file.
+
+The folder holds everything a killed save can leave behind, the safetensors library's own
+``.tmpXXXXXX`` file included (it writes beside the name it is given, then renames), so a clean-up
+finds it all by one name pattern and never guesses at a user's hidden files. The writer holds an
+exclusive lock on its folder; the kernel drops the lock when the process dies (``kill -9`` too),
+so :func:`remove_leftovers` deletes exactly the folders no live save is using. Where there are no
+file locks (Windows), a folder counts as abandoned once nothing in it changed for a minute.
+Temporaries of older versions of the pack (``.<name>.<random>.tmp``, and the library's
+``.tmpXXXXXX`` whose header carries our metadata key) are removed after a minute as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: abandoned work folders are told by their age instead
+    fcntl = None
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 META_KEY = "creative_generation"
-LEFTOVER = re.compile(r"^\..+\.(safetensors|json)\.[a-z0-9_]{8}\.tmp$")  # mkstemp(prefix=".<name>.", suffix=".tmp")
+PARTIAL_PREFIX = ".creative-partial-"
+PARTIAL = re.compile(rf"^{re.escape(PARTIAL_PREFIX)}[a-z0-9_]{{8}}$")  # mkdtemp(prefix=PARTIAL_PREFIX)
+LEFTOVER = re.compile(r"^\..+\.(safetensors|json)\.[a-z0-9_]{8}\.tmp$")  # older versions: mkstemp(".<name>.", ".tmp")
+LIBRARY_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own temporary file (Rust tempfile crate)
 LEFTOVER_AGE_S = 60.0
+LOCK_GRACE_S = 5.0  # a work folder is empty and unlocked for microseconds before its writer locks it
 SAVED_MODE = 0o644  # what an output file gets under the usual umask: others may read it
 
 
@@ -37,23 +56,89 @@ class DamagedFileError(ValueError):
 
 
 def remove_leftovers(folder: str | os.PathLike, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
-    """Delete our own temporary files older than ``min_age_s`` in ``folder``; returns what went."""
+    """Delete what killed saves of this pack left in ``folder`` (not below it); returns what went.
+
+    Work folders go once no writer holds their lock (see the module docstring); older versions'
+    temporary files once untouched for ``min_age_s``. Nothing else is touched: a user's own
+    ``.tmpabc`` or hidden file does not match, a library temporary without our header stays.
+    """
     folder, removed = Path(folder), []
     if not folder.is_dir():
         return removed
-    now = time.time()
     for entry in folder.iterdir():
         try:
-            if LEFTOVER.match(entry.name) and entry.is_file() and now - entry.stat().st_mtime >= min_age_s:
-                entry.unlink()
+            if _abandoned(entry, min_age_s):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 removed.append(entry)
         except OSError:  # vanished meanwhile, or not ours to delete
             continue
     return removed
 
 
+def remove_leftovers_below(root: str | os.PathLike, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """:func:`remove_leftovers` in ``root`` and every visible sub-folder (saves go to sub-folders a
+    prefix names; prefixes never name hidden ones, so hidden folders are not searched)."""
+    removed: list[Path] = []
+    for here, subfolders, _ in os.walk(root):
+        removed += remove_leftovers(here, min_age_s)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    return removed
+
+
+def _abandoned(entry: Path, min_age_s: float) -> bool:
+    """Whether ``entry`` is a temporary of ours that no live save is writing."""
+    if PARTIAL.match(entry.name):
+        return entry.is_dir() and not entry.is_symlink() and not _in_use(entry, min_age_s)
+    if not (LEFTOVER.match(entry.name) or LIBRARY_TEMP.match(entry.name)) or not entry.is_file():
+        return False
+    old = time.time() - entry.stat().st_mtime >= min_age_s
+    return old and (LEFTOVER.match(entry.name) is not None or _has_our_header(entry))
+
+
+def _in_use(work: Path, min_age_s: float) -> bool:
+    """A work folder is in use while its writer holds the lock (the writer locks it before writing
+    anything into it), or, without file locks, while anything in it changed within ``min_age_s``."""
+    if fcntl is None:
+        newest = max([work.stat().st_mtime, *(p.stat().st_mtime for p in work.iterdir())])
+        return time.time() - newest < min_age_s
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock just taken
+    return not any(work.iterdir()) and time.time() - work.stat().st_mtime < LOCK_GRACE_S  # made, not yet locked
+
+
+def _has_our_header(path: Path) -> bool:
+    """Whether a safetensors (partial) file's JSON header carries our metadata key."""
+    with open(path, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            return False
+        size = struct.unpack("<Q", start)[0]
+        return size < 100_000_000 and f'"{META_KEY}"'.encode() in f.read(min(size, 1 << 20))
+
+
+@contextlib.contextmanager
+def _work_folder(parent: Path) -> Iterator[Path]:
+    """A fresh hidden folder in ``parent`` for one save, locked while the save runs, removed after."""
+    work = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=parent))
+    fd = os.open(work, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, numbered: bool = False) -> Path:
-    """Call ``write(temporary path)`` beside ``path``, then publish the finished file; returns its path.
+    """Call ``write(temporary path)`` in a work folder beside ``path``, then publish the finished file;
+    returns its path.
 
     ``numbered=False``: atomically replace ``path``. ``numbered=True``: ``path`` names the stem and
     suffix (``folder/concept.safetensors``); the file becomes the first free
@@ -62,20 +147,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, numbe
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _work_folder(path.parent) as work:
+        tmp = str(work / path.name)
         write(tmp)
-        os.chmod(tmp, SAVED_MODE)  # mkstemp made it owner-only; a saved concept is meant to be shared
+        os.chmod(tmp, SAVED_MODE)  # a saved concept is meant to be shared
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if not numbered:
             os.replace(tmp, path)
             return path
         return _link_numbered(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _next_counter(path: Path) -> int:
