@@ -152,6 +152,9 @@ class CoreRenderer:
     def image_size(self) -> tuple[int, int]:
         return self.settings.height, self.settings.width
 
+    def check_time(self, count: int, *, on_gpu: bool, threads: int) -> None:
+        """No time limit: ComfyUI's own sampler draws, and its every step is a cancel point."""
+
     def memory_estimate(self, count: int = 1, *, on_gpu: bool = True) -> budget.Estimate:
         """Memory of drawing ``count`` embeddings, from ComfyUI's own estimates: the sampler's minimum for one
         latent (``memory_required``, as ComfyUI's sampler computes it), the VAE decode of one 512 px tile (the

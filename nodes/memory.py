@@ -36,7 +36,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import torch
 
-from .engine import budget, render_cost
+from .engine import budget
 from .engine.evaluation import EVAL_JUDGE, Evaluator
 from .engine.gate import GateCheck
 from .engine.optimizer import CreativeRun
@@ -265,22 +265,10 @@ def prepare_selection(gate: GateCheck | None, renderer: Renderer | None, subject
     return PhaseLoader(check(estimate, models), models)
 
 
-def check_render_time(renderer: Renderer, count: int = 1) -> None:
-    """Refuse a Kandinsky decoder render that no machine like this one finishes in reasonable time,
-    naming the size that does (``engine/render_cost.py``)."""
-    decoder, s = getattr(renderer, "decoder", None), getattr(renderer, "settings", None)
-    cost = render_cost.DecoderCost.of(decoder)
-    if cost is None or s is None:
-        return
-    render_cost.check_render_time(cost, height=int(s.height), width=int(s.width), steps=int(s.steps),
-                                  guidance=float(s.guidance), batch=count, multiple=decoder.size_multiple,
-                                  on_gpu=on_gpu(), threads=torch.get_num_threads())
-
-
 def check_renderer(renderer: Renderer, count: int = 1) -> budget.Estimate | None:
     """Refuse a render of ``count`` embeddings at once that cannot fit (e.g. 16384 x 16384) or cannot
     finish in reasonable time, before it starts."""
-    check_render_time(renderer, count)
+    renderer.check_time(count, on_gpu=on_gpu(), threads=torch.get_num_threads())
     estimate = renderer.memory_estimate(count, on_gpu=on_gpu())
     if estimate is None:
         return None

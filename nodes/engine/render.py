@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import budget, cancel
+from . import budget, cancel, render_cost
 from .model_shapes import DecoderShape
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
 
@@ -60,6 +60,9 @@ class Renderer(Protocol):
 
     def memory_estimate(self, count: int, *, on_gpu: bool) -> budget.Estimate | None:
         """Memory of drawing ``count`` embeddings at once (``None``: a renderer that cannot be sized)."""
+
+    def check_time(self, count: int, *, on_gpu: bool, threads: int) -> None:
+        """Refuse drawing ``count`` embeddings that no machine like this one finishes in reasonable time."""
 
     def __call__(self, embeds: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         """Draw ``embeds`` ``[B, D]`` as ``[B, H, W, 3]`` float32 in 0..1 on the CPU."""
@@ -299,6 +302,15 @@ class DecoderRenderer:
     @property
     def image_size(self) -> tuple[int, int]:
         return self.settings.height, self.settings.width
+
+    def check_time(self, count: int, *, on_gpu: bool, threads: int) -> None:
+        """Refuse a render no machine like this one finishes in reasonable time, naming the size that does
+        (``render_cost.py``); a decoder without a diffusers pipeline is not sized."""
+        cost, s = render_cost.DecoderCost.of(self.decoder), self.settings
+        if cost is not None:
+            render_cost.check_render_time(cost, height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
+                                          batch=count, multiple=self.decoder.size_multiple, on_gpu=on_gpu,
+                                          threads=threads)
 
     def memory_estimate(self, count: int, *, on_gpu: bool) -> budget.Estimate | None:
         """The decoder's weights plus the working memory of drawing ``count`` embeddings at these settings;
