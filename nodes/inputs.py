@@ -176,8 +176,14 @@ def text_problem(name: str, text: str | None, hint: str) -> str | None:
     return None if text is None or text.strip() else f"{name} is empty: {hint}"
 
 
+# A file name holds at most 255 bytes on common file systems; the saved name adds "_00001.safetensors" and
+# its temporary "." + ".<8 random>.tmp" (32 bytes), so each part of a prefix keeps well below that.
+MAX_PREFIX_PART_BYTES = 200
+
+
 def filename_prefix_problem(prefix: str | None) -> str | None:
-    """A prefix that would write a hidden file or leave the output folder."""
+    """A prefix that would write a hidden file, leave the output folder, or that the file system refuses
+    (a part too long, a NUL or other control character) -- refused before any upstream work runs."""
     if prefix is None:
         return None
     parts = prefix.replace("\\", "/").split("/")
@@ -185,6 +191,12 @@ def filename_prefix_problem(prefix: str | None) -> str | None:
         return (f"filename_prefix {prefix!r} is not allowed: give a name such as 'concept' or 'runs/concept' "
                 "(no empty or dot-leading parts, no absolute paths or '..'): it must name a visible file inside the "
                 "output folder.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+        return f"filename_prefix {prefix[:40]!r}... contains a control character (e.g. NUL): use plain text."
+    longest = max(len(p.encode("utf-8")) for p in parts)
+    if longest > MAX_PREFIX_PART_BYTES:
+        return (f"filename_prefix is too long: a part of it has {longest} bytes, at most {MAX_PREFIX_PART_BYTES} fit "
+                "in a file name; shorten it or split it into folders with '/'.")
     return None
 
 

@@ -207,10 +207,18 @@ def test_format_strings_name_the_allowed_fields(pack_nodes, node_id, inputs, fra
 # --------------------------------------------------------------------------- saving
 
 
-@pytest.mark.parametrize("prefix", ["", ".", "./.", "..", "../escape", "/tmp/abs", "sub/.hidden", "a//b"])
+@pytest.mark.parametrize("prefix", ["", ".", "./.", "..", "../escape", "/tmp/abs", "sub/.hidden", "a//b", "x" * 300,
+                                    "runs/" + "é" * 101, "a\x00b", "tab\there"])
 def test_prefixes_that_write_hidden_or_outside_files_are_refused(pack_nodes, prefix):
     for node_id in ("CreativeSaveConcept", "CreativeSaveEmbeds", "CreativeSaveLog"):
         assert "filename_prefix" in _error_text(pack_nodes[node_id], filename_prefix=prefix), (node_id, prefix)
+
+
+def test_a_long_prefix_split_into_folders_saves(chain, run, comfy_inprocess):
+    prefix = "/".join(["p" * 200] * 2)  # each part fits a file name
+    run("CreativeSaveEmbeds", embeds=chain["bank"], filename_prefix=prefix)
+    out = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "embeds" / ("p" * 200)
+    assert [p.name for p in out.iterdir()] == ["p" * 200 + "_00001.safetensors"]
 
 
 def test_saves_with_one_prefix_never_overwrite(chain, run, comfy_inprocess):
