@@ -204,6 +204,13 @@ def test_format_strings_name_the_allowed_fields(pack_nodes, node_id, inputs, fra
     assert fragment in _error_text(pack_nodes[node_id], **inputs)
 
 
+@pytest.mark.parametrize("token", ["two words", "mix", "<mix", "<a\tb>"])
+def test_mix_token_format_is_checked_at_validation(pack_nodes, token):
+    """Before both optimisers upstream have run, not after."""
+    assert "token" in _error_text(pack_nodes["CreativeMixConcepts"], token=token)
+    assert pack_nodes["CreativeMixConcepts"].validate_inputs(token=" <creative-mix> ") is True
+
+
 # --------------------------------------------------------------------------- saving
 
 
