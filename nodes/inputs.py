@@ -19,6 +19,7 @@ import functools
 import inspect
 import math
 import numbers
+import re
 import string
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -197,6 +198,23 @@ def filename_prefix_problem(prefix: str | None) -> str | None:
     if longest > MAX_PREFIX_PART_BYTES:
         return (f"filename_prefix is too long: a part of it has {longest} bytes, at most {MAX_PREFIX_PART_BYTES} fit "
                 "in a file name; shorten it or split it into folders with '/'.")
+    return None
+
+
+# Hugging Face's repo id rules (huggingface_hub.utils.validate_repo_id), with the owner required: each part
+# 1-96 of [A-Za-z0-9_.-], starting and ending with a letter, digit or '_', no '--' or '..', no '.git' ending.
+_REPO_PART = re.compile(r"^(?=.{1,96}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+def repo_id_problem(repo_id: str | None, example: str) -> str | None:
+    """An ``hf_repo_id`` that is not ``owner/name`` (None = linked or empty): refused before the hub is asked."""
+    if repo_id is None or not repo_id.strip():
+        return None
+    parts = repo_id.strip().split("/")
+    if (len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts) or "--" in repo_id or ".." in repo_id
+            or repo_id.strip().endswith(".git")):
+        return (f"hf_repo_id {repo_id[:120]!r} is not a Hugging Face repo id: write owner/name, e.g. {example} "
+                "(letters, digits, '-', '_' and '.', at most 96 characters each, no '--' or '..').")
     return None
 
 

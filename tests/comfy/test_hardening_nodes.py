@@ -204,6 +204,26 @@ def test_format_strings_name_the_allowed_fields(pack_nodes, node_id, inputs, fra
     assert fragment in _error_text(pack_nodes[node_id], **inputs)
 
 
+@pytest.mark.parametrize("repo", ["no-owner", "a/b/c", "owner/na me", "owner/..", "-owner/name", "owner/name.git",
+                                  "own--er/name", "owner/" + "n" * 97, "owner/", "owner/name\x00"])
+@pytest.mark.parametrize("node_id", ["CreativeLoadPrior", "CreativeLoadDecoder", "CreativeLoadMLLM"])
+def test_malformed_repo_ids_are_refused_by_name_before_any_download(pack_nodes, node_id, repo):
+    from creative_generation.nodes.inputs import InputError
+
+    cls = pack_nodes[node_id]
+    choice = next(spec.id for spec in _specs(cls))  # the folder dropdown comes first
+    assert _error_text(cls, **{choice: "anything", "allow_download": True, "hf_repo_id": repo}).startswith("hf_repo_id")
+    with pytest.raises(InputError, match="hf_repo_id .* is not a Hugging Face repo id"):
+        comfy_harness.execute_node(cls, "hard", **{choice: "anything", "dtype": "auto", "allow_download": True,
+                                                   "hf_repo_id": repo, "trust_remote_code": False})
+
+
+@pytest.mark.parametrize("repo", ["kandinsky-community/kandinsky-2-1-prior", " llava-hf/llava-v1.6-mistral-7b-hf ",
+                                  "a_b/c.d-e_1"])
+def test_well_formed_repo_ids_pass_validation(pack_nodes, repo):
+    assert pack_nodes["CreativeLoadPrior"].validate_inputs(prior="x", allow_download=True, hf_repo_id=repo) is True
+
+
 @pytest.mark.parametrize("token", ["two words", "mix", "<mix", "<a\tb>"])
 def test_mix_token_format_is_checked_at_validation(pack_nodes, token):
     """Before both optimisers upstream have run, not after."""
