@@ -103,26 +103,45 @@ def test_booleans_count_only_when_truly_true(pack_nodes, models, run, monkeypatc
         assert name in _error_text(pack_nodes[node_id], **{name: "false"}), (node_id, name)
 
 
-def test_refused_boolean_from_the_raw_prompt_is_reported(pack_nodes):
-    """The server's on-prompt check turns "false" into False and the node then refuses to run."""
+def test_raw_widget_values_are_refused_on_their_own_input(pack_nodes):
+    """The server's on-prompt check: a value at fault becomes a RefusedValue, whose conversion by ComfyUI
+    (bool(), str(), float()) raises the problem, so ComfyUI reports it on that input alone."""
+    import copy
+    import json
+
     from creative_generation.nodes.inputs import (
-        REFUSED_KEY,
         InputError,
-        refuse_non_boolean_widgets,
+        RefusedValue,
+        refuse_bad_widgets,
     )
 
     prompt = {"1": {"class_type": "CreativeLoadMLLM",
                     "inputs": {"model": "hard-llava", "dtype": "auto", "trust_remote_code": "false",
-                               "vision_check": ["9", 0]}}}
-    refuse_non_boolean_widgets({"prompt": prompt}, pack_nodes)
-    entry = prompt["1"]
-    assert entry["inputs"]["trust_remote_code"] is False and entry["inputs"]["vision_check"] == ["9", 0]
-    assert entry[REFUSED_KEY] == {"trust_remote_code": "false"}
-    from comfy_api.latest._io import Hidden
-
-    cls = pack_nodes["CreativeLoadMLLM"].PREPARE_CLASS_CLONE({Hidden.unique_id: "1", Hidden.prompt: prompt})
-    with pytest.raises(InputError, match="trust_remote_code must be true or false .* got 'false'"):
-        cls.execute(model="hard-llava", dtype="auto", trust_remote_code=False, vision_check=False)
+                               "vision_check": ["9", 0]}},
+              "2": {"class_type": "CreativeSaveEmbeds", "inputs": {"embeds": ["3", 0], "filename_prefix": None}},
+              "3": {"class_type": "CreativePriorSampler",
+                    "inputs": {"prior": ["4", 0], "prompt": 5, "count": 8, "batch_size": 8, "steps": 2,
+                               "guidance": NAN, "seed": 0, "negative_prompt": ""}},
+              "5": {"class_type": "CreativeSaveConcept", "inputs": {"concept": ["6", 1], "filename_prefix": "../x"}},
+              "7": {"class_type": "CreativeSaveLog", "inputs": {"log": ["6", 2], "filename_prefix": "runs/ok"}}}
+    refuse_bad_widgets({"prompt": prompt}, pack_nodes)
+    refused = {(node, name): value for node, entry in prompt.items() for name, value in entry["inputs"].items()
+               if isinstance(value, RefusedValue)}
+    assert sorted(refused) == [("1", "trust_remote_code"), ("2", "filename_prefix"), ("3", "guidance"),
+                               ("3", "prompt"), ("5", "filename_prefix")]
+    assert prompt["1"]["inputs"]["vision_check"] == ["9", 0] and prompt["7"]["inputs"]["filename_prefix"] == "runs/ok"
+    for convert, (key, fragment) in ((bool, (("1", "trust_remote_code"), "must be true or false")),
+                                     (str, (("2", "filename_prefix"), "filename_prefix is missing")),
+                                     (str, (("3", "prompt"), "prompt must be text, got int 5")),
+                                     (float, (("3", "guidance"), "guidance must be a finite number")),
+                                     (str, (("5", "filename_prefix"), "filename_prefix '../x' is not allowed"))):
+        with pytest.raises(InputError, match=fragment):
+            convert(refused[key])
+    value = refused[("1", "trust_remote_code")]
+    assert json.dumps({"received_value": value}) == '{"received_value": "\\"false\\""}'  # the 400 answer echoes it
+    assert f"{value}" == '"false"' and copy.deepcopy(value).problem == value.problem
+    # what ComfyUI then hands the node's check: a refused value counts as already reported
+    assert pack_nodes["CreativeSaveConcept"].validate_inputs(filename_prefix=refused[("5", "filename_prefix")]) is True
 
 
 # --------------------------------------------------------------------------- numbers, dropdowns, sockets
@@ -140,7 +159,6 @@ def test_non_finite_numbers_are_refused_on_every_float_input(pack_nodes):
 def test_numpy_numbers_from_other_packs_pass_the_number_checks(pack_nodes):
     """A linked INT/FLOAT may come from another pack's node as a numpy scalar; only its value is checked."""
     import numpy as np
-
     from creative_generation.nodes.inputs import value_problem
 
     specs = {spec.id: spec for spec in _specs(pack_nodes["CreativeLoRAOptimizer"])}
