@@ -105,14 +105,14 @@ _installed: dict[str, bool] = {}
 
 
 def install_checks(node_classes: dict[str, type]) -> None:
-    """Once per process: interruption as the engine's cancel point, and the server's raw-boolean check."""
+    """Once per process: interruption as the engine's cancel point, and the server's raw widget-value check."""
     from . import inputs
     from .engine import cancel
 
     cancel.set_check(_throw_if_interrupted)
     server = _prompt_server()
     if server is not None and not _installed.get("on_prompt"):
-        server.add_on_prompt_handler(lambda data: inputs.refuse_non_boolean_widgets(data, node_classes))
+        server.add_on_prompt_handler(lambda data: inputs.refuse_bad_widgets(data, node_classes))
         _installed["on_prompt"] = True
 
 

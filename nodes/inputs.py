@@ -8,26 +8,29 @@ wrapper that check what the schema declares (types, ranges, finiteness, combo op
 objects) and then run the node's own checks: at validation on the values known then (linked ones
 are ``None`` and skipped), and again at execution on the real values.
 
-:func:`refuse_non_boolean_widgets` runs on every ``POST /prompt`` before validation (the only
-moment the raw JSON is still visible): a BOOLEAN of ours that is not a JSON ``true``/``false`` is
-set to ``False`` and remembered in the node's entry; the node then refuses to run, naming it.
+:func:`refuse_bad_widgets` runs on every ``POST /prompt`` before validation, the only moment the
+raw JSON is still visible (ComfyUI then turns ``"false"`` into ``True`` and ``null`` into
+``"None"``). It checks our widget values as they arrived, and the node's own checks on them, and
+replaces each value at fault with a :class:`RefusedValue`: ComfyUI's own conversion of it fails, so
+ComfyUI reports the problem on that input alone, at validation, before any cached result is used.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import numbers
+import re
 import string
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 from comfy_api.latest import io
 
 from . import sockets as s
 
-REFUSED_KEY = "creative_refused_inputs"  # set on a prompt's node entry by refuse_non_boolean_widgets
 _GUARDED = "_creative_inputs_guarded"
 
 
@@ -176,8 +179,14 @@ def text_problem(name: str, text: str | None, hint: str) -> str | None:
     return None if text is None or text.strip() else f"{name} is empty: {hint}"
 
 
+# A file name holds at most 255 bytes on common file systems; the saved name adds "_00001.safetensors" and
+# its temporary "." + ".<8 random>.tmp" (32 bytes), so each part of a prefix keeps well below that.
+MAX_PREFIX_PART_BYTES = 200
+
+
 def filename_prefix_problem(prefix: str | None) -> str | None:
-    """A prefix that would write a hidden file or leave the output folder."""
+    """A prefix that would write a hidden file, leave the output folder, or that the file system refuses
+    (a part too long, a NUL or other control character) -- refused before any upstream work runs."""
     if prefix is None:
         return None
     parts = prefix.replace("\\", "/").split("/")
@@ -185,6 +194,29 @@ def filename_prefix_problem(prefix: str | None) -> str | None:
         return (f"filename_prefix {prefix!r} is not allowed: give a name such as 'concept' or 'runs/concept' "
                 "(no empty or dot-leading parts, no absolute paths or '..'): it must name a visible file inside the "
                 "output folder.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+        return f"filename_prefix {prefix[:40]!r}... contains a control character (e.g. NUL): use plain text."
+    longest = max(len(p.encode("utf-8")) for p in parts)
+    if longest > MAX_PREFIX_PART_BYTES:
+        return (f"filename_prefix is too long: a part of it has {longest} bytes, at most {MAX_PREFIX_PART_BYTES} fit "
+                "in a file name; shorten it or split it into folders with '/'.")
+    return None
+
+
+# Hugging Face's repo id rules (huggingface_hub.utils.validate_repo_id), with the owner required: each part
+# 1-96 of [A-Za-z0-9_.-], starting and ending with a letter, digit or '_', no '--' or '..', no '.git' ending.
+_REPO_PART = re.compile(r"^(?=.{1,96}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+def repo_id_problem(repo_id: str | None, example: str) -> str | None:
+    """An ``hf_repo_id`` that is not ``owner/name`` (None = linked or empty): refused before the hub is asked."""
+    if repo_id is None or not repo_id.strip():
+        return None
+    parts = repo_id.strip().split("/")
+    if (len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts) or "--" in repo_id or ".." in repo_id
+            or repo_id.strip().endswith(".git")):
+        return (f"hf_repo_id {repo_id[:120]!r} is not a Hugging Face repo id: write owner/name, e.g. {example} "
+                "(letters, digits, '-', '_' and '.', at most 96 characters each, no '--' or '..').")
     return None
 
 
@@ -205,11 +237,7 @@ def _call_own(cls: type, own: Callable | None, names: frozenset[str], values: di
 
 
 def guard(node_cls: type) -> type:
-    """Install the schema checks on ``node_cls`` (once); returns it.
-
-    A node with a BOOLEAN input also gets the hidden prompt and unique id, so that it can report
-    what :func:`refuse_non_boolean_widgets` refused.
-    """
+    """Install the schema checks on ``node_cls`` (once); returns it."""
     if node_cls.__dict__.get(_GUARDED):
         return node_cls
     own_validate = _own_validate(node_cls)
@@ -219,23 +247,17 @@ def guard(node_cls: type) -> type:
     parameters = inspect.signature(own_execute).parameters
     defaults = frozenset(n for n, p in parameters.items() if p.default is not p.empty)
     execute_order = [n for n in parameters if n != "cls"]
-    own_schema = node_cls.__dict__["define_schema"].__func__
-
-    def define_schema(cls) -> io.Schema:
-        schema = own_schema(cls)
-        if any(isinstance(spec, io.Boolean.Input) for spec in schema.inputs):
-            schema.hidden = list(dict.fromkeys([*(schema.hidden or []), io.Hidden.prompt, io.Hidden.unique_id]))
-        return schema
 
     # **values: ComfyUI then passes every input (linked ones as None) and skips its own range/combo checks
     def validate_inputs(cls, *args, **values) -> bool | str:
         values.update(zip(own_order, args))  # a node calling its own check positionally
+        # a refused value was reported on its own input already: checked like a linked one
+        values = {k: None if isinstance(v, RefusedValue) else v for k, v in values.items()}
         problems = schema_problems(cls.FINALIZE_SCHEMA(), values, complete=False, own=own_names)
         return problems[0] if problems else _call_own(cls, own_validate, own_names, values)
 
     def checked(cls, values: dict[str, Any]) -> None:
-        problems = _refused(cls) + schema_problems(cls.FINALIZE_SCHEMA(), values, complete=True, own=own_names,
-                                                   defaults=defaults)
+        problems = schema_problems(cls.FINALIZE_SCHEMA(), values, complete=True, own=own_names, defaults=defaults)
         verdict = True if problems else _call_own(cls, own_validate, own_names, values)
         if problems or verdict is not True:
             raise InputError(f"{cls.FINALIZE_SCHEMA().display_name or cls.__name__}: {' '.join(problems) or verdict}")
@@ -253,28 +275,86 @@ def guard(node_cls: type) -> type:
             checked(cls, values)
             return own_execute(cls, **values)
 
-    node_cls.define_schema = classmethod(define_schema)
     node_cls.validate_inputs = classmethod(validate_inputs)
     node_cls.execute = classmethod(execute)
     setattr(node_cls, _GUARDED, True)
     return node_cls
 
 
-def _refused(cls: type) -> list[str]:
-    """Booleans :func:`refuse_non_boolean_widgets` refused for this node of the running prompt."""
-    hidden = getattr(cls, "hidden", None)
-    prompt, node_id = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
-    entry = prompt.get(node_id) if isinstance(prompt, dict) and node_id is not None else None
-    refused = entry.get(REFUSED_KEY, {}) if isinstance(entry, dict) else {}
-    return [f"{name} must be true or false (a JSON boolean), got {raw!r}; nothing was run."
-            for name, raw in sorted(refused.items())]
+# The widget types ComfyUI converts (int(), float(), str(), bool()) before any check, reporting a failure there
+# on the input alone; combos and sockets have no such step, so their problems stay with the node's own check.
+_CONVERTED = (io.Boolean.Input, io.Int.Input, io.Float.Input, io.String.Input)
 
 
-def refuse_non_boolean_widgets(json_data: dict, node_classes: dict[str, type]) -> dict:
-    """``PromptServer`` on-prompt handler: our BOOLEAN inputs must be JSON booleans (or links).
+class RefusedValue(str):
+    """A widget value :func:`refuse_bad_widgets` refused: every conversion ComfyUI may apply to it raises
+    the problem, so ComfyUI reports it as ``invalid_input_type`` on this input alone. It is text (the
+    value as it arrived, as JSON) so that the error response, which echoes it, still serialises."""
 
-    ComfyUI would turn ``"false"`` into ``True``; instead the value becomes ``False`` (so nothing it
-    guards can run) and is recorded under :data:`REFUSED_KEY`, which the node reports when it runs.
+    problem: str
+
+    def __new__(cls, text: str, problem: str) -> Self:
+        self = super().__new__(cls, text)
+        self.problem = problem
+        return self
+
+    @classmethod
+    def of(cls, raw: Any, problem: str) -> RefusedValue:
+        return cls(json.dumps(raw, default=repr)[:200], problem)
+
+    def _refuse(self, *_: Any) -> Any:
+        raise InputError(self.problem)
+
+    __str__ = __int__ = __float__ = __bool__ = _refuse
+
+    def __format__(self, spec: str) -> str:  # ComfyUI writes the value into its error details
+        return format(str.__str__(self), spec)
+
+    def __reduce__(self) -> tuple:  # a copied prompt keeps the refusal
+        return RefusedValue, (str.__str__(self), self.problem)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _input_at_fault(problem: str, names: Iterable[str]) -> str | None:
+    """The input a problem is about: our messages begin with its name ("guidance must be ...")."""
+    for name in sorted(names, key=len, reverse=True):
+        rest = problem[len(name):len(name) + 1]
+        if problem.startswith(name) and not (rest.isalnum() or rest == "_"):
+            return name
+    return None
+
+
+def _widget_problems(cls: type, inputs: dict[str, Any]) -> dict[str, str]:
+    """Input -> problem, for the INT / FLOAT / STRING / BOOLEAN widget values of one node as they arrived:
+    their type and range, then the first problem of the node's whole check, when it is about one of them."""
+    widgets = {spec.id: spec for spec in cls.FINALIZE_SCHEMA().inputs
+               if isinstance(spec, _CONVERTED) and spec.id in inputs and not _is_link(inputs[spec.id])}
+    found = {}
+    for name, spec in widgets.items():
+        raw = inputs[name]
+        raw = raw["__value__"] if isinstance(raw, dict) and "__value__" in raw else raw  # ComfyUI unwraps these
+        if isinstance(spec, io.Int.Input) and isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)  # 1e3 in JSON: ComfyUI's int() keeps it whole
+        problem = "null" if raw is None else value_problem(spec, raw)
+        if problem:
+            found[name] = f"{name} is missing (null): give it a value." if raw is None else problem
+    values = {k: None if _is_link(v) or k in found else v for k, v in inputs.items()}
+    verdict = cls.validate_inputs(**values)
+    name = _input_at_fault(verdict, widgets) if isinstance(verdict, str) else None
+    if name is not None and name not in found:
+        found[name] = verdict
+    return found
+
+
+def refuse_bad_widgets(json_data: dict, node_classes: dict[str, type]) -> dict:
+    """``PromptServer`` on-prompt handler: each of our nodes' widget values that its checks refuse becomes a
+    :class:`RefusedValue`, so ComfyUI's validation fails on that input alone, naming the problem.
+
+    A non-boolean for a BOOLEAN (ComfyUI would make ``"false"`` True), a non-text for a STRING
+    (``null`` would become ``"None"``), a bad number, or a value the node's own check refuses.
     """
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if not isinstance(prompt, dict):
@@ -284,9 +364,6 @@ def refuse_non_boolean_widgets(json_data: dict, node_classes: dict[str, type]) -
         inputs = entry.get("inputs") if cls is not None else None
         if not isinstance(inputs, dict):
             continue
-        for spec in cls.FINALIZE_SCHEMA().inputs:
-            value = inputs.get(spec.id)
-            if isinstance(spec, io.Boolean.Input) and spec.id in inputs and not isinstance(value, (bool, list)):
-                entry.setdefault(REFUSED_KEY, {})[spec.id] = value
-                inputs[spec.id] = False
+        for name, problem in _widget_problems(cls, inputs).items():
+            inputs[name] = RefusedValue.of(inputs[name], problem)
     return json_data

@@ -12,6 +12,14 @@ from .engine.mixing import mix_concepts, normalised_weights
 WEIGHT = dict(default=1.0, min=0.0, max=100.0, step=0.05)
 
 
+def _token_problem(token: str | None) -> str | None:
+    """A mix token must be one word in angle brackets (or empty: named after the subjects); None = linked."""
+    token = token.strip() if isinstance(token, str) else ""
+    if token and (any(c.isspace() for c in token) or not token.startswith("<") or not token.endswith(">")):
+        return f"token {token!r}: write one word in angle brackets, e.g. <creative-mix>, or leave it empty."
+    return None
+
+
 class MixConcepts(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -37,10 +45,10 @@ class MixConcepts(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, weight_a=1.0, weight_b=1.0):
+    def validate_inputs(cls, weight_a=1.0, weight_b=1.0, token=None):
         if isinstance(weight_a, (int, float)) and isinstance(weight_b, (int, float)) and weight_a + weight_b <= 0:
             return "weight_a and weight_b are both 0: give at least one concept a positive weight."
-        return True
+        return _token_problem(token) or True
 
     @classmethod
     @cb.training_mode
@@ -49,10 +57,7 @@ class MixConcepts(io.ComfyNode):
         concepts = [concept_a, concept_b] + ([concept_c] if concept_c is not None else [])
         weights = [weight_a, weight_b] + ([weight_c] if concept_c is not None else [])
         normalised_weights(weights)  # refuses negative / all-zero weights before any model work
-        token = str(token or "").strip()
-        if token and (" " in token or not token.startswith("<") or not token.endswith(">")):
-            raise ValueError(f"token {token!r}: write one word in angle brackets, e.g. <creative-mix>, or leave it "
-                             "empty.")
+        token = str(token or "").strip()  # its format was checked with the other inputs, before any upstream work
         progress = cb.Progress(cls.hidden.unique_id, 2)
         progress(0, "mixing token vectors and LoRAs")
         memory.use(prior)

@@ -9,7 +9,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from . import comfy_bridge as cb
-from . import memory
+from . import inputs, memory
 from . import sockets as s
 from .engine import budget
 from .engine.mllm import load_mllm
@@ -42,7 +42,9 @@ class ModelKind:
         return sorted(self.find())
 
     def check(self, choice: str | None, allow_download: bool | None, hf_repo_id: str | None) -> bool | str:
-        if choice is None or (allow_download is True and (hf_repo_id is None or hf_repo_id.strip())):
+        if allow_download is True and (hf_repo_id is None or hf_repo_id.strip()):
+            return inputs.repo_id_problem(hf_repo_id, self.example) or True  # None: linked, checked before it runs
+        if choice is None:
             return True  # linked: checked again with the real values before the node runs
         if isinstance(choice, str) and choice in self.find():
             return True

@@ -13,13 +13,18 @@ Layout = dict[str, tuple[tuple[str, ...], ...]]
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# A tokenizer transformers can build without the sentencepiece / tiktoken converters: a serialised fast
+# tokenizer, or a BPE / WordPiece vocabulary it converts itself. (``sentencepiece.bpe.model`` is not one.)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+SENTENCEPIECE_FILES = ("tokenizer.model",)  # usable only with the sentencepiece package installed
 
 
 def first_missing(root: Path, layout: Layout) -> str | None:
-    """The first required file ``root`` lacks, as ``sub/file (or alternatives)``; ``None`` if complete."""
+    """The first required file ``root`` lacks, as ``sub/file (or alternatives)``; ``None`` if complete.
+    The sub-folder ``""`` is ``root`` itself (a transformers folder keeps its files at the top)."""
     for sub, needs in layout.items():
         for options in needs:
             if not any((root / sub / name).is_file() for name in options):
                 alternatives = f" (or {', '.join(options[1:])})" if len(options) > 1 else ""
-                return f"{sub}/{options[0]}{alternatives}"
+                return f"{sub + '/' if sub else ''}{options[0]}{alternatives}"
     return None

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from . import budget
+from .layouts import SENTENCEPIECE_FILES, TOKENIZER_FILES, Layout, first_missing
 from .model_shapes import MLLMShape, vision_patches
 
 if TYPE_CHECKING:
@@ -57,11 +58,13 @@ class Family:
     """What differs between model families; a new family is one ``FAMILIES`` entry.
 
     ``processor_kwargs`` go to the processor call behind ``apply_chat_template`` (e.g. a mode
-    switch for processors that also prepare image generation).
+    switch for processors that also prepare image generation). ``layout``: files the family needs
+    beyond every model's, which transformers would load without and fail on only at the first question.
     """
 
     name: str
     processor_kwargs: dict[str, object] = field(default_factory=dict)
+    layout: Layout = field(default_factory=dict)
 
 
 # transformers ``config.model_type`` -> family. Other image-text-to-text models load too,
@@ -69,7 +72,9 @@ class Family:
 # AutoModelForImageTextToText (Janus included: transformers maps "janus" to its native
 # JanusForConditionalGeneration), so none needs remote code.
 FAMILIES: dict[str, Family] = {
-    "llava_next": Family("LLaVA-NeXT"),
+    # processor_config.json holds patch_size: without it the processor loads and the first question fails
+    # counting image tokens ("unsupported operand type(s) for //: 'int' and 'NoneType'").
+    "llava_next": Family("LLaVA-NeXT", layout={"": (("processor_config.json",),)}),
     "qwen2_vl": Family("Qwen2-VL"),
     "qwen2_5_vl": Family("Qwen2.5-VL"),
     # Janus also draws images; "text" mode keeps its processor from appending a begin-of-image token.
@@ -288,6 +293,7 @@ def load_mllm(folder: str, *, device: str | torch.device = "cpu", dtype: torch.d
     config = _checked_config(path, trust_remote_code)
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"{path}: no .safetensors weights (pickled .bin checkpoints are refused: they can run code)")
+    _check_files(path, family_of(config.model_type))
     model = AutoModelForImageTextToText.from_pretrained(
         path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -325,6 +331,24 @@ def _checked_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         raise ValueError(f"{path}: a '{config.model_type}' model cannot see images; the gate needs an "
                          f"image-text-to-text model ({known}, ...)")
     return config
+
+
+def _check_files(path: Path, family: Family) -> None:
+    """Refuse up front a folder that lacks a file the model needs, naming it, instead of a library error
+    at load (a tokenizer transformers cannot build) or at the first question (a family's processor file)."""
+    import importlib.util
+
+    sentencepiece = importlib.util.find_spec("sentencepiece") is not None
+    missing = first_missing(path, {"": (TOKENIZER_FILES + (SENTENCEPIECE_FILES if sentencepiece else ()),)})
+    if missing is not None:
+        found = sorted(p.name for p in path.iterdir() if "token" in p.name or p.suffix == ".model")
+        hint = "" if sentencepiece else " (a tokenizer.model would also need the sentencepiece package)"
+        raise ValueError(f"{path}: no tokenizer file transformers can load: needs {missing}{hint}; found "
+                         f"{', '.join(found) or 'none'}. Copy the tokenizer files from the model's repo.")
+    missing = first_missing(path, family.layout)
+    if missing is not None:
+        raise ValueError(f"{path}: a {family.name} model needs {missing}, which this folder lacks; copy it from the "
+                         "model's repo.")
 
 
 def _check_processor(path: Path, processor: object) -> None:

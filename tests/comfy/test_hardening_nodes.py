@@ -103,26 +103,45 @@ def test_booleans_count_only_when_truly_true(pack_nodes, models, run, monkeypatc
         assert name in _error_text(pack_nodes[node_id], **{name: "false"}), (node_id, name)
 
 
-def test_refused_boolean_from_the_raw_prompt_is_reported(pack_nodes):
-    """The server's on-prompt check turns "false" into False and the node then refuses to run."""
+def test_raw_widget_values_are_refused_on_their_own_input(pack_nodes):
+    """The server's on-prompt check: a value at fault becomes a RefusedValue, whose conversion by ComfyUI
+    (bool(), str(), float()) raises the problem, so ComfyUI reports it on that input alone."""
+    import copy
+    import json
+
     from creative_generation.nodes.inputs import (
-        REFUSED_KEY,
         InputError,
-        refuse_non_boolean_widgets,
+        RefusedValue,
+        refuse_bad_widgets,
     )
 
     prompt = {"1": {"class_type": "CreativeLoadMLLM",
                     "inputs": {"model": "hard-llava", "dtype": "auto", "trust_remote_code": "false",
-                               "vision_check": ["9", 0]}}}
-    refuse_non_boolean_widgets({"prompt": prompt}, pack_nodes)
-    entry = prompt["1"]
-    assert entry["inputs"]["trust_remote_code"] is False and entry["inputs"]["vision_check"] == ["9", 0]
-    assert entry[REFUSED_KEY] == {"trust_remote_code": "false"}
-    from comfy_api.latest._io import Hidden
-
-    cls = pack_nodes["CreativeLoadMLLM"].PREPARE_CLASS_CLONE({Hidden.unique_id: "1", Hidden.prompt: prompt})
-    with pytest.raises(InputError, match="trust_remote_code must be true or false .* got 'false'"):
-        cls.execute(model="hard-llava", dtype="auto", trust_remote_code=False, vision_check=False)
+                               "vision_check": ["9", 0]}},
+              "2": {"class_type": "CreativeSaveEmbeds", "inputs": {"embeds": ["3", 0], "filename_prefix": None}},
+              "3": {"class_type": "CreativePriorSampler",
+                    "inputs": {"prior": ["4", 0], "prompt": 5, "count": 8, "batch_size": 8, "steps": 2,
+                               "guidance": NAN, "seed": 0, "negative_prompt": ""}},
+              "5": {"class_type": "CreativeSaveConcept", "inputs": {"concept": ["6", 1], "filename_prefix": "../x"}},
+              "7": {"class_type": "CreativeSaveLog", "inputs": {"log": ["6", 2], "filename_prefix": "runs/ok"}}}
+    refuse_bad_widgets({"prompt": prompt}, pack_nodes)
+    refused = {(node, name): value for node, entry in prompt.items() for name, value in entry["inputs"].items()
+               if isinstance(value, RefusedValue)}
+    assert sorted(refused) == [("1", "trust_remote_code"), ("2", "filename_prefix"), ("3", "guidance"),
+                               ("3", "prompt"), ("5", "filename_prefix")]
+    assert prompt["1"]["inputs"]["vision_check"] == ["9", 0] and prompt["7"]["inputs"]["filename_prefix"] == "runs/ok"
+    for convert, (key, fragment) in ((bool, (("1", "trust_remote_code"), "must be true or false")),
+                                     (str, (("2", "filename_prefix"), "filename_prefix is missing")),
+                                     (str, (("3", "prompt"), "prompt must be text, got int 5")),
+                                     (float, (("3", "guidance"), "guidance must be a finite number")),
+                                     (str, (("5", "filename_prefix"), "filename_prefix '../x' is not allowed"))):
+        with pytest.raises(InputError, match=fragment):
+            convert(refused[key])
+    value = refused[("1", "trust_remote_code")]
+    assert json.dumps({"received_value": value}) == '{"received_value": "\\"false\\""}'  # the 400 answer echoes it
+    assert f"{value}" == '"false"' and copy.deepcopy(value).problem == value.problem
+    # what ComfyUI then hands the node's check: a refused value counts as already reported
+    assert pack_nodes["CreativeSaveConcept"].validate_inputs(filename_prefix=refused[("5", "filename_prefix")]) is True
 
 
 # --------------------------------------------------------------------------- numbers, dropdowns, sockets
@@ -140,7 +159,6 @@ def test_non_finite_numbers_are_refused_on_every_float_input(pack_nodes):
 def test_numpy_numbers_from_other_packs_pass_the_number_checks(pack_nodes):
     """A linked INT/FLOAT may come from another pack's node as a numpy scalar; only its value is checked."""
     import numpy as np
-
     from creative_generation.nodes.inputs import value_problem
 
     specs = {spec.id: spec for spec in _specs(pack_nodes["CreativeLoRAOptimizer"])}
@@ -204,13 +222,48 @@ def test_format_strings_name_the_allowed_fields(pack_nodes, node_id, inputs, fra
     assert fragment in _error_text(pack_nodes[node_id], **inputs)
 
 
+@pytest.mark.parametrize("repo", ["no-owner", "a/b/c", "owner/na me", "owner/..", "-owner/name", "owner/name.git",
+                                  "own--er/name", "owner/" + "n" * 97, "owner/", "owner/name\x00"])
+@pytest.mark.parametrize("node_id", ["CreativeLoadPrior", "CreativeLoadDecoder", "CreativeLoadMLLM"])
+def test_malformed_repo_ids_are_refused_by_name_before_any_download(pack_nodes, node_id, repo):
+    from creative_generation.nodes.inputs import InputError
+
+    cls = pack_nodes[node_id]
+    choice = next(spec.id for spec in _specs(cls))  # the folder dropdown comes first
+    assert _error_text(cls, **{choice: "anything", "allow_download": True, "hf_repo_id": repo}).startswith("hf_repo_id")
+    with pytest.raises(InputError, match="hf_repo_id .* is not a Hugging Face repo id"):
+        comfy_harness.execute_node(cls, "hard", **{choice: "anything", "dtype": "auto", "allow_download": True,
+                                                   "hf_repo_id": repo, "trust_remote_code": False})
+
+
+@pytest.mark.parametrize("repo", ["kandinsky-community/kandinsky-2-1-prior", " llava-hf/llava-v1.6-mistral-7b-hf ",
+                                  "a_b/c.d-e_1"])
+def test_well_formed_repo_ids_pass_validation(pack_nodes, repo):
+    assert pack_nodes["CreativeLoadPrior"].validate_inputs(prior="x", allow_download=True, hf_repo_id=repo) is True
+
+
+@pytest.mark.parametrize("token", ["two words", "mix", "<mix", "<a\tb>"])
+def test_mix_token_format_is_checked_at_validation(pack_nodes, token):
+    """Before both optimisers upstream have run, not after."""
+    assert "token" in _error_text(pack_nodes["CreativeMixConcepts"], token=token)
+    assert pack_nodes["CreativeMixConcepts"].validate_inputs(token=" <creative-mix> ") is True
+
+
 # --------------------------------------------------------------------------- saving
 
 
-@pytest.mark.parametrize("prefix", ["", ".", "./.", "..", "../escape", "/tmp/abs", "sub/.hidden", "a//b"])
+@pytest.mark.parametrize("prefix", ["", ".", "./.", "..", "../escape", "/tmp/abs", "sub/.hidden", "a//b", "x" * 300,
+                                    "runs/" + "é" * 101, "a\x00b", "tab\there"])
 def test_prefixes_that_write_hidden_or_outside_files_are_refused(pack_nodes, prefix):
     for node_id in ("CreativeSaveConcept", "CreativeSaveEmbeds", "CreativeSaveLog"):
         assert "filename_prefix" in _error_text(pack_nodes[node_id], filename_prefix=prefix), (node_id, prefix)
+
+
+def test_a_long_prefix_split_into_folders_saves(chain, run, comfy_inprocess):
+    prefix = "/".join(["p" * 200] * 2)  # each part fits a file name
+    run("CreativeSaveEmbeds", embeds=chain["bank"], filename_prefix=prefix)
+    out = Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "embeds" / ("p" * 200)
+    assert [p.name for p in out.iterdir()] == ["p" * 200 + "_00001.safetensors"]
 
 
 def test_saves_with_one_prefix_never_overwrite(chain, run, comfy_inprocess):

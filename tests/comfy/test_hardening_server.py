@@ -1,8 +1,11 @@
 """Issue 10 through a real ComfyUI server's API: what a hostile or careless API client sends.
 
 * ``"false"`` (a JSON string) for ``trust_remote_code`` / ``allow_download``: ComfyUI would turn it
-  into ``True``; the node refuses to run, naming the input, and nothing is loaded or downloaded.
+  into ``True``; HTTP 400 naming the input, nothing is loaded or downloaded -- also when the
+  loader's result is cached from an earlier run.
 * NaN in a FLOAT and a value outside a dropdown: HTTP 400 naming the input.
+* A bad widget value (NaN, a too-long or null file name prefix, a number for a text) is reported on
+  that input alone (``extra_info.input_name``), so the frontend marks just it.
 * A STRING linked from another node (None during validation) validates and runs.
 * Two prompts saving a concept with one prefix: two files.
 """
@@ -22,13 +25,48 @@ def models(comfy_server, tiny_models):
                                                                           "tiny-k22-decoder")}
 
 
+def _marked_inputs(server, g: Graph, node: str) -> dict[str, str]:
+    """``POST /prompt`` must answer 400; the inputs ``node``'s errors mark -> their details."""
+    r = requests.post(server.url + "/prompt", data=json.dumps({"prompt": g.nodes}), timeout=30,
+                      headers={"Content-Type": "application/json"})  # Python's json writes NaN; aiohttp reads it
+    assert r.status_code == 400, r.text
+    errors = r.json()["node_errors"][node]["errors"]
+    return {e["extra_info"].get("input_name"): e["details"] for e in errors}
+
+
 def test_string_false_never_turns_a_boolean_on(comfy_server, models):
     g, ids = pipeline(gate=True, steps=1)
     g.nodes[ids["mllm"]]["inputs"]["trust_remote_code"] = "false"
-    _error(comfy_server, g, ids["mllm"], "trust_remote_code must be true or false", "'false'")
+    _rejected(comfy_server, g, ids["mllm"], "trust_remote_code must be true or false", "false")
     g, ids = pipeline(gate=False, steps=1)
     g.nodes[ids["prior"]]["inputs"].update(allow_download="false", hf_repo_id="someone/some-prior")
-    _error(comfy_server, g, ids["prior"], "allow_download must be true or false")
+    _rejected(comfy_server, g, ids["prior"], "allow_download must be true or false")
+
+
+def test_a_non_boolean_is_refused_when_the_loader_result_is_cached(comfy_server, models):
+    g, ids = pipeline(gate=True, steps=1)
+    _ok(comfy_server, _run(comfy_server, g))  # the loader's result (trust_remote_code False) is now cached
+    g.nodes[ids["mllm"]]["inputs"]["trust_remote_code"] = "yes"
+    marked = _marked_inputs(comfy_server, g, ids["mllm"])
+    assert list(marked) == ["trust_remote_code"] and "must be true or false" in marked["trust_remote_code"], marked
+
+
+def test_a_bad_value_is_marked_on_its_own_input_only(comfy_server, models):
+    g, ids = pipeline(gate=False, steps=1)
+    g.nodes[ids["sampler"]]["inputs"]["guidance"] = float("nan")
+    marked = _marked_inputs(comfy_server, g, ids["sampler"])
+    assert list(marked) == ["guidance"] and "guidance must be a finite number" in marked["guidance"], marked
+    g, ids = pipeline(gate=False, steps=1)
+    g.nodes[ids["sampler"]]["inputs"]["prompt"] = 5  # a number in a text input: ComfyUI would make it "5"
+    assert list(_marked_inputs(comfy_server, g, ids["sampler"])) == ["prompt"]
+    for prefix, fragment in (("x" * 300, "too long"), ("a\x00b", "control character"), (None, "missing"),
+                             ("../x", "is not allowed")):
+        g, ids = pipeline(gate=False, steps=1)
+        del g.nodes[ids["plot"]]  # the save is the only output: else ComfyUI runs the rest and answers 200
+        save = g.add("CreativeSaveConcept", concept=Graph.out(ids["optimizer"], 1), filename_prefix=prefix)
+        marked = _marked_inputs(comfy_server, g, save)
+        assert list(marked) == ["filename_prefix"] and fragment in marked["filename_prefix"], (prefix, marked)
+    assert not list(comfy_server.output_dir.rglob("None_*"))
 
 
 def test_nan_and_unknown_dropdown_values_are_rejected_by_name(comfy_server, models):

@@ -315,3 +315,26 @@ def test_unreadable_config(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json could not be read"):
         load_mllm(str(tmp_path))
+
+
+# ---------------------------------------------------------------- folders a user may have
+
+
+def test_a_llava_next_snapshot_without_processor_config_is_refused_at_load(llava, tmp_path):
+    """Older llava-hf snapshots: the image processor in preprocessor_config.json, no processor_config.json
+    (patch_size). transformers loads it, and the first question failed with a TypeError on patch_size."""
+    folder = shutil.copytree(llava, tmp_path / "llava-no-processor-config")
+    processor = json.loads((folder / "processor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor["image_processor"]))
+    (folder / "processor_config.json").unlink()
+    with pytest.raises(ValueError, match="LLaVA-NeXT model needs processor_config.json"):
+        load_mllm(str(folder))
+
+
+def test_a_tokenizer_transformers_cannot_build_is_refused_naming_the_file(llava, tmp_path):
+    """Only an XLM-R style sentencepiece.bpe.model: transformers' message was about tiktoken."""
+    folder = shutil.copytree(llava, tmp_path / "llava-spm-only")
+    (folder / "tokenizer.json").unlink()
+    (folder / "sentencepiece.bpe.model").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=r"no tokenizer file .*needs tokenizer\.json .*found sentencepiece\.bpe\.model"):
+        load_mllm(str(folder))
