@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import comfy_harness
@@ -102,8 +103,20 @@ def test_curation_by_clicking_repels_the_second_trial(page, browser_server, arte
     marked = EmbeddingBank.load(_latest(embeds_dir, "marked_*.safetensors"))
     assert marked.provenance["selected"] == [3, 5, 7] and torch.equal(marked.embeds, batch.embeds[[3, 5, 7]])
     # trial 2 moved away from them: the marked cluster's log-likelihood fell over its run
-    log = json.loads(_latest(Path(browser_server.output_dir) / "creative" / "logs" / "curation", "trial2_*.json").read_text())
-    entries = log["entries"]
+    logs = Path(browser_server.output_dir) / "creative" / "logs" / "curation"
+    entries = json.loads(_latest(logs, "trial2_*.json").read_text())["entries"]
     first_ll, last_ll = _cluster_term(entries[0], "marked"), _cluster_term(entries[-1], "marked")
     assert last_ll < first_ll, (first_ll, last_ll)
+    # control: the same trial 2 (same seed, same marks) with the cluster's weight set to 0 in the frontend; its log
+    # still reads the cluster's log-likelihood, which must end higher than with the repulsion on
+    page.page.evaluate(f"() => {{ const w = app.graph.getNodeById({cluster}).widgets.find(w => w.name === 'alpha'); "
+                       "w.value = 0; w.callback?.(0); }")
+    control = page.queue()
+    assert control["status"] == "success", control
+    assert cluster in control["executed"] and curate not in control["executed"]
+    control_entries = json.loads(_latest(logs, "trial2_*.json").read_text())["entries"]
+    assert len(control_entries) == len(entries)
+    assert _cluster_term(control_entries[0], "marked") == pytest.approx(first_ll, abs=1e-6)  # one start: only the repulsion differs
+    control_ll = _cluster_term(control_entries[-1], "marked")
+    assert last_ll < control_ll, ("the marked cluster made no difference", last_ll, control_ll)
     assert not page.our_errors(), page.our_errors()
