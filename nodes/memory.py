@@ -248,8 +248,9 @@ def prepare_sweep(run: CreativeRun, evaluator: Evaluator) -> PhaseLoader:
     and every measurement (sampling, rendering, the independent judge) must fit."""
     estimate = run.memory_estimate(on_gpu=on_gpu())
     measuring = evaluator.memory_estimate(run, on_gpu=on_gpu())
-    combined = budget.Estimate("creativity sweep", [*estimate.parts, *measuring.parts],
-                               [*estimate.phases, *measuring.phases], [*measuring.hints, *estimate.hints])
+    parts = {p.name: p for p in [*measuring.parts, *estimate.parts]}  # shared model weights counted once
+    combined = budget.Estimate("creativity sweep", list(parts.values()), [*estimate.phases, *measuring.phases],
+                               [*measuring.hints, *estimate.hints])
     models = {**run.models(), budget.DECODER: evaluator.renderer, EVAL_JUDGE: evaluator.judge}
     return PhaseLoader(check(combined, models), models)
 

@@ -137,8 +137,14 @@ class Evaluator:
             if checking is not None:
                 estimates.append(checking)
         for estimate in estimates:
-            parts += [replace(p, model=EVAL_JUDGE) if p.model == budget.MLLM else p for p in estimate.parts]
-            phases += [replace(ph, name=ph.name.replace(budget.JUDGE, EVAL_JUDGE)) for ph in estimate.phases]
+            # the prior's and the decoder's weights are the run's own (same names, counted once by a host that
+            # joins the two estimates); working memory and the judge's weights are the measurement's own
+            names = {p.name: p.name if p.model in (budget.PRIOR, budget.DECODER) else f"measurement: {p.name}"
+                     for p in estimate.parts}
+            parts += [replace(p, name=names[p.name], model=EVAL_JUDGE if p.model == budget.MLLM else p.model)
+                      for p in estimate.parts]
+            phases += [budget.Phase(ph.name.replace(budget.JUDGE, EVAL_JUDGE), tuple(names[n] for n in ph.parts))
+                       for ph in estimate.phases]
             hints += estimate.hints
         return budget.Estimate("measurement", parts, phases, [f"lower samples (now {self.samples})", *hints])
 

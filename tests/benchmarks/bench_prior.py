@@ -5,7 +5,7 @@
 Prints one table: best of 3 rounds in which the two sides run alternately (same machine load). Sampling: ``sample_embeddings`` (prompt encoded once, prefix keys/values
 cached, padding dropped) against ``KandinskyV22PriorPipeline`` called batch after batch with the
 same generator, on the same random prior (moderate size), with the max difference of the
-outputs. Optimisation: seconds per ``CreativeOptimizer`` step (text encoder + prior steps with
+outputs. Optimisation: seconds per ``CreativeRun`` step (text encoder + prior steps with
 gradients + loss + AdamW + logging) against a bare forward+backward of the same prior steps
 through diffusers' own ``PriorTransformer.forward``.
 """
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from creative_generation.nodes.engine.bank import PAPER_TEMPLATE, sample_bank  # noqa: E402
 from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm  # noqa: E402
 from creative_generation.nodes.engine.norm import GaussianNorm  # noqa: E402
-from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig  # noqa: E402
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig  # noqa: E402
 from creative_generation.nodes.engine.prior import load_prior  # noqa: E402
 from creative_generation.nodes.engine.sampling import initial_latents, sample_embeddings  # noqa: E402
 from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior  # noqa: E402
@@ -112,7 +112,7 @@ def main() -> None:
     diff = float((ours - ref).abs().max())
 
     bank = sample_bank(prior, PROMPT, 256, batch_size=128, seed=0)
-    norm = GaussianNorm.fit(bank, 16)
+    norm = GaussianNorm.from_bank(bank, 16)
     terms = [CreativeTerm(norm), AnchorTerm.from_prior(prior, PROMPT)]
     cfg = OptimConfig(steps=args.opt_steps, prior_steps=args.steps, guidance=args.guidance, template="a photo of a {token}")
 
@@ -124,7 +124,7 @@ def main() -> None:
         finally:
             prior.transformer.requires_grad_(False)
 
-    (t_bare, t_opt), _ = side_by_side(bare, lambda: CreativeOptimizer(prior, norm, "vehicle", terms, cfg).run())
+    (t_bare, t_opt), _ = side_by_side(bare, lambda: CreativeRun(prior, norm, "vehicle", tuple(terms), cfg).run())
 
     rows = [("bank sampling", f"{args.count / t_ref:.1f} emb/s", f"{args.count / t_ours:.1f} emb/s", t_ref / t_ours,
              f"max |diff| {diff:.2e}"),

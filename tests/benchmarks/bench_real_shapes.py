@@ -54,10 +54,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from creative_generation.nodes.engine import budget, model_shapes
 from creative_generation.nodes.engine.bank import PAPER_TEMPLATE
-from creative_generation.nodes.engine.gate import ValidityGate
+from creative_generation.nodes.engine.gate import GateCheck, ValidityGate
 from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm
 from creative_generation.nodes.engine.norm import GaussianNorm
-from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
 from creative_generation.nodes.engine.prior import Prior
 from creative_generation.nodes.engine.sampling import sample_embeddings
 from creative_generation.nodes.testbed.live_bytes import LiveTensorBytes
@@ -198,6 +198,14 @@ class StandInRenderer:
     def __init__(self, size: int):
         self.size = size
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.size, self.size
+
+    def memory_estimate(self, count: int, *, on_gpu: bool) -> None:
+        """Not sized: the benchmark leaves the render out."""
+        return None
+
     def __call__(self, embeds: torch.Tensor, progress=None) -> torch.Tensor:
         StandInRenderer.calls += 1
         g = torch.Generator().manual_seed(StandInRenderer.calls)
@@ -207,30 +215,21 @@ class StandInRenderer:
 def random_norm(prior: Prior, n: int = 256, dims: int = 16) -> GaussianNorm:
     """A norm over random embeddings: its values do not change the cost of a step (CPU runs)."""
     g = torch.Generator().manual_seed(0)
-    return GaussianNorm.fit(torch.randn(n, prior.embedding_dim, generator=g) * 0.05, dims)
+    return GaussianNorm.from_bank(torch.randn(n, prior.embedding_dim, generator=g) * 0.05, dims)
 
 
-def optimiser(prior, norm, steps, gate=None, renderer=None, check_every=25) -> CreativeOptimizer:
+def optimiser(prior, norm, steps, gate=None, renderer=None, check_every=25) -> CreativeRun:
     terms = [CreativeTerm(norm), AnchorTerm.from_prior(prior, PROMPT)]
-    cfg = OptimConfig(steps=steps, lr=1e-4, train="both", rank=10, alpha=10.0, prior_steps=5, guidance=4.0, seed=0)
+    cfg = OptimConfig(steps=steps, lr=1e-4, train="both", rank=10, lora_alpha=10.0, prior_steps=5, guidance=4.0,
+                      seed=0)
     g = ValidityGate(gate, every=check_every, threshold=0.0) if gate is not None else None
-    return CreativeOptimizer(prior, norm, "vehicle", terms, cfg, g, renderer)
+    return CreativeRun(prior, norm, "vehicle", tuple(terms), cfg, GateCheck.of(g, renderer))
 
 
-def estimate_for(prior: Prior, judge, size: int) -> budget.Estimate:
-    from PIL import Image
-
-    shape = model_shapes.PriorShape.of(prior)
-    tokens = budget.prompt_token_count(prior.tokenizer, "a photo of a <creative-vehicle>") + 1
-    m_shape = m_tokens = m_patches = None
-    if judge is not None:
-        m_shape = model_shapes.MLLMShape.of(judge.model)
-        inputs = judge.inputs(Image.new("RGB", (size, size)), QUESTION)
-        m_tokens = int(inputs["input_ids"].shape[-1])
-        m_patches = model_shapes.vision_patches(inputs["pixel_values"], m_shape.vision_patch, 2)
-    return budget.optimisation_estimate(shape, prompt_tokens=tokens, prior_steps=5, guidance=4.0, rank=10,
-                                        mllm=m_shape, mllm_tokens=m_tokens or 0, mllm_vision_tokens=m_patches or 0,
-                                        on_gpu=False)
+def estimate_for(prior: Prior, norm: GaussianNorm, judge, size: int) -> budget.Estimate:
+    """The run's own estimate (training, and with a judge the gate's question; the stand-in render is not sized)."""
+    renderer = None if judge is None else StandInRenderer(size)
+    return optimiser(prior, norm, 1, judge, renderer).memory_estimate(on_gpu=False)
 
 
 # --------------------------------------------------------------------------- the run
@@ -287,14 +286,14 @@ def run_dtype(name: str, prior: Prior, judge, device: torch.device, args, rows: 
         put("  speed-up of ours (max |diff| / max |value| after 5 steps*)", f"{t_ref / t_ours:.1f}x ({rel:.0e})")
 
     # --- optimiser steps (token + LoRA, 5 prior steps with gradients, CFG), no gate
-    norm = GaussianNorm.fit(bank, 50) if len(bank) > 100 else random_norm(prior)
+    norm = GaussianNorm.from_bank(bank, 50) if len(bank) > 100 else random_norm(prior)
     gpu_peak_reset(device)
     result = optimiser(prior, norm, args.opt_steps).run()
-    seconds = [r.seconds for r in result.log]
+    seconds = [r.seconds for r in result.records]
     later = seconds[1:] or seconds
     put("optimiser step: token + LoRA r10, 5 prior steps, CFG [s]: best (mean) of steps after the first",
         f"{min(later):.2f} ({sum(later) / len(later):.2f})")
-    opt_est = estimate_for(prior, None, args.image_size)
+    opt_est = estimate_for(prior, norm, None, args.image_size)
     work = opt_est.part("training state").bytes + opt_est.part("training activations").bytes
     if cuda:
         memory("  peak GPU memory, optimiser [GiB] (estimate)", gpu_peak(device), opt_est.peak(), budget.GIB)
@@ -309,7 +308,7 @@ def run_dtype(name: str, prior: Prior, judge, device: torch.device, args, rows: 
         t_prior, e = timed(lambda: sample_embeddings(prior, "a photo of a vehicle", 1, batch_size=1, steps=5,
                                                      seed=1), device, args.repeats)
         t_mllm, _ = timed(lambda: judge.p_yes(standin(e), QUESTION), device, args.repeats)  # a new image each time
-        full = estimate_for(prior, judge, args.image_size)
+        full = estimate_for(prior, norm, judge, args.image_size)
         tokens = full.part("MLLM forward").detail.split(" (")[0]
         put(f"gate check: prior sample + MLLM yes/no on {args.image_size}px (render excluded) [s]",
             f"{t_prior + t_mllm:.2f}")
@@ -322,7 +321,7 @@ def run_dtype(name: str, prior: Prior, judge, device: torch.device, args, rows: 
             gpu_peak_reset(device)
             t_run, res = timed(lambda: optimiser(prior, norm, args.run_steps, judge, StandInRenderer(args.image_size),
                                                  args.check_every).run(), device)
-            checks = sum(r.gate is not None for r in res.log)
+            checks = sum(r.gate is not None for r in res.records)
             put(f"{args.run_steps} optimisation steps with {checks} validity checks [s]", f"{t_run:.1f}")
             if cuda:
                 memory("  peak GPU memory of that run [GiB] (estimate, all models resident)", gpu_peak(device),

@@ -248,14 +248,14 @@ def train_concept(prior_folder: Path, target: Path, subject: str = "vehicle", st
     from creative_generation.nodes.engine.bank import sample_bank
     from creative_generation.nodes.engine.losses import CreativeTerm
     from creative_generation.nodes.engine.norm import GaussianNorm
-    from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig
+    from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
     from creative_generation.nodes.engine.prior import load_prior
 
     prior = load_prior(str(prior_folder))
     bank = sample_bank(prior, f"a photo of a {subject}", 32, batch_size=32, steps=2, seed=seed)
-    norm = GaussianNorm.fit(bank, 4)
-    cfg = OptimConfig(steps=steps, lr=1e-2, rank=2, alpha=2.0, prior_steps=2, seed=seed)
-    result = CreativeOptimizer(prior, norm, subject, [CreativeTerm(norm, 1.0)], cfg).run()
+    norm = GaussianNorm.from_bank(bank, 4)
+    cfg = OptimConfig(steps=steps, lr=1e-2, rank=2, lora_alpha=2.0, prior_steps=2, seed=seed)
+    result = CreativeRun(prior, norm, subject, (CreativeTerm(norm, 1.0),), cfg).run()
     result.concept.save(target)
 
 

@@ -18,6 +18,8 @@ import comfy_harness
 import pytest
 import torch
 
+from creative_generation.nodes.engine.steplog import RunLog
+
 NAN, INF = float("nan"), float("inf")
 
 
@@ -207,6 +209,16 @@ def test_wrong_objects_on_sockets_name_the_input(pack_nodes):
     assert checked >= 25
 
 
+def test_the_log_socket_takes_the_typed_log_only(pack_nodes):
+    """The log travels between nodes as a RunLog; its JSON form (what a file holds) is no log on a socket."""
+    from creative_generation.nodes.inputs import InputError
+
+    as_json = RunLog([], "max_steps", 0, 0).to_json()
+    assert "log must be" in _error_text(pack_nodes["CreativeSaveLog"], log=as_json)
+    with pytest.raises(InputError, match="log must be"):
+        comfy_harness.execute_node(pack_nodes["CreativeSaveLog"], "hard", log=as_json, filename_prefix="x")
+
+
 @pytest.mark.parametrize("node_id, inputs, fragment", [
     ("CreativeLoRAOptimizer", {"subject": "car", "prompt_template": "a {style} photo of a {token}"},
      "unknown field(s) {style}; allowed: {token}"),
@@ -271,7 +283,7 @@ def test_saves_with_one_prefix_never_overwrite(chain, run, comfy_inprocess):
     bank = chain["bank"]
     run("CreativeSaveEmbeds", embeds=bank, filename_prefix="probe")
     run("CreativeSaveEmbeds", embeds=bank, filename_prefix="probe")
-    log = {"entries": [], "stop_reason": "max_steps", "steps_run": 0, "accepted_step": 0}
+    log = RunLog([], "max_steps", 0, 0)
     for _ in range(2):
         run("CreativeSaveLog", log=log, filename_prefix="probe")
     errors = []

@@ -89,6 +89,16 @@ def _optimise(call, m, **over):
     return call("CreativeLoRAOptimizer", **kw)
 
 
+def is_loaded(obj: object) -> bool:
+    """Whether ComfyUI lists this model among its loaded models."""
+    from comfy import model_management as mm
+
+    from creative_generation.nodes import memory
+
+    p = memory.patcher_of(obj)
+    return p is not None and any(loaded.model is p for loaded in mm.current_loaded_models)
+
+
 def _loaded_names(mm) -> list[str]:
     return [type(loaded.model.model).__name__ for loaded in mm.current_loaded_models if loaded.model is not None]
 
@@ -130,13 +140,13 @@ def test_dtype_override_is_kept(loaded, call, mem):
 def test_sampler_registers_unload_all_removes_and_rerun_is_identical(loaded, call, mem, mm):
     prior = loaded["prior"]
     mm.unload_all_models()
-    assert not mem.is_loaded(prior) and "CreativePrior" not in _loaded_names(mm)
+    assert not is_loaded(prior) and "CreativePrior" not in _loaded_names(mm)
     first = _sample(call, prior)
-    assert mem.is_loaded(prior) and "CreativePrior" in _loaded_names(mm)
+    assert is_loaded(prior) and "CreativePrior" in _loaded_names(mm)
     mm.unload_all_models()  # what POST /free {"unload_models": true} runs
-    assert not mem.is_loaded(prior)
+    assert not is_loaded(prior)
     again = _sample(call, prior)
-    assert mem.is_loaded(prior)
+    assert is_loaded(prior)
     assert torch.equal(first, again)
 
 
@@ -153,27 +163,27 @@ def test_optimiser_loads_the_mllm_only_while_it_answers(loaded, call, mem, mm, m
     real_p_yes = mllm.p_yes
 
     def spy_p_yes(images, question):
-        answered_while_loaded.append(mem.is_loaded(mllm))
+        answered_while_loaded.append(is_loaded(mllm))
         return real_p_yes(images, question)
 
     monkeypatch.setattr(mm, "load_models_gpu", spy_load)
     monkeypatch.setattr(mllm, "p_yes", spy_p_yes)
     mm.unload_all_models()
     _, concept, log, *_ = _optimise(call, loaded)
-    assert log["steps_run"] == 2 and all("gate_p_yes" in e for e in log["entries"])
+    assert log.steps_run == 2 and all(r.gate is not None for r in log.records)
     assert answered_while_loaded == [True, True]
     # training, then per check: decoder, MLLM, prior back for the next step
     assert requests[0] == ["CreativePrior"]
     assert requests.count(["CreativeDecoder"]) == 2 and requests.count(["CreativeMLLM"]) == 2
     assert requests[-1] == ["CreativePrior"]
-    assert mem.is_loaded(loaded["prior"]) and mem.is_loaded(loaded["decoder"])
-    assert not mem.is_loaded(mllm)  # offloaded after each check
+    assert is_loaded(loaded["prior"]) and is_loaded(loaded["decoder"])
+    assert not is_loaded(mllm)  # offloaded after each check
     # unloading everything and running again reloads and reproduces the run exactly
     mm.unload_all_models()
     assert _loaded_names(mm) == []
     _, concept2, log2, *_ = _optimise(call, loaded)
-    assert mem.is_loaded(loaded["prior"])
-    assert [e["loss"] for e in log2["entries"]] == [e["loss"] for e in log["entries"]]
+    assert is_loaded(loaded["prior"])
+    assert [r.loss for r in log2.records] == [r.loss for r in log.records]
     assert torch.equal(concept2.token_embedding, concept.token_embedding)
     assert concept2.lora_state.keys() == concept.lora_state.keys()
     assert all(torch.equal(concept2.lora_state[k], concept.lora_state[k]) for k in concept.lora_state)
@@ -202,7 +212,7 @@ def test_sampler_refuses_a_run_that_cannot_fit(loaded, call, mem, mm, tiny_free_
     assert "sampling activations:" in text and "batch 500 x2 (CFG)" in text
     assert "prior weights:" in text and "(already in memory)" in text  # CPU: weights are in RAM already
     assert "lower batch_size" in text
-    assert not mem.is_loaded(loaded["prior"])  # refused before anything was loaded or run
+    assert not is_loaded(loaded["prior"])  # refused before anything was loaded or run
 
 
 def test_optimiser_refuses_with_numbers_per_component(loaded, call, mem, mm, tiny_free_memory):
@@ -217,10 +227,37 @@ def test_optimiser_refuses_with_numbers_per_component(loaded, call, mem, mm, tin
                  "MLLM weights:", "MLLM forward:"):
         assert part in text, part
     assert "gate check: MLLM" in text and "training step" in text
-    assert "use a smaller MLLM" in text and "render the gate's images smaller" in text
+    assert "use a smaller MLLM" in text and "render smaller (Decoder Renderer width/height; now 32x32)" in text
     tf = loaded["prior"].transformer
     assert not [n for n in (getattr(tf, "peft_config", None) or {}) if n.startswith("creative_train_")]
     assert _loaded_names(mm) == []
+
+
+def test_sweep_preflight_counts_each_phase_as_its_own_estimate_does(loaded, mem, monkeypatch):
+    """The sweep's pre-flight joins the runs' estimate (training, the gate's render and question) with a
+    measurement's (sampling, render, independent judge): every phase must need what it needs on its own. Parts of
+    the two that share a name (the prior's weights, the decoder's, render activations of other batch sizes) must
+    not be counted twice in a phase."""
+    from creative_generation.nodes.engine.bank import sample_bank
+    from creative_generation.nodes.engine.evaluation import AskingJudge, Evaluator
+    from creative_generation.nodes.engine.gate import GateCheck
+    from creative_generation.nodes.engine.losses import CreativeTerm
+    from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
+
+    norm = loaded["norm"]
+    bank = sample_bank(loaded["prior"], "a photo of a vehicle", 16, batch_size=16, steps=2, seed=0)
+    run = CreativeRun(loaded["prior"], norm, "vehicle", (CreativeTerm(norm),), OptimConfig(steps=2, prior_steps=2),
+                      GateCheck(loaded["gate"], loaded["renderer"]))
+    evaluator = Evaluator(norm, bank, loaded["renderer"], AskingJudge(loaded["mllm"]), samples=8, rendered=4)
+    checked = []
+    monkeypatch.setattr(mem, "check", lambda estimate, models, device=None: checked.append(estimate) or estimate)
+    mem.prepare_sweep(run, evaluator)
+    combined, = checked
+    alone = {}
+    for own in (run.memory_estimate(on_gpu=False), evaluator.memory_estimate(run, on_gpu=False)):
+        alone.update({(own.what, ph.name): own.phase_bytes(ph) for ph in own.phases})
+    joined = [combined.phase_bytes(ph) for ph in combined.phases]
+    assert joined == list(alone.values()), {ph.name: (j, a) for ph, j, a in zip(combined.phases, joined, alone.values())}
 
 
 def test_gpu_accounting_counts_weights_to_move_and_what_comfy_can_free(loaded, mem, mm, monkeypatch):
@@ -296,7 +333,7 @@ def test_decoder_render_that_cannot_fit_is_refused(loaded, call, mem, mm, tiny_f
     text = str(refused.value)
     assert "for this render" in text and "render activations:" in text and "decoder weights:" in text
     assert "render smaller (Decoder Renderer width/height; now 32x32) or fewer at once (count; now 4)" in text
-    assert not mem.is_loaded(loaded["decoder"])
+    assert not is_loaded(loaded["decoder"])
 
 
 # --------------------------------------------------------------------------- a real server

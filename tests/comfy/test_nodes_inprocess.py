@@ -21,6 +21,8 @@ import comfy_harness
 import pytest
 import torch
 
+from creative_generation.nodes.engine.steplog import RunLog
+
 PAPER_DEFAULTS = {
     ("CreativePriorSampler", "count"): 5000,
     ("CreativePriorSampler", "batch_size"): 500,
@@ -155,8 +157,8 @@ def test_whole_chain_runs_in_process(chain, run, progress_log):
     out = run("CreativeLoRAOptimizer", **_optimiser_inputs(chain, loss_terms=terms, gate=gate, renderer=renderer))
     new_prior, concept, log, token, gate_images, loss_plot, embedding_map = out
     assert token == concept.token == "<creative-vehicle>"
-    assert log["steps_run"] == 2 and len(log["entries"]) == 2
-    assert all("gate_p_yes" in e for e in log["entries"])  # check_every=1: judged every step
+    assert isinstance(log, RunLog) and log.steps_run == 2 and len(log.records) == 2  # the typed log, not JSON
+    assert all(r.gate is not None for r in log.records)  # check_every=1: judged every step
     assert gate_images.shape[1:] == (32, 32, 3) and loss_plot.shape[-1] == 3 and embedding_map.shape[-1] == 3
     assert [v for node, v, _ in progress_log if node == "test-CreativeLoRAOptimizer"] == [1, 2]
     assert new_prior.concept is concept and chain["prior"].concept is None  # the input prior is untouched
@@ -190,7 +192,7 @@ def test_optimiser_cancel_raises_and_leaves_no_training_adapter(chain, run, comf
     assert not _training_adapters(chain["prior"])
     # and the prior still trains normally afterwards
     out = run("CreativeLoRAOptimizer", **_optimiser_inputs(chain, steps=1))
-    assert out[2]["steps_run"] == 1 and not _training_adapters(chain["prior"])
+    assert out[2].steps_run == 1 and not _training_adapters(chain["prior"])
 
 
 def test_input_checks_have_messages(pack_nodes, chain, run):
@@ -233,6 +235,7 @@ def test_log_is_saved_as_json_with_a_summary(chain, run, comfy_inprocess):
     import json
 
     log = run("CreativeLoRAOptimizer", **_optimiser_inputs(chain, steps=3))[2]
+    assert isinstance(log, RunLog)
     summary, = run("CreativeSaveLog", log=log, filename_prefix="unit-log")
     saved = sorted((Path(comfy_inprocess.folder_paths.get_output_directory()) / "creative" / "logs").glob("unit-log_*.json"))
     assert saved and not list(saved[-1].parent.glob("*.tmp"))
@@ -241,6 +244,7 @@ def test_log_is_saved_as_json_with_a_summary(chain, run, comfy_inprocess):
     assert {"loss", "creative", "log_likelihood", "mahalanobis", "seconds"} <= set(data["entries"][0])
     assert summary.startswith("stop: max_steps after 3 steps; kept the state of step 3")
     assert "log-likelihood under the norm" in summary
+    assert RunLog.from_json(data) == log  # the file is the log's JSON form, read back to the same records
 
 
 def test_wundt_sweep_node(chain, run, pack_nodes):

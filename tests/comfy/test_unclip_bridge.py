@@ -252,7 +252,7 @@ def test_optimiser_gate_renders_through_core_model(pack_nodes, models, tiny_mode
     prior = load_prior(str(tiny_models.path(em.resolve("diffusers", "kandinsky-2-1-prior"))))
     bank = sample_bank(prior, "a photo of a vehicle", 24, batch_size=24, steps=2, seed=0)
     assert bank.dim == 768  # CLIP ViT-L/14 width, as SD 2.1 unCLIP-L takes
-    norm = GaussianNorm.fit(bank, 4)
+    norm = GaussianNorm.from_bank(bank, 4)
     model, vae, positive, negative, _ = models("unclip-l")
     renderer = pack_nodes["CreativeCoreRenderer"].execute(model, vae, positive, negative, 0, 1, 1.0, "euler",
                                                           "normal", SIZE, SIZE, 1.0, 0.0).args[0]
@@ -262,8 +262,8 @@ def test_optimiser_gate_renders_through_core_model(pack_nodes, models, tiny_mode
         out = optimiser.execute(prior, norm, "vehicle", 2, 1e-3, 2, "token + LoRA", 0, "a photo of a {token}", 1.0,
                                 1.0, 2, loss_terms=None, gate=ValidityGate(judge, every=1), renderer=renderer)
     log, gate_images = out.args[2], out.args[4]
-    assert log["stop_reason"] == "max_steps" and log["steps_run"] == 2
-    assert [e.get("gate_p_yes") for e in log["entries"]] == [pytest.approx(0.9)] * 2
+    assert log.stop_reason == "max_steps" and log.steps_run == 2
+    assert [None if r.gate is None else r.gate.p_yes for r in log.records] == [pytest.approx(0.9)] * 2
     assert len(judge.images) == 2 and all(i.shape == (1, SIZE, SIZE, 3) for i in judge.images)
     assert gate_images.shape == (2, SIZE, SIZE, 3) and torch.isfinite(gate_images).all()
     assert (judge.images[0] - judge.images[1]).abs().max() > 0, "the trained concept changes the render"

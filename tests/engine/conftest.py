@@ -32,3 +32,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def user_cancel():
+    """``user_cancel(when)`` installs a :class:`cancelling.UserCancel` as the engine's cancel check (a user
+    presses cancel after the first step event for which ``when(event)`` holds); removed after the test."""
+    from cancelling import UserCancel
+
+    from creative_generation.nodes.engine import cancel
+
+    def install(when) -> UserCancel:
+        check = UserCancel(when)
+        cancel.set_check(check)
+        return check
+
+    try:
+        yield install
+    finally:
+        cancel.set_check(None)

@@ -31,7 +31,7 @@ from creative_generation.nodes.engine.bank import sample_bank
 from creative_generation.nodes.engine.concept import LORA_TARGETS, add_lora
 from creative_generation.nodes.engine.losses import CreativeTerm
 from creative_generation.nodes.engine.norm import GaussianNorm
-from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
 from creative_generation.nodes.engine.prior import load_prior
 from creative_generation.nodes.engine.sampling import sample_embeddings
 from creative_generation.nodes.testbed.live_bytes import LiveTensorBytes
@@ -64,7 +64,7 @@ def test_tracker_sees_allocations_and_frees():
 
 def test_dtype_bytes_and_formatting():
     assert budget.dtype_bytes(torch.float32) == 4 and budget.dtype_bytes("bf16") == 2
-    assert budget.dtype_bytes(torch.float16) == 2 and budget.weight_bytes(10, "fp32") == 40
+    assert budget.dtype_bytes(torch.float16) == 2 and budget.dtype_bytes("fp32") == 4
     assert budget.fmt_bytes(3 * budget.GIB) == "3.00 GiB" and budget.fmt_bytes(1.5 * budget.MIB) == "1.5 MiB"
 
 
@@ -106,7 +106,7 @@ def test_sampling_activations_match_the_measured_peak(sized_prior, batch):
     tokens = budget.prompt_token_count(sized_prior.tokenizer, PROMPT, "")
     estimate = budget.prior_sampling_activation_bytes(
         width=shape.width, layers=shape.layers, heads=shape.heads, ff_width=shape.ff_width, prompt_tokens=tokens,
-        batch=batch, cfg=True, dtype=shape.dtype, embed_dim=shape.embed_dim)
+        batch=batch, guided=True, dtype=shape.dtype, embed_dim=shape.embed_dim)
     with LiveBytes() as live:
         sample_embeddings(sized_prior, PROMPT, batch, batch_size=batch, steps=5, guidance=4.0)
     assert 0.9 <= estimate / live.peak <= 1.5, (estimate, live.peak)
@@ -114,20 +114,21 @@ def test_sampling_activations_match_the_measured_peak(sized_prior, batch):
 
 @pytest.fixture(scope="module")
 def sized_norm(sized_prior):
-    return GaussianNorm.fit(sample_bank(sized_prior, PROMPT, 64, batch_size=64, steps=2), 6)
+    return GaussianNorm.from_bank(sample_bank(sized_prior, PROMPT, 64, batch_size=64, steps=2), 6)
 
 
 @pytest.mark.parametrize("train, prior_steps", [("both", 2), ("both", 5), ("lora", 3), ("token", 3)])
 def test_optimiser_step_memory_matches_the_measured_peak(sized_prior, sized_norm, train, prior_steps):
     prior, norm = sized_prior, sized_norm
     shape = model_shapes.PriorShape.of(prior)
-    cfg = OptimConfig(steps=2, prior_steps=prior_steps, guidance=4.0, train=train, rank=10)
-    tokens = budget.prompt_token_count(prior.tokenizer, "a photo of a <creative-car>")
-    est = budget.optimisation_estimate(shape, prompt_tokens=tokens, prior_steps=prior_steps, guidance=4.0, rank=10,
-                                       train=train)
+    run = CreativeRun(prior, norm, "car", (CreativeTerm(norm),),
+                      OptimConfig(steps=2, prior_steps=prior_steps, guidance=4.0, train=train, rank=10))
+    est = run.memory_estimate(on_gpu=False)  # the run sizes itself from its parts (the prior's training estimate)
+    assert [ph.name for ph in est.phases] == [budget.TRAINING]
+    assert est.part("prior weights").bytes == shape.weight_bytes
     work = est.peak() - est.part("prior weights").bytes  # state + activations: what the run allocates
     with LiveBytes() as live:  # step 2's forward runs with AdamW's moments and step 1's gradients alive
-        CreativeOptimizer(prior, norm, "car", [CreativeTerm(norm)], cfg).run()
+        run.run()
     assert 0.9 <= work / live.peak <= 1.5, (train, work, live.peak)
 
 
@@ -178,8 +179,14 @@ def test_phases_and_refusal_message():
     mllm = model_shapes.MLLMShape(params=7_000_000_000, weight_bytes=14 * 10**9, dtype=torch.bfloat16, hidden=4096,
                             layers=32, intermediate=14336, heads=32, kv_heads=8, vision_hidden=1024,
                             vision_intermediate=4096, vision_heads=16)
-    est = budget.optimisation_estimate(shape, prompt_tokens=10, prior_steps=5, guidance=4.0, rank=10, mllm=mllm,
-                                       mllm_tokens=2900, mllm_vision_tokens=2880)
+    training_est = budget.training_estimate(shape, prompt_tokens=10, prior_steps=5, guidance=4.0, rank=10)
+    asking_est = budget.mllm_estimate(mllm, tokens=2900, vision_tokens=2880)
+    assert budget.optimisation_estimate(training_est) is training_est  # no gate: training alone
+    assert budget.gate_check_estimate(None, None) is None
+    est = budget.optimisation_estimate(training_est, budget.gate_check_estimate(None, asking_est))
+    assert [(ph.name, ph.parts) for ph in est.phases] == [
+        (budget.TRAINING, ("prior weights", budget.TRAINING_STATE, "training activations")),
+        (budget.JUDGE, (budget.TRAINING_STATE, "MLLM weights", "MLLM forward"))]
     training = sum(est.part(n).bytes for n in ("prior weights", "training state", "training activations"))
     asking = sum(est.part(n).bytes for n in ("training state", "MLLM weights", "MLLM forward"))
     assert est.peak() == max(training, asking) == asking
@@ -194,6 +201,34 @@ def test_phases_and_refusal_message():
     assert "+ 2.00 GiB ComfyUI can free by unloading models" in text
     assert "MLLM weights:" in text and "13.04 GiB" in text and "7.00 B params, bf16" in text
     assert "use a smaller MLLM" in text and "load the prior in bf16 or fp16" in text
+
+
+def test_a_gated_run_keeps_its_training_state_through_render_and_question():
+    """A gated run's phases: training, the gate's render, the gate's question; the training state lives through
+    all three, the prior's weights and activations only through training (a host may move them out)."""
+    prior = model_shapes.PriorShape(params=10**8, weight_bytes=4 * 10**8, dtype=torch.float32, width=512, layers=4,
+                                    heads=8, ff_width=2048, embed_dim=64, text_width=128, text_layers=2, text_heads=2,
+                                    text_ff_width=512)
+    decoder = model_shapes.DecoderShape(params=10**8, weight_bytes=2 * 10**8, dtype=torch.float16, latent_factor=8,
+                                        unet_channels=(64, 128), layers_per_block=1, movq_channels=(32, 64))
+    mllm = model_shapes.MLLMShape(params=10**8, weight_bytes=2 * 10**8, dtype=torch.float16, hidden=256, layers=2,
+                                  intermediate=512, heads=4, kv_heads=4, vision_hidden=128, vision_intermediate=256,
+                                  vision_heads=2)
+    training = budget.training_estimate(prior, prompt_tokens=8, prior_steps=5, guidance=4.0, rank=10)
+    drawing = budget.render_estimate(decoder, height=256, width=256, guidance=4.0)
+    asking = budget.mllm_estimate(mllm, tokens=100, vision_tokens=64)
+    est = budget.optimisation_estimate(training, budget.gate_check_estimate(drawing, asking))
+    assert [(ph.name, ph.parts) for ph in est.phases] == [
+        (budget.TRAINING, ("prior weights", budget.TRAINING_STATE, "training activations")),
+        (budget.RENDER, (budget.TRAINING_STATE, "decoder weights", "render activations")),
+        (budget.JUDGE, (budget.TRAINING_STATE, "MLLM weights", "MLLM forward"))]
+    assert budget.phase_models(est, budget.RENDER) == {budget.DECODER}
+    assert budget.phase_models(est, budget.JUDGE) == {budget.MLLM}
+    assert budget.phase_work(est, budget.RENDER) == (est.part(budget.TRAINING_STATE).bytes
+                                                     + est.part("render activations").bytes)
+    assert "render smaller" in " ".join(est.hints) and "use a smaller MLLM" in " ".join(est.hints)
+    only_render = budget.gate_check_estimate(drawing, None)
+    assert [ph.name for ph in only_render.phases] == [budget.RENDER]
 
 
 _RSS_SCRIPT = textwrap.dedent("""

@@ -9,7 +9,7 @@ from creative_generation.nodes.engine.bank import PAPER_TEMPLATE, sample_bank
 from creative_generation.nodes.engine.evaluation import AskingJudge, Evaluator, format_table, mean_by, wundt_sweep
 from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm
 from creative_generation.nodes.engine.norm import GaussianNorm
-from creative_generation.nodes.engine.optimizer import OptimConfig
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
 
 TEMPLATE = PAPER_TEMPLATE.replace("{subject}", "{token}")
 
@@ -28,7 +28,7 @@ def render(e):
 @pytest.fixture(scope="module")
 def evaluator(prior):
     bank = sample_bank(prior, PAPER_TEMPLATE.format(subject="vehicle"), 256, batch_size=128, seed=0)
-    return Evaluator(GaussianNorm.fit(bank, 16), bank, render, BrightnessJudge(), samples=16, rendered=8)
+    return Evaluator(GaussianNorm.from_bank(bank, 16), bank, render, BrightnessJudge(), samples=16, rendered=8)
 
 
 def test_measure_bank_itself_is_typical(evaluator):
@@ -51,9 +51,16 @@ def test_sweep_rows_and_novelty_rises(prior, evaluator):
     terms_free = [CreativeTerm(evaluator.norm)]
     terms_anchor = terms_free + [AnchorTerm.from_prior(prior, PAPER_TEMPLATE.format(subject="vehicle"))]
     cfg = OptimConfig(lr=1e-3, template=TEMPLATE)
-    rows = wundt_sweep(prior, evaluator, "vehicle", {"none": (terms_free, None), "anchor": (terms_anchor, None)},
-                       [0, 5, 10], cfg, seeds=[0, 1])
+    runs = {name: CreativeRun(prior, evaluator.norm, "vehicle", terms, cfg)
+            for name, terms in (("none", terms_free), ("anchor", terms_anchor))}
+    events = []
+    rows = wundt_sweep(runs, evaluator, [0, 5, 10], [0, 1], on_step=events.append)
     assert len(rows) == 2 * 2 * 3
+    assert [(r["config"], r["seed"], r["step"]) for r in rows[:4]] == [("none", 0, 0), ("none", 0, 5),
+                                                                       ("none", 0, 10), ("none", 1, 0)]
+    assert all(r["stop_reason"] == "max_steps" and r["steps_run"] == 10 for r in rows)
+    assert [e.done for e in events] == list(range(1, 41)) and {e.total for e in events} == {40}
+    assert [e.stage for e in events[::10]] == ["none, seed 0", "none, seed 1", "anchor, seed 0", "anchor, seed 1"]
     means = {(r["config"], r["step"]): r for r in mean_by(rows, ("config", "step"), ("novelty_percentile", "validity"))}
     assert means[("none", 0)]["n"] == 2
     assert means[("none", 0)]["novelty_percentile"] > means[("none", 10)]["novelty_percentile"]

@@ -14,7 +14,7 @@ from creative_generation.nodes.engine.norm import GaussianNorm
 @pytest.fixture(scope="module")
 def norm():
     rng = np.random.default_rng(0)
-    return GaussianNorm.fit(torch.from_numpy(rng.normal(size=(200, 32)) * np.linspace(2, 0.2, 32)), 8)
+    return GaussianNorm.from_bank(torch.from_numpy(rng.normal(size=(200, 32)) * np.linspace(2, 0.2, 32)), 8)
 
 
 def test_creative_is_mean_log_density(norm):

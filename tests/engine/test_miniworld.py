@@ -136,7 +136,7 @@ def test_norm_of_prior_samples_ranks_rare_cars_below_typical_ones(prior):
 
     bank = sample_embeddings(prior, "Professional high-quality photo of a car. photorealistic, 4k, HQ.", 600,
                              steps=5, guidance=4.0, seed=0)
-    norm = GaussianNorm.fit(bank, 50)
+    norm = GaussianNorm.from_bank(bank, 50)
 
     def log_density(kind: str, colour: str, background: str) -> float:
         scenes = [W.make_scene(kind, colour, background, size, seed=i) for i, size in enumerate(W.SIZES)]
@@ -215,12 +215,16 @@ def test_evaluation_studies_on_the_mini_world(prior, judge):
     from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
 
     args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", alpha=1.0, seeds=[0],
-                     steps={"wundt": [0, 4], "train": [0, 4], "negative": [0, 4]})
+                     configs=["none", "gate"], steps={"wundt": [0, 2], "train": [0, 4], "negative": [0, 4]})
     renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
                                prior.zero_image_embed())
     gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=25)
     subject, typical = E.prepare(prior, renderer, KindJudge(judge), "car", args)
     assert typical["config"] == "typical bank" and typical["validity"] is not None
+
+    wundt = E.wundt(prior, gate, subject, args)
+    assert [(r["config"], r["step"]) for r in wundt] == [("none", 0), ("none", 2), ("gate", 0), ("gate", 2)]
+    assert all(r["steps_run"] == 2 and r["stop_reason"] in ("max_steps", "gate_rejected") for r in wundt)
 
     train = E.train(prior, gate, subject, args)
     assert sorted({(r["config"], r["step"]) for r in train}) == sorted(

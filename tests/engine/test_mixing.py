@@ -12,7 +12,7 @@ from creative_generation.nodes.engine.concept import Concept, ConceptMismatchErr
 from creative_generation.nodes.engine.losses import AnchorTerm, CreativeTerm
 from creative_generation.nodes.engine.mixing import mix_concepts, normalised_weights
 from creative_generation.nodes.engine.norm import GaussianNorm
-from creative_generation.nodes.engine.optimizer import CreativeOptimizer, OptimConfig
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
 from creative_generation.nodes.engine.prior import load_prior
 from creative_generation.nodes.engine.sampling import sample_embeddings
 
@@ -24,12 +24,12 @@ SAMPLES = 64
 def world(one_thread):
     """The mini prior, a vehicle norm, and two concepts trained apart (car, boat; 20 steps, lr 1e-2)."""
     prior = load_prior(str(MINIWORLD / "prior"))
-    norm = GaussianNorm.fit(sample_bank(prior, "a photo of a vehicle", 256, batch_size=256, seed=0), 16)
+    norm = GaussianNorm.from_bank(sample_bank(prior, "a photo of a vehicle", 256, batch_size=256, seed=0), 16)
     concepts = []
     for subject, seed in (("car", 0), ("boat", 1)):
-        cfg = OptimConfig(steps=20, lr=1e-2, rank=4, alpha=4.0, seed=seed)
+        cfg = OptimConfig(steps=20, lr=1e-2, rank=4, lora_alpha=4.0, seed=seed)
         terms = [CreativeTerm(norm), AnchorTerm.from_prior(prior, f"a photo of a {subject}")]
-        concepts.append(CreativeOptimizer(prior, norm, subject, terms, cfg).run().concept)
+        concepts.append(CreativeRun(prior, norm, subject, terms, cfg).run().concept)
     return prior, norm, concepts
 
 

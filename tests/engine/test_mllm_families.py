@@ -269,7 +269,28 @@ def test_history_logs_every_answer(llava):
     p = float(judge.p_yes(image, QUESTION))
     judge.p_yes(image, QUESTION)
     entry = {"question": QUESTION, "image_sha256": pixel_sha256(pixels), "p_yes": p}
-    assert judge.history == [{**entry, "cached": False}, {**entry, "cached": True}]
+    assert list(judge.history) == [{**entry, "cached": False}, {**entry, "cached": True}]
+
+
+def test_answer_cache_and_history_stay_bounded(llava, monkeypatch):
+    """A judge ComfyUI keeps cached on a long-running server: its answers and history keep the newest only
+    (the answer cache drops the least recently used answer; one asked again counts as used)."""
+    from creative_generation.nodes.engine import mllm
+
+    monkeypatch.setattr(mllm, "ANSWER_CACHE_LIMIT", 2)
+    monkeypatch.setattr(mllm, "HISTORY_LIMIT", 3)
+    judge = load_mllm(str(llava))
+    images = {seed: torch.from_numpy(square(seed))[None].float() / 255 for seed in (20, 21, 22)}
+
+    def ask(seed: int) -> bool:
+        """Asks about image ``seed``; whether the answer came from the cache."""
+        judge.p_yes(images[seed], QUESTION)
+        return judge.history[-1]["cached"]
+
+    assert [ask(20), ask(21), ask(20)] == [False, False, True]
+    assert ask(22) is False  # evicts 21, the least recently used
+    assert [ask(20), ask(22), ask(21)] == [True, True, False]
+    assert len(judge.history) == 3 and [h["cached"] for h in judge.history] == [True, True, False]
 
 
 def test_pixel_hash_sees_every_pixel_and_the_shape():

@@ -38,7 +38,7 @@ def render(e: torch.Tensor) -> torch.Tensor:
 def bank_and_norm():
     g = torch.Generator().manual_seed(0)
     bank = EmbeddingBank(torch.randn(200, 16, generator=g) * torch.linspace(3, 0.5, 16), {"prior": "p"})
-    return bank, GaussianNorm.fit(bank, 8)
+    return bank, GaussianNorm.from_bank(bank, 8)
 
 
 def test_without_gate_returns_the_k_rarest(bank_and_norm):
@@ -128,7 +128,7 @@ def test_mini_world_rare_samples_pass_the_real_gate_in_seconds():
         gate = ValidityGate(load_mllm(str(MINIWORLD / "mllm")))
         bank = sample_bank(prior, "Professional high-quality photo of a vehicle. photorealistic, 4k, HQ.", 256,
                            batch_size=256, seed=0)
-        norm = GaussianNorm.fit(bank, 16)
+        norm = GaussianNorm.from_bank(bank, 16)
         t0 = time.perf_counter()
         sel = select_rare(norm, bank, 4, candidates=32, gate=gate, renderer=renderer, subject="vehicle")
         seconds = time.perf_counter() - t0

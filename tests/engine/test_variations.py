@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cancelling import Cancelled, assert_same_prior, prior_state, training_adapters
 
 from creative_generation.nodes.engine.bank import sample_bank
-from creative_generation.nodes.engine.gate import ValidityGate
+from creative_generation.nodes.engine.gate import GateCheck, ValidityGate
 from creative_generation.nodes.engine.losses import AnchorTerm
 from creative_generation.nodes.engine.mllm import load_mllm
 from creative_generation.nodes.engine.norm import GaussianNorm
-from creative_generation.nodes.engine.optimizer import OptimConfig, StopOptimisation
+from creative_generation.nodes.engine.optimizer import CreativeRun, OptimConfig
 from creative_generation.nodes.engine.prior import PriorFolderError, load_prior
 from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
 from creative_generation.nodes.engine.sampling import sample_embeddings
@@ -30,7 +31,7 @@ def world(one_thread):
     prior = load_prior(str(MINIWORLD / "prior"))
     renderer = DecoderRenderer(load_decoder(str(MINIWORLD / "decoder")), RenderSettings(10, 2.0, 32, 32, 0),
                                prior.zero_image_embed())
-    norm = GaussianNorm.fit(sample_bank(prior, "a photo of a car", 256, batch_size=256, seed=0), 16)
+    norm = GaussianNorm.from_bank(sample_bank(prior, "a photo of a car", 256, batch_size=256, seed=0), 16)
     image = W.to_image_tensor(W.draw_many([W.make_scene("car", "red", "road")]))
     return prior, renderer, norm, image, load_judge(MINIWORLD / "judge")
 
@@ -44,12 +45,17 @@ def test_variations_are_rarer_than_the_image_and_keep_its_kind(world):
     """Inversion (token + LoRA, 100 steps at lr 1e-2) reproduces the car; 30 creative steps at lr 1e-4, anchored
     to the image and gated by the mini LLaVA every 5 steps, go rarer than the image while the judge sees a car."""
     prior, renderer, norm, image, judge = world
-    cfg = OptimConfig(steps=30, lr=1e-4, train="both", rank=4, alpha=4.0, seed=0)
-    stages = []
-    result = image_variations(prior, norm, image, "car", cfg, inversion_steps=100, inversion_lr=1e-2,
-                              gate=ValidityGate(load_mllm(str(MINIWORLD / "mllm")), every=5), renderer=renderer,
-                              callback=lambda stage, record: stages.append(stage))
+    cfg = OptimConfig(steps=30, lr=1e-4, train="both", rank=4, lora_alpha=4.0, seed=0)
+    events = []
+    run = CreativeRun(prior, norm, "car", (), cfg, GateCheck(ValidityGate(load_mllm(str(MINIWORLD / "mllm")), every=5),
+                                                             renderer))
+    result = image_variations(run, image, inversion_steps=100, inversion_lr=1e-2, on_step=events.append)
+    stages = [e.stage for e in events]
     assert stages == ["inversion"] * 100 + ["creative"] * result.creative.steps_run
+    assert [e.done for e in events] == list(range(1, 101 + result.creative.steps_run))
+    assert {e.total for e in events} == {130}
+    assert set(result.inversion.records[0].terms) == {"image_anchor"}
+    assert set(result.creative.records[0].terms) == {"creative", "image_anchor"}
     assert judge.predict(image)[0]["kind"] == "car"
 
     inverted = _samples(prior, result.inversion.concept)
@@ -85,16 +91,28 @@ def test_image_anchor_refuses_what_the_image_encoding_refuses(world):
         AnchorTerm.from_images(prior, image[0])
 
 
-def test_refuses_a_prior_without_image_encoder_and_cancels(world):
-    prior, renderer, norm, image, _ = world
+def test_refuses_a_prior_without_image_encoder(world):
+    prior, _, norm, image, _ = world
     blind = prior.with_concept(None)
     blind.image_encoder = None
     with pytest.raises(PriorFolderError, match="image encoder"):
-        image_variations(blind, norm, image, "car", OptimConfig(steps=1))
+        image_variations(CreativeRun(blind, norm, "car", (), OptimConfig(steps=1)), image)
+    with pytest.raises(ValueError, match="inversion_steps must be at least 1"):
+        image_variations(CreativeRun(prior, norm, "car", (), OptimConfig(steps=1)), image, inversion_steps=0)
 
-    def cancel(stage, record):
-        raise StopOptimisation
 
-    result = image_variations(prior, norm, image, "car", OptimConfig(steps=5, rank=2, alpha=2.0), inversion_steps=5,
-                              callback=cancel)
-    assert result.inversion.stop_reason == "cancelled" and result.creative is result.inversion
+@pytest.mark.parametrize("stage", ["inversion", "creative"])
+def test_a_cancel_raises_and_leaves_the_prior_clean(world, user_cancel, stage):
+    """A user's cancel during the inversion raises before the creative stage starts (the old 'cancelled' result
+    is gone); during the creative stage it raises as well; either way no training adapter is left on the prior."""
+    prior, _, norm, image, _ = world
+    before = prior_state(prior)
+    check = user_cancel(lambda event: event.stage == stage and event.record.step == 2)
+    run = CreativeRun(prior, norm, "car", (), OptimConfig(steps=5, rank=2, lora_alpha=2.0))
+    with pytest.raises(Cancelled):
+        image_variations(run, image, inversion_steps=3, on_step=check.on_step)
+    expected = [("inversion", 1), ("inversion", 2)] if stage == "inversion" else [
+        ("inversion", 1), ("inversion", 2), ("inversion", 3), ("creative", 1), ("creative", 2)]
+    assert [(e.stage, e.record.step) for e in check.events] == expected
+    assert check.raised == 1 and training_adapters(prior) == []
+    assert_same_prior(before, prior_state(prior))

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ...engine.bank import PAPER_TEMPLATE, sample_bank
 from ...engine.evaluation import measure_snapshots
-from ...engine.gate import ValidityGate, Verdict
+from ...engine.gate import GateCheck, ValidityGate, Verdict
 from ...engine.losses import AnchorTerm, CreativeTerm
-from ...engine.optimizer import CreativeOptimizer, OptimConfig
+from ...engine.optimizer import CreativeRun, OptimConfig
 from ...engine.prior import Prior
 from ...engine.rare import select_rare
 from ...engine.sampling import sample_embeddings
@@ -113,6 +113,10 @@ class KindNamer:
             self.loss.negatives.append(text_target(self.prior, kind))
         return kind
 
+    def provenance(self) -> dict[str, object]:
+        """What a concept's metadata records of its gate: how the kinds were asked for, and how often."""
+        return {"question": self.question, "every": self.every, "threshold": self.threshold}
+
     def ask(self, images: torch.Tensor, subject: str, step: int) -> Verdict:
         kind = self.name(images)
         return Verdict(step, f"{self.question.format(subject=subject)} -> {kind}", 1.0, True)
@@ -157,10 +161,10 @@ def run_method(prior: Prior, subj, label: str, method: Method, cfg: OptimConfig,
     if isinstance(gate, KindNamer):  # ConceptLab asks once before training too (the step-0 concept)
         gate.name(subj.evaluator.renderer(sample_embeddings(prior, subj.prompt, 1, batch_size=1, seed=cfg.seed)))
     marks = [time.perf_counter() - t0]  # marks[s]: seconds after step s
-    result = CreativeOptimizer(prior, subj.evaluator.norm, subj.name, terms, run_cfg, gate,
-                               subj.evaluator.renderer).run(lambda _record: marks.append(time.perf_counter() - t0),
-                                                            snapshot_at=frozenset(steps))
-    rows = measure_snapshots(prior, subj.evaluator, subj.name, result, run_cfg, label)
+    run = CreativeRun(prior, subj.evaluator.norm, subj.name, tuple(terms), run_cfg,
+                      GateCheck.of(gate, subj.evaluator.renderer))
+    result = run.run(lambda _event: marks.append(time.perf_counter() - t0), snapshot_at=frozenset(steps))
+    rows = measure_snapshots(run, subj.evaluator, result, label)
     for r in rows:
         r["seconds"] = marks[min(r["step"], len(marks) - 1)]
         if isinstance(gate, KindNamer):

@@ -35,11 +35,11 @@ from ...engine.evaluation import (
     sweep_summary,
     wundt_sweep,
 )
-from ...engine.gate import ValidityGate
+from ...engine.gate import GateCheck, ValidityGate
 from ...engine.losses import AnchorTerm, CreativeTerm, negative_cluster
 from ...engine.mllm import load_mllm
 from ...engine.norm import GaussianNorm
-from ...engine.optimizer import CreativeOptimizer, OptimConfig
+from ...engine.optimizer import CreativeRun, OptimConfig
 from ...engine.prior import load_prior
 from ...engine.render import DecoderRenderer, RenderSettings, load_decoder
 from ...engine.sampling import sample_embeddings
@@ -81,7 +81,7 @@ def prepare(prior, renderer, judge, name: str, args) -> tuple[Subject, dict]:
     prompt = PAPER_TEMPLATE.format(subject=name)
     t0 = time.perf_counter()
     bank = sample_bank(prior, prompt, args.bank, batch_size=500, seed=0)
-    norm = GaussianNorm.fit(bank, args.dims)
+    norm = GaussianNorm.from_bank(bank, args.dims)
     seconds = time.perf_counter() - t0
     evaluator = Evaluator(norm, bank, renderer, judge, samples=args.samples, rendered=args.samples)
     typical = evaluator.measure_embeddings(bank.embeds[-args.samples:], name)
@@ -96,20 +96,26 @@ def config(args, **changes) -> OptimConfig:
     return replace(cfg, **changes)
 
 
+def make_run(prior, subj: Subject, terms: list, gate, cfg: OptimConfig) -> CreativeRun:
+    """A run on the subject's norm; a gate judges what the evaluator's renderer draws."""
+    return CreativeRun(prior, subj.evaluator.norm, subj.name, tuple(terms), cfg,
+                       GateCheck.of(gate, subj.evaluator.renderer))
+
+
 def wundt(prior, gate, subj: Subject, args) -> list[dict]:
     base = [CreativeTerm(subj.evaluator.norm)]
     configs = {"none": (base, None), "anchor": (base + [subj.anchor], None), "gate": (base, gate),
                "both": (base + [subj.anchor], gate)}
-    configs = {name: configs[name] for name in args.configs}
-    return wundt_sweep(prior, subj.evaluator, subj.name, configs, args.steps["wundt"], config(args), args.seeds)
+    runs = {name: make_run(prior, subj, *configs[name], config(args)) for name in args.configs}
+    return wundt_sweep(runs, subj.evaluator, args.steps["wundt"], args.seeds)
 
 
 def train(prior, gate, subj: Subject, args) -> list[dict]:
-    both = {"both": ([CreativeTerm(subj.evaluator.norm), subj.anchor], gate)}
+    terms = [CreativeTerm(subj.evaluator.norm), subj.anchor]
     rows = []
     for mode, label in (("token", "token"), ("lora", "LoRA"), ("both", "token + LoRA")):
-        for r in wundt_sweep(prior, subj.evaluator, subj.name, both, args.steps["train"], config(args, train=mode),
-                             args.seeds):
+        both = {"both": make_run(prior, subj, terms, gate, config(args, train=mode))}
+        for r in wundt_sweep(both, subj.evaluator, args.steps["train"], args.seeds):
             rows.append({**r, "config": label})
     return rows
 
@@ -120,15 +126,14 @@ def negative(prior, gate, subj: Subject, args) -> list[dict]:
     steps, rows = args.steps["negative"], []
     for seed in args.seeds:
         cfg = config(args, steps=max(steps), seed=seed)
-        first = CreativeOptimizer(prior, subj.evaluator.norm, subj.name, terms, cfg, gate,
-                                  subj.evaluator.renderer).run(snapshot_at=frozenset(steps))
+        run = make_run(prior, subj, terms, gate, cfg)
+        first = run.run(snapshot_at=frozenset(steps))
         marked = sample_embeddings(prior.with_concept(first.concept), cfg.template.format(token=first.concept.token),
                                    64, batch_size=64, seed=1000 + seed)
         cluster = negative_cluster(subj.evaluator.norm, marked, alpha=args.alpha, label="marked")
         evaluator = replace(subj.evaluator, marked=cluster.cluster)
-        rows += measure_snapshots(prior, evaluator, subj.name, first, cfg, "without negative")
-        rows += wundt_sweep(prior, evaluator, subj.name, {"with negative": (terms + [cluster], gate)}, steps, cfg,
-                            [seed])
+        rows += measure_snapshots(run, evaluator, first, "without negative")
+        rows += wundt_sweep({"with negative": run.with_(terms=(*terms, cluster))}, evaluator, steps, [seed])
     return rows
 
 

@@ -57,7 +57,7 @@ def measure_run(files: RunFiles, subject: str, pca_dims: int, judge: LabelClassi
     """Novelty / validity / diversity of the typical renders and of the concept, plus what the judge sees."""
     bank = EmbeddingBank.load(files.bank)
     samples = EmbeddingBank.load(files.samples).embeds
-    evaluator = Evaluator(GaussianNorm.fit(bank, pca_dims), bank)
+    evaluator = Evaluator(GaussianNorm.from_bank(bank, pca_dims), bank)
     out = {"subject": subject, "pca_dims": pca_dims, "bank_size": len(bank)}
     for name, embeds, paths in (("typical", bank.embeds[:len(files.typical_images)], files.typical_images),
                                 ("concept", samples, files.concept_images)):
