@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from . import budget
+from .compat import dtype_kwargs
 from .layouts import SENTENCEPIECE_FILES, TOKENIZER_FILES, Layout, first_missing
 from .model_shapes import MLLMShape, vision_patches
 
@@ -295,7 +296,8 @@ def load_mllm(folder: str, *, device: str | torch.device = "cpu", dtype: torch.d
         raise ValueError(f"{path}: no .safetensors weights (pickled .bin checkpoints are refused: they can run code)")
     _check_files(path, family_of(config.model_type))
     model = AutoModelForImageTextToText.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype)
+        path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
+        **dtype_kwargs("transformers", dtype))
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     _check_processor(path, processor)
     judge = MLLMJudge(model.to(device), processor, family_of(config.model_type))
