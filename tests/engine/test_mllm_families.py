@@ -322,6 +322,7 @@ def test_unreadable_config(tmp_path):
 # ---------------------------------------------------------------- folders a user may have
 
 
+@pytest.mark.transformers5  # builds the old layout from transformers 5's nested processor_config.json
 def test_a_llava_next_snapshot_without_processor_config_is_refused_at_load(llava, tmp_path):
     """Older llava-hf snapshots: the image processor in preprocessor_config.json, no processor_config.json
     (patch_size). transformers loads it, and the first question failed with a TypeError on patch_size."""
