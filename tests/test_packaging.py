@@ -23,6 +23,16 @@ def test_dependencies_mirror_requirements_and_never_pin_torch():
     assert all("==" not in r for r in requirements), "exact pins fight other packs"
 
 
+def test_stated_floors_are_the_tested_floors():
+    """Every requirement's ``>=`` floor is the version CI installs in .venv-floor (.ci/constraints-floor.txt),
+    and transformers' floor is ComfyUI 0.3.75's own (4.50.3): the pack never upgrades what ComfyUI accepts."""
+    requirements = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip()]
+    floors = dict(r.split(">=") for r in requirements)
+    pins = [line.strip() for line in (REPO / ".ci" / "constraints-floor.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert floors == dict(p.split("==") for p in pins)
+    assert floors["transformers"] == "4.50.3"
+
 def test_registry_metadata():
     data = _project()
     name = data["project"]["name"]

@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from packaging.version import Version
 from PIL import Image
 
 from . import budget
+from .compat import dtype_kwargs, installed_version
 from .layouts import SENTENCEPIECE_FILES, TOKENIZER_FILES, Layout, first_missing
 from .model_shapes import MLLMShape, vision_patches
 
@@ -60,11 +62,15 @@ class Family:
     ``processor_kwargs`` go to the processor call behind ``apply_chat_template`` (e.g. a mode
     switch for processors that also prepare image generation). ``layout``: files the family needs
     beyond every model's, which transformers would load without and fail on only at the first question.
+    ``min_transformers`` is the oldest transformers the family's tests pass with: ComfyUI's 4.50.3 for
+    LLaVA-NeXT, 5.0.0 for the others (their processors and tiny test folders need transformers 5), so on
+    4.5x those refuse at load, naming the release, while the rest of the pack works.
     """
 
     name: str
     processor_kwargs: dict[str, object] = field(default_factory=dict)
     layout: Layout = field(default_factory=dict)
+    min_transformers: str = "5.0.0"
 
 
 # transformers ``config.model_type`` -> family. Other image-text-to-text models load too,
@@ -74,7 +80,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     # processor_config.json holds patch_size: without it the processor loads and the first question fails
     # counting image tokens ("unsupported operand type(s) for //: 'int' and 'NoneType'").
-    "llava_next": Family("LLaVA-NeXT", layout={"": (("processor_config.json",),)}),
+    "llava_next": Family("LLaVA-NeXT", layout={"": (("processor_config.json",),)}, min_transformers="4.50.3"),
     "qwen2_vl": Family("Qwen2-VL"),
     "qwen2_5_vl": Family("Qwen2.5-VL"),
     # Janus also draws images; "text" mode keeps its processor from appending a begin-of-image token.
@@ -96,6 +102,15 @@ NOT_NATIVE = {
 def family_of(model_type: str) -> Family:
     """The family for a ``config.model_type``; unknown image-text-to-text models use the generic path."""
     return FAMILIES.get(model_type, GENERIC)
+
+
+def transformers_too_old(family: Family = GENERIC) -> str | None:
+    """Why the installed transformers cannot run ``family``'s judge, or None when it can."""
+    have = installed_version("transformers")
+    if have >= Version(family.min_transformers):
+        return None
+    return (f"the {family.name} judge needs transformers>={family.min_transformers} (installed: {have}); "
+            "upgrade transformers to use an MLLM gate (everything else in the pack works with this version)")
 
 
 class MLLMVisionError(ValueError):
@@ -295,7 +310,8 @@ def load_mllm(folder: str, *, device: str | torch.device = "cpu", dtype: torch.d
         raise ValueError(f"{path}: no .safetensors weights (pickled .bin checkpoints are refused: they can run code)")
     _check_files(path, family_of(config.model_type))
     model = AutoModelForImageTextToText.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype)
+        path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
+        **dtype_kwargs("transformers", dtype))
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     _check_processor(path, processor)
     judge = MLLMJudge(model.to(device), processor, family_of(config.model_type))
@@ -321,6 +337,8 @@ def _checked_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         raise ValueError(f"{path}: config.json could not be read: {error}") from error
     if declared in NOT_NATIVE:
         raise ValueError(f"{path}: a '{declared}' model is {NOT_NATIVE[declared]}.")
+    if isinstance(declared, str) and declared in FAMILIES and (too_old := transformers_too_old(FAMILIES[declared])):
+        raise ValueError(f"{path}: {too_old}")  # before AutoConfig: 4.5x does not know every family's config
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
@@ -330,6 +348,8 @@ def _checked_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         known = ", ".join(f.name for f in FAMILIES.values())
         raise ValueError(f"{path}: a '{config.model_type}' model cannot see images; the gate needs an "
                          f"image-text-to-text model ({known}, ...)")
+    if too_old := transformers_too_old(family_of(config.model_type)):
+        raise ValueError(f"{path}: {too_old}")
     return config
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .prior_training import PriorTraining
 
 from . import budget
+from .compat import dtype_kwargs
 from .concept import Concept, activate_concept, placeholder_embeddings
 from .model_shapes import PriorShape
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
@@ -292,13 +293,15 @@ def load_prior(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     root = Path(source).expanduser()
     layout, family = detect_layout(root)
     common = dict(local_files_only=True, use_safetensors=True)
-    transformer = PriorTransformer.from_pretrained(root / "prior", torch_dtype=dtype, **common)
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", dtype=dtype, **common)
+    transformer = PriorTransformer.from_pretrained(root / "prior", **dtype_kwargs("diffusers", dtype), **common)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", **dtype_kwargs("transformers", dtype),
+                                                              **common)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     scheduler = UnCLIPScheduler.from_pretrained(root / ("prior_scheduler" if layout == "karlo" else "scheduler"))
     image_encoder, mean, std = None, CLIP_MEAN, CLIP_STD
     if (root / "image_encoder" / "config.json").is_file():
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", dtype=dtype, **common)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            root / "image_encoder", **dtype_kwargs("transformers", dtype), **common)
         proc = root / "image_processor" / "preprocessor_config.json"
         if proc.is_file():
             cfg = json.loads(proc.read_text())

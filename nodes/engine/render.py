@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import budget, cancel, render_cost
+from .compat import dtype_kwargs
 from .model_shapes import DecoderShape
 from .layouts import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Layout, first_missing
 
@@ -266,7 +267,7 @@ def load_decoder(folder: str | os.PathLike, *, device: str | torch.device = "cpu
 
     family = detect_decoder_family(folder)
     cls = KandinskyV22Pipeline if family == "kandinsky-2.2" else KandinskyPipeline
-    pipeline = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+    pipeline = cls.from_pretrained(folder, **dtype_kwargs("diffusers", dtype), local_files_only=True, use_safetensors=True)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)  # progress goes through the caller's callback
     return KandinskyDecoder(pipeline, family, source=str(folder))

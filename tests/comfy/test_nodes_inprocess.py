@@ -276,6 +276,7 @@ def test_wundt_sweep_node(chain, run, pack_nodes):
             samples=4)
 
 
+@pytest.mark.transformers5
 def test_bundled_mini_world_is_listed_and_loads(run, pack_nodes):
     """The pack's own models/miniworld shows up in the loaders' lists and works offline."""
     from creative_generation.nodes import comfy_bridge

@@ -45,6 +45,7 @@ def study():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.transformers5
 def test_table_has_every_method_and_step(study):
     E, rows = study
     assert sorted({(r["config"], r["step"]) for r in rows}, key=str) == sorted(
@@ -58,6 +59,7 @@ def test_table_has_every_method_and_step(study):
     assert rare["selected"] == 8 and rare["novelty_percentile"] < 10, rare
 
 
+@pytest.mark.transformers5
 def test_broken_method_loses_to_the_real_one(study):
     _, rows = study
     at = {(r["config"], r["step"]): r for r in rows}
@@ -65,6 +67,7 @@ def test_broken_method_loses_to_the_real_one(study):
     assert at[(PAPER, 4)]["creativity"] > at[(BROKEN, 4)]["creativity"], (at[(PAPER, 4)], at[(BROKEN, 4)])
 
 
+@pytest.mark.transformers5
 def test_conceptlab_names_kinds_of_the_category_as_negatives(study):
     from creative_generation.nodes.testbed.miniworld import world
 

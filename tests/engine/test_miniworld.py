@@ -166,6 +166,7 @@ def test_decoder_renders_embeddings_the_judge_recognises(prior, judge, metrics):
     assert sum(k == s.kind for k, s in zip(kinds, scenes)) >= 5, kinds
 
 
+@pytest.mark.transformers5
 def test_mllm_answers_from_the_image():
     from creative_generation.nodes.engine.mllm import load_mllm
 
@@ -204,6 +205,7 @@ def test_judge_loader_refuses_other_folders(tmp_path):
 
 # ----------------------------------------------------------------------------------------- the evaluation script
 
+@pytest.mark.transformers5
 def test_evaluation_studies_on_the_mini_world(prior, judge):
     """The script's three studies, tiny: labels and columns right, and the negative cluster really repels."""
     from argparse import Namespace

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from creative_generation.nodes.engine.mllm import MLLMJudge, answer_token_ids, load_mllm
+from creative_generation.nodes.engine.mllm import FAMILIES, MLLMJudge, answer_token_ids, load_mllm, transformers_too_old
 from creative_generation.nodes.testbed.tiny.mllm import (
     build_tiny_llava_next,
     build_tiny_qwen2_vl,
@@ -33,7 +34,8 @@ def _torchvision_available() -> bool:
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mllm")
     built = {"llava_next": build_tiny_llava_next(root / "llava_next", seed=0)}
-    if _torchvision_available():  # transformers 5's Qwen2VLProcessor needs its torchvision video processor
+    # transformers 5's Qwen2VLProcessor needs its torchvision video processor; 4.5x cannot run this judge
+    if _torchvision_available() and not transformers_too_old(FAMILIES["qwen2_vl"]):
         built["qwen2_vl"] = build_tiny_qwen2_vl(root / "qwen2_vl", seed=0)
     return built
 
@@ -41,7 +43,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family(request, folders) -> str:
     if request.param not in folders:
-        pytest.skip(f"{request.param}: transformers needs torchvision for this family's processor")
+        pytest.skip(f"{request.param}: {transformers_too_old(FAMILIES[request.param]) or 'needs torchvision'}")
     return request.param
 
 
@@ -166,7 +168,9 @@ def _copy_without(folders, tmp_path, name: str) -> Path:
 
 def test_refuses_a_processor_without_chat_template(folders, tmp_path):
     with pytest.raises(ValueError, match="chat template"):
-        load_mllm(str(_copy_without(folders, tmp_path, "chat_template.jinja")))
+        # transformers 4.5x saves the template as chat_template.json, 5 as chat_template.jinja
+        name = next(n for n in ("chat_template.jinja", "chat_template.json") if (folders["llava_next"] / n).is_file())
+        load_mllm(str(_copy_without(folders, tmp_path, name)))
 
 
 def test_refuses_pickled_weights_only(folders, tmp_path):
@@ -174,3 +178,21 @@ def test_refuses_pickled_weights_only(folders, tmp_path):
     (copy / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="safetensors"):
         load_mllm(str(copy))
+
+
+@pytest.mark.parametrize("model_type, name", [("llava_next", "LLaVA-NeXT"), ("janus", "Janus"),
+                                              ("llava", "image-text-to-text")])
+def test_a_transformers_too_old_for_the_family_is_named_at_load(tmp_path, monkeypatch, model_type, name):
+    """On ComfyUI's transformers 4.5x the judge refuses before touching the weights, naming the family and
+    the release it needs (the rest of the pack runs on 4.5x); a release at the family's floor passes the check."""
+    from creative_generation.nodes.engine import mllm
+    from packaging.version import Version
+
+    (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    monkeypatch.setattr(mllm, "installed_version", lambda library: Version("4.50.2"))
+    floor = re.escape(mllm.family_of(model_type).min_transformers)
+    with pytest.raises(ValueError, match=rf"{tmp_path}: the {name} judge needs transformers>={floor} "
+                                         r"\(installed: 4\.50\.2\)"):
+        load_mllm(str(tmp_path))
+    monkeypatch.setattr(mllm, "installed_version", lambda library: Version("5.0.0"))
+    assert mllm.transformers_too_old(mllm.family_of(model_type)) is None

@@ -24,6 +24,7 @@ from creative_generation.nodes.engine.mllm import (
     load_mllm,
     pixel_sha256,
     to_uint8,
+    transformers_too_old,
 )
 from creative_generation.nodes.testbed.tiny import mllm as tiny
 from PIL import Image
@@ -100,6 +101,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=sorted(BUILDS))
 def family(request, root) -> tuple[str, Path]:
     build, missing = BUILDS[request.param]
+    missing = transformers_too_old(FAMILIES[request.param]) or missing
     if missing:
         pytest.skip(f"{request.param}: transformers needs {missing}")
     return request.param, build(root / request.param, seed=0)
@@ -200,7 +202,7 @@ def rig_to_see_colour(judge: MLLMJudge) -> None:
     ``d`` over the four probes makes yes - no = h . d = +-6 (agree / disagree). The head is
     untied from the input embeddings here, so the hidden states themselves do not move.
     """
-    head = judge.model.lm_head
+    head = judge.model.get_output_embeddings()  # lm_head sits elsewhere in transformers 4.5x
     assert head.weight.data_ptr() != judge.model.get_input_embeddings().weight.data_ptr()
     states: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda module, args, out: states.append(args[0][0, -1].double()))
@@ -341,6 +343,7 @@ def test_unreadable_config(tmp_path):
 # ---------------------------------------------------------------- folders a user may have
 
 
+@pytest.mark.transformers5  # builds the old layout from transformers 5's nested processor_config.json
 def test_a_llava_next_snapshot_without_processor_config_is_refused_at_load(llava, tmp_path):
     """Older llava-hf snapshots: the image processor in preprocessor_config.json, no processor_config.json
     (patch_size). transformers loads it, and the first question failed with a TypeError on patch_size."""

@@ -65,3 +65,11 @@ def test_encode_images(prior):
     assert e.shape == (3, prior.embedding_dim) and torch.isfinite(e).all()
     assert not torch.allclose(e[0], e[1])
     assert prior.zero_image_embed().shape == (1, prior.embedding_dim)
+
+
+def test_requested_dtype_reaches_every_module(tiny_prior_dir):
+    """``dtype`` goes to each library under the keyword its installed release knows (transformers <4.56 and
+    diffusers <0.40 only know ``torch_dtype`` and ignore or choke on ``dtype``)."""
+    prior = load_prior(tiny_prior_dir, dtype=torch.float64)
+    for module in (prior.transformer, prior.text_encoder, prior.image_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.float64}

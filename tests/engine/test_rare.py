@@ -111,6 +111,7 @@ def test_refuses_a_bank_of_another_prior_or_width(bank_and_norm):
         select_rare(norm, EmbeddingBank(torch.zeros(4, 8), {}), 2)
 
 
+@pytest.mark.transformers5
 def test_mini_world_rare_samples_pass_the_real_gate_in_seconds():
     """The bundled prior, decoder and MLLM: the selected samples are far rarer than the bank's median and each
     got P(yes) >= 0.5 from the mini LLaVA."""

@@ -160,3 +160,9 @@ def test_a_prior_folder_is_not_a_decoder(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22PriorPipeline"}))
     with pytest.raises(DecoderFolderError, match="KandinskyV22PriorPipeline, not a Kandinsky decoder"):
         load_decoder(tmp_path)
+
+
+def test_requested_dtype_reaches_the_pipeline(folders):
+    """diffusers before 0.40 only knows ``torch_dtype``; given ``dtype`` it would load float32 silently."""
+    decoder = load_decoder(folders["kandinsky-2.2"], dtype=torch.float64)
+    assert {p.dtype for p in decoder.pipeline.unet.parameters()} == {torch.float64}

@@ -41,6 +41,7 @@ def _samples(prior, concept) -> torch.Tensor:
                              seed=1)
 
 
+@pytest.mark.transformers5
 def test_variations_are_rarer_than_the_image_and_keep_its_kind(world):
     """Inversion (token + LoRA, 100 steps at lr 1e-2) reproduces the car; 30 creative steps at lr 1e-4, anchored
     to the image and gated by the mini LLaVA every 5 steps, go rarer than the image while the judge sees a car."""

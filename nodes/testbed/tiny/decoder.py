@@ -101,11 +101,23 @@ def _tiny_xlm_roberta_tokenizer() -> XLMRobertaTokenizerFast:
     """An XLM-RoBERTa tokenizer over a few words and letters, built without downloads.
 
     Special tokens sit at XLM-R's ids (<s>=0, <pad>=1, </s>=2, <unk>=3); single letters make
-    any lower-case prompt tokenisable, whole words get better (higher) Unigram scores.
+    any lower-case prompt tokenisable, whole words get better (higher) Unigram scores. The
+    ``tokenizers`` pipeline is spelled out (it is what transformers 5 builds from ``vocab=``)
+    because transformers 4.x can only build this class from a SentencePiece file.
     """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
     from transformers import XLMRobertaTokenizerFast
 
     specials = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     words = [(f"\u2581{w}", -2.0) for w in _WORDS]
     letters = [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -3.0)]
-    return XLMRobertaTokenizerFast(vocab=specials + words + letters + [("<mask>", 0.0)], model_max_length=77)
+    backend = Tokenizer(Unigram(vocab=specials + words + letters + [("<mask>", 0.0)], unk_id=3, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")])
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return XLMRobertaTokenizerFast(tokenizer_object=backend, model_max_length=77, bos_token="<s>", eos_token="</s>",
+                                   sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                                   mask_token="<mask>")

@@ -99,6 +99,16 @@ def word_tokenizer(specials: tuple[str, ...], *, words: tuple[str, ...] = WORDS,
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", **special_roles)
 
 
+def _pil_image_processor(family: str, name: str) -> type:
+    """A family's PIL image processor: ``<name>Pil`` in transformers 5, plain ``<name>`` (the slow one) in 4.x."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}"), f"{name}Pil")
+    except ModuleNotFoundError:
+        return getattr(importlib.import_module(f"transformers.models.{family}.image_processing_{family}"), name)
+
+
 def build_tiny_llava_next(folder: str | Path, seed: int = 0) -> Path:
     """Save a seeded tiny LLaVA-NeXT (CLIP vision tower + Llama) with its processor into ``folder``."""
     from transformers import (
@@ -108,9 +118,7 @@ def build_tiny_llava_next(folder: str | Path, seed: int = 0) -> Path:
         LlavaNextForConditionalGeneration,
         LlavaNextProcessor,
     )
-    from transformers.models.llava_next.image_processing_pil_llava_next import (
-        LlavaNextImageProcessorPil,
-    )
+    LlavaNextImageProcessorPil = _pil_image_processor("llava_next", "LlavaNextImageProcessor")  # noqa: N806
 
     folder = Path(folder)
     tokenizer = word_tokenizer(("<s>", "</s>", "<pad>", "<image>"), adds_bos=True, bos_token="<s>", eos_token="</s>",
