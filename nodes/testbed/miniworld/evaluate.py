@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,6 +192,50 @@ def merge(files: list[Path]) -> dict[str, list[dict]]:
     return {st: list(rows.values()) for st, rows in results.items()}
 
 
+RUN = Path(__file__).resolve().parents[1] / "run.py"  # the test bed's entry point
+
+
+def run_parallel(args: argparse.Namespace) -> None:
+    """Each (subject, seed) in a process of its own (this command with ``--jobs 1``), ``args.jobs`` at a time;
+    their files are merged into ``--out`` and the tables printed as one run prints them."""
+    t0 = time.perf_counter()
+    parts_dir = args.out.parent / f"{args.out.stem}_parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    base, argv, own = [], iter(sys.argv[1:]), ("--subjects", "--seeds", "--out", "--jobs")
+    for arg in argv:  # this command's options less the ones each process gets its own value of
+        if arg in own:
+            next(argv, None)
+        elif not arg.startswith(tuple(f"{o}=" for o in own)):
+            base.append(arg)
+    pending, running, files = [], [], []
+    for subject in args.subjects.split(","):
+        for seed in args.seeds.split(","):
+            out = parts_dir / f"{subject.strip()}_{seed.strip()}.json"
+            files.append(out)
+            pending.append([sys.executable, str(RUN), "evaluate", *base, "--subjects", subject.strip(), "--seeds", seed.strip(),
+                            "--out", str(out), "--jobs", "1"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            cmd = pending.pop(0)
+            log = open(Path(cmd[cmd.index("--out") + 1]).with_suffix(".log"), "w")
+            running.append((cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(0.5)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode != 0:
+                failed.append(" ".join(item[0]))
+    if failed:
+        raise SystemExit("failed (see the .log beside each part):\n" + "\n".join(failed))
+    results = merge(files)
+    print_tables(results)
+    print(f"\n{len(files)} processes, {args.jobs} at a time; {time.perf_counter() - t0:.0f} s; parts in {parts_dir}")
+    args.out.write_text(json.dumps({st: {"rows": rows, "summary": sweep_summary(rows, TIMING)}
+                                    for st, rows in results.items()}, indent=1, default=str))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", default="wundt,train,negative", help=f"any of {', '.join(STUDIES)}")
@@ -207,10 +254,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("output/miniworld_eval.json"))
     p.add_argument("--merge", default="", help="instead of running: print the tables of saved --out files together "
                                                "(comma-separated; e.g. one file per seed run in parallel)")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="run each (subject, seed) as its own process, this many at once, and merge the tables "
+                        "(default: the cores this process may use; 1 = all in this process)")
     args = p.parse_args()
     if args.merge:
         print_tables(merge([Path(f) for f in args.merge.split(",")]))
         return
+    if args.jobs > 1 and len(args.subjects.split(",")) * len(args.seeds.split(",")) > 1:
+        return run_parallel(args)
     studies = [x.strip() for x in args.studies.split(",")]
     if unknown := set(studies) - set(STUDIES):
         p.error(f"unknown studies {sorted(unknown)}")
