@@ -16,7 +16,11 @@ Stages (each seeded on its own, so ``--from-stage`` reproduces a full run's late
                (still) a {kind/category}? Yes or No." and "Is this image {colour}? Yes or No."; each
                image is asked with a true and a false subject, plus a captioning loss on the subject.
 5. ``judge``   the independent CNN classifier (:mod:`.judge`), from ground-truth labels only.
-6. ``eval``    accuracies on held-out world images, through the real loaders; a table is printed
+6. ``sd``      the world in Stable Diffusion 1.5 form (:mod:`.train_sd`): a VAE and a UNet trained with
+               ComfyUI's own classes, with the mini CLIP's towers as text encoder and CLIP vision,
+               saved in ``sd/`` for the shipped ``CreativeMiniWorldSDLoader``. Needs ComfyUI.
+               Alone: ``--stages sd`` (reuses the saved mini CLIP and judge).
+7. ``eval``    accuracies on held-out world images, through the real loaders; a table is printed
                and written to ``metrics.json``.
 
 Everything runs on the CPU in one thread (see ``Config.threads``). Weights are stored in float16
@@ -41,13 +45,13 @@ import torch
 from . import world as W
 from .train_clip import image_embeds, split_clip, train_clip
 from .train_decoder import save_decoder, train_movq, train_unet
-from .train_eval import README, measure_models, metrics_table, print_table
+from .train_eval import measure_models, print_table, write_readme
 from .train_judge import train_judge
 from .train_mllm import build_mllm, save_mllm, train_mllm
 from .train_prior import TextCache, check_prior_forward, save_prior, train_prior
 from .train_setup import Captioner, Config, log, make_split
 
-STAGES = ("clip", "prior", "decoder", "mllm", "judge", "eval")
+STAGES = ("clip", "prior", "decoder", "mllm", "judge", "sd", "eval")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="models/miniworld", help="output folder")
     parser.add_argument("--from-stage", default="clip", choices=STAGES,
                         help="skip earlier stages, reloading their saved outputs")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=None,
+                        help="run only these stages, reloading the others' saved outputs (e.g. --stages sd)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Config field")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = STAGES.index(args.from_stage)
+    run = set(args.stages) if args.stages else set(STAGES[start:])
+    if run == {"sd"}:
+        from .train_sd import train_sd
+
+        metrics = train_sd(cfg, out)
+        write_readme(out)
+        return metrics
     t_start = time.time()
     load_start = list(os.getloadavg())  # the CPU is shared: record how busy it was
     timings: dict[str, float] = {}
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ...engine.prior import load_prior
 
-    if start <= STAGES.index("clip"):
+    if "clip" in run:
         t = time.time()
         from ..tiny.tokenizer import save_clip_tokenizer
 
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     embeds = image_embeds(vision, train.x)
     texts = TextCache(text, captioner)
-    if start <= STAGES.index("prior"):
+    if "prior" in run:
         t = time.time()
         tf = train_prior(cfg, train, embeds, texts)
         diff = check_prior_forward(tf, texts)
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_prior(out / "prior", tf, text, vision, cfg)
         stage_done("prior", t)
     prior = load_prior(str(out / "prior"))
-    if start <= STAGES.index("decoder"):
+    if "decoder" in run:
         t = time.time()
         movq, latents = train_movq(cfg, train)
         stage_done("movq", t)
@@ -122,14 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
         unet = train_unet(cfg, latents, embeds, prior.zero_image_embed())
         save_decoder(out / "decoder", unet, movq)
         stage_done("unet", t)
-    if start <= STAGES.index("mllm"):
+    if "mllm" in run:
         t = time.time()
         state = {k: v.float() for k, v in vision.state_dict().items()}
         model, processor = build_mllm(cfg, vision_cfg, state)
         model = train_mllm(cfg, train, model, processor)
         save_mllm(out / "mllm", model, processor)
         stage_done("mllm", t)
-    if start <= STAGES.index("judge"):
+    if "judge" in run:
         t = time.time()
         from .judge import save_judge
 
@@ -139,6 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
                    input_size=cfg.res, extra={"trained_on": f"world scenes seed {cfg.seed + 300}, n={cfg.n_judge}",
                                               "use": "evaluation only; never used by the optimiser"})
         stage_done("judge", t)
+    if "sd" in run:
+        from .train_sd import train_sd
+
+        t = time.time()
+        train_sd(cfg, out)
+        stage_done("sd", t)
     t = time.time()
     metrics = measure_models(cfg, out, test)
     stage_done("eval", t)
@@ -149,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["from_stage"] = args.from_stage
     metrics["load_average_start_end"] = [load_start, list(os.getloadavg())]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "README.md").write_text(README.format(
-        wall=metrics["wall_s"], size=cfg.res, steps=cfg.render_steps, guidance=cfg.render_guidance, width=cfg.width,
-        table=metrics_table(metrics)))
+    write_readme(out)
     print_table(metrics)
     log(f"total {metrics['wall_s']:.0f} s; models in {out}")
     return metrics

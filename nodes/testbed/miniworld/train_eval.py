@@ -3,6 +3,7 @@ of ``models/miniworld/README.md`` and ``metrics.json``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,7 @@ whole creative pipeline runs offline, on a CPU, with no downloaded weights. Made
 | `decoder/` | Kandinsky 2.2 decoder layout: `UNet2DConditionModel` (image-embedding conditioning, x0 prediction), `VQModel` movq (32 px <-> 8x8x4), `DDIMScheduler`; render at {size} px, {steps} steps, guidance {guidance} | `nodes.engine.render.load_decoder` |
 | `mllm/` | tiny LLaVA-NeXT (vision tower initialised from the mini CLIP's) answering yes/no questions | `nodes.engine.mllm.load_mllm` |
 | `judge/` | independent CNN classifier of kind / colour / background / size, for evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
+| `sd/` | the world in Stable Diffusion 1.5 form: UNet, VAE, text encoder, CLIP vision (below) | `nodes.miniworld_sd.load_miniworld_sd`, node `CreativeMiniWorldSDLoader` |
 
 Embeddings are {width}-d (use PCA dims < {width}). Weights are float16; the loaders upcast. Only the
 CLIP token-table rows of words the world's captions use are non-zero.
@@ -154,9 +156,71 @@ CLIP token-table rows of words the world's captions use are non-zero.
 
 {table}
 
+{sd}
+
 Licences: weights are this project's own (same licence as the code); the CLIP BPE vocabulary in
 `prior/tokenizer/` is OpenAI's (MIT, see `nodes/testbed/tiny/CLIP_BPE_LICENSE`).
 """
+
+
+SD_README = """## The mini world in SD 1.5 form (`sd/`)
+
+Made by `python nodes/testbed/run.py train --out models/miniworld --stages sd` (needs ComfyUI on the
+path: `COMFYUI_DIR` or `.comfyui`; reuses `prior/`'s mini CLIP and `judge/`): {train:.0f} s of training
+({timings}) on the shared 2-core CPU, one thread, load average {load:.1f} at the end.
+
+Loaded by the node **Load Mini-World SD (Creative)** (`CreativeMiniWorldSDLoader`), or outside a
+node by `nodes.miniworld_sd.load_miniworld_sd()`, as ComfyUI's own objects (core's checkpoint
+detection only knows full-size text encoders and CLIP vision models, so the loader builds them
+from the small configs in `config.json`):
+
+| file | what | core object |
+|---|---|---|
+| `unet.safetensors` | `openaimodel.UNetModel`, SD 1.5 layout (spatial transformers, 8 heads, no adm), channels {channels}, context {context}; epsilon prediction, SD 1.5 schedule | MODEL: `ModelPatcher` over `model_base.BaseModel` with `supported_models.SD15` |
+| `vae.safetensors` | `AutoencoderKL`, {res} px <-> {lat}x{lat}x4 (8x, as SD), ch 32, latents scaled to SD 1.5's spread | VAE: `comfy.sd.VAE(sd, config=...)` |
+| `text_encoder.safetensors` | the mini CLIP text tower ({width}-d, core's CLIP BPE tokenizer); pooled output = its projected embedding | CLIP: `comfy.sd.CLIP` over `sd1_clip.SD1ClipModel` |
+| `clip_vision.safetensors` + `clip_vision_config.json` | the mini CLIP vision tower with projection ({width}-d `image_embeds`) | CLIP_VISION: `comfy.clip_vision.ClipVisionModel` |
+
+Render at {res}x{res} (EmptyLatentImage {res}x{res}). Judge kind accuracy of text -> image renders
+("a photo of a {{kind}}", {n} seeds per kind, 9 kinds, chance 0.111) through core's sampler:
+
+{renders}
+
+VAE reconstructions of held-out world images, judged: kind {vae_kind:.3f}, colour {vae_colour:.3f},
+background {vae_bg:.3f} (MSE {vae_mse:.4f}). CLIP vision through core vs the transformers tower: cosine
+>= {cos:.4f}; zero-shot kind with core CLIP text pooled vs core CLIP vision embeds: {zs:.3f}.
+Recommended: sampler `{rec[sampler]}`, scheduler `{rec[scheduler]}`, {rec[steps]} steps, cfg {rec[cfg]}."""
+
+
+def sd_section(sd: dict, config: dict) -> str:
+    """The README's section on the SD bundle, from ``sd/metrics.json`` and ``sd/config.json``."""
+    rows = ["| sampler | scheduler | steps | cfg | judge kind |", "|---|---|---:|---:|---:|"]
+    rows += [f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | {r['cfg']} | {r['judge_kind']:.3f} |"
+             for r in sd["renders"]]
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in sd["timings_s"].items() if k != "train_total")
+    unet = config["unet"]
+    return SD_README.format(
+        train=sd["timings_s"]["train_total"], timings=timings, load=sd["load_average"][0],
+        channels="/".join(str(unet["model_channels"] * m) for m in unet["channel_mult"]),
+        context=config["text_encoder"]["hidden_size"], res=config["resolution"], lat=config["resolution"] // 8,
+        width=sd["clip_vision"]["width"], n=sd["n_per_kind"], renders="\n".join(rows),
+        vae_kind=sd["vae_reconstruction"]["kind"], vae_colour=sd["vae_reconstruction"]["colour"],
+        vae_bg=sd["vae_reconstruction"]["background"], vae_mse=sd["vae_reconstruction"]["mse"],
+        cos=sd["clip_vision"]["cosine_core_vs_transformers"], zs=sd["clip_vision"]["zero_shot_kind_core_objects"],
+        rec=sd["recommended"])
+
+
+def write_readme(out: Path) -> None:
+    """``out/README.md`` from ``out/metrics.json`` and, when built, ``out/sd/metrics.json``."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = metrics["config"]
+    sd_metrics, sd_config = out / "sd" / "metrics.json", out / "sd" / "config.json"
+    sd = (sd_section(json.loads(sd_metrics.read_text()), json.loads(sd_config.read_text()))
+          if sd_metrics.is_file() and sd_config.is_file() else
+          "The SD 1.5 form (`sd/`) is not built: `python nodes/testbed/run.py train --out <dir> --stages sd`.")
+    (out / "README.md").write_text(README.format(
+        wall=metrics["wall_s"], size=cfg["res"], steps=cfg["render_steps"], guidance=cfg["render_guidance"],
+        width=cfg["width"], table=metrics_table(metrics), sd=sd))
 
 
 def print_table(metrics: dict) -> None:

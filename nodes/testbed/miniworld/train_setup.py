@@ -63,6 +63,19 @@ class Config:
     judge_width: int = 16
     judge_steps: int = 700
     judge_batch: int = 128
+    # SD form (stage sd, train_sd.py)
+    sd_images: int = 4000
+    sd_captions: int = 3  # captions drawn per image (cached encodings)
+    sd_vae_steps: int = 600
+    sd_vae_batch: int = 16
+    sd_vae_lr: float = 2e-3
+    sd_unet_steps: int = 2000
+    sd_unet_batch: int = 64
+    sd_unet_lr: float = 1e-3
+    sd_uncond: float = 0.1
+    sd_ema: float = 0.995
+    sd_eval_per_kind: int = 10
+    sd_eval_test: int = 180  # held-out images for the VAE / CLIP vision checks
     # eval
     eval_prior_samples: int = 60
     eval_render: int = 90
