@@ -177,7 +177,7 @@ from the small configs in `config.json`):
 | file | what | core object |
 |---|---|---|
 | `unet.safetensors` | `openaimodel.UNetModel`, SD 1.5 layout (spatial transformers, 8 heads, no adm), channels {channels}, context {context}; epsilon prediction, SD 1.5 schedule | MODEL: `ModelPatcher` over `model_base.BaseModel` with `supported_models.SD15` |
-| `vae.safetensors` | `AutoencoderKL`, {res} px <-> {lat}x{lat}x4 (8x, as SD), ch 32, latents scaled to SD 1.5's spread | VAE: `comfy.sd.VAE(sd, config=...)` |
+| `vae.safetensors` | `AutoencoderKL`, {res} px <-> {lat}x{lat}x4 (8x, as SD), channels {vae_channels} per level, latents scaled to SD 1.5's spread | VAE: `comfy.sd.VAE(sd, config=...)` |
 | `text_encoder.safetensors` | the mini CLIP text tower ({width}-d, core's CLIP BPE tokenizer); pooled output = its projected embedding | CLIP: `comfy.sd.CLIP` over `sd1_clip.SD1ClipModel` |
 | `clip_vision.safetensors` + `clip_vision_config.json` | the mini CLIP vision tower with projection ({width}-d `image_embeds`) | CLIP_VISION: `comfy.clip_vision.ClipVisionModel` |
 
@@ -202,7 +202,9 @@ def sd_section(sd: dict, config: dict) -> str:
     return SD_README.format(
         train=sd["timings_s"]["train_total"], timings=timings, load=sd["load_average"][0],
         channels="/".join(str(unet["model_channels"] * m) for m in unet["channel_mult"]),
-        context=config["text_encoder"]["hidden_size"], res=config["resolution"], lat=config["resolution"] // 8,
+        context=config["text_encoder"]["hidden_size"],
+        vae_channels="/".join(str(config["vae"]["ddconfig"]["ch"] * m) for m in config["vae"]["ddconfig"]["ch_mult"]),
+        res=config["resolution"], lat=config["resolution"] // 8,
         width=sd["clip_vision"]["width"], n=sd["n_per_kind"], renders="\n".join(rows),
         vae_kind=sd["vae_reconstruction"]["kind"], vae_colour=sd["vae_reconstruction"]["colour"],
         vae_bg=sd["vae_reconstruction"]["background"], vae_mse=sd["vae_reconstruction"]["mse"],

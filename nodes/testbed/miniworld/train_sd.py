@@ -6,8 +6,10 @@ Reuses the trained mini CLIP (``prior/text_encoder``, ``prior/image_encoder``) a
 and the CLIP vision encoder, and trains with ComfyUI's own classes (so ComfyUI must be importable:
 ``COMFYUI_DIR`` or the repository's ``.comfyui``):
 
-1. a VAE: core ``AutoencoderKL`` with a small config (64 px <-> 8x8x4, SD's 8x factor), trained on
-   32 px crops (it is convolutional; full images every few steps), then rescaled so its latents
+1. a VAE: core ``AutoencoderKL`` with a small config (64 px <-> 8x8x4, SD's 8x factor; 64 channels
+   at full resolution and next to the latent, where its output norms sit, so that no GroupNorm(32)
+   there has one channel per group, i.e. is an instance norm that removes each channel's mean),
+   trained on 32 px crops (it is convolutional; full images every 8th step), then rescaled so its latents
    have SD 1.5's spread (``std = 1 / 0.18215``) and the UNet sees unit-variance latents;
 2. a UNet: core ``openaimodel.UNetModel`` in an SD 1.5 ``BaseModel`` (epsilon prediction, SD 1.5's
    noise schedule), conditioned on the text encoder's last hidden state exactly as core
@@ -41,7 +43,7 @@ REPO = Path(__file__).resolve().parents[3]
 RES = 64  # render size: the world's native size; 8x8 latents
 LATENT_SCALE = 0.18215  # SD 1.5's latent_format scale factor (core applies it in process_latent_in)
 VAE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": RES, "in_channels": 3,
-                                    "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+                                    "out_ch": 3, "ch": 32, "ch_mult": [2, 1, 1, 2], "num_res_blocks": 1,
                                     "attn_resolutions": [], "dropout": 0.0}}
 # SD 1.5's UNet layout (spatial transformers, 8 heads, no adm), as small as trains here: 32/64
 # channels, text cross-attention at the 4x4 level and in the middle; context_dim = the text width.

@@ -66,10 +66,10 @@ class Config:
     # SD form (stage sd, train_sd.py)
     sd_images: int = 4000
     sd_captions: int = 3  # captions drawn per image (cached encodings)
-    sd_vae_steps: int = 600
+    sd_vae_steps: int = 700
     sd_vae_batch: int = 16
-    sd_vae_lr: float = 2e-3
-    sd_unet_steps: int = 2000
+    sd_vae_lr: float = 3e-3
+    sd_unet_steps: int = 1500
     sd_unet_batch: int = 64
     sd_unet_lr: float = 1e-3
     sd_uncond: float = 0.1
