@@ -133,12 +133,20 @@ def patcher_of(obj: object) -> WholeModelPatcher | None:
     return key.__dict__.get(PATCHER_ATTR) if isinstance(key, torch.nn.Module) else None
 
 
-def _patchers(objs: tuple[object, ...]) -> list[WholeModelPatcher]:
-    out: list[WholeModelPatcher] = []
+def _own_patchers(obj: object) -> list[comfy.model_patcher.ModelPatcher] | None:
+    """The ComfyUI models of an object made of core models (the SD generator: its VAE and CLIP vision), or
+    ``None`` for anything else."""
+    own = getattr(obj, "model_patchers", None)
+    return list(own()) if callable(own) else None
+
+
+def _patchers(objs: tuple[object, ...]) -> list[comfy.model_patcher.ModelPatcher]:
+    out: list[comfy.model_patcher.ModelPatcher] = []
     for obj in objs:
-        p = patcher_of(obj)
-        if p is not None and all(p is not q for q in out):
-            out.append(p)
+        found = _own_patchers(obj)
+        for p in found if found is not None else [patcher_of(obj)]:
+            if p is not None and all(p is not q for q in out):
+                out.append(p)
     return out
 
 
@@ -170,6 +178,9 @@ def offload(*objs: object) -> None:
 def _resident(obj: object) -> bool:
     """Weights that occupy the compute device's memory whatever ComfyUI does: load device = offload
     device (a CPU-only machine, --gpu-only), or a model we do not manage."""
+    own = _own_patchers(obj)
+    if own is not None:
+        return all(p.load_device == p.offload_device for p in own)
     p = patcher_of(obj)
     return p is None or p.load_device == p.offload_device
 
@@ -264,6 +275,23 @@ def prepare_selection(gate: GateCheck | None, renderer: Renderer | None, subject
     if estimate is None:
         return PhaseLoader(budget.Estimate("selection", [], [budget.Phase(budget.RENDER, ())]), models)
     return PhaseLoader(check(estimate, models), models)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreModels:
+    """Core ComfyUI models (MODEL, a VAE's and a CLIP vision's patchers) that load themselves as core's sampling
+    and decoding do: a check needs only whether their weights already sit in the device's memory."""
+
+    patchers: tuple[comfy.model_patcher.ModelPatcher, ...]
+
+    def model_patchers(self) -> list[comfy.model_patcher.ModelPatcher]:
+        return list(self.patchers)
+
+
+def prepare_sd_bank(estimate: budget.Estimate, patchers: tuple[comfy.model_patcher.ModelPatcher, ...]) -> None:
+    """Before an SD Embedding Bank run: refuse a batch that cannot fit (``estimate``: from ComfyUI's own
+    numbers for the batch)."""
+    check(estimate, {budget.PRIOR: CoreModels(tuple(patchers))})
 
 
 def check_renderer(renderer: Renderer, count: int = 1) -> budget.Estimate | None:

@@ -18,8 +18,7 @@ from . import sockets as s
 from .engine.gate import NEEDS_RENDERER, GateCheck, ValidityGate
 from .engine.losses import LossTerm
 from .engine.norm import GaussianNorm
-from .engine.optimizer import CreativeRun, OptimConfig, StepEvent
-from .engine.prior import Prior
+from .engine.optimizer import CreativeRun, Generator, OptimConfig, StepEvent
 from .engine.render import Renderer
 
 TEMPLATE = OptimConfig.template
@@ -87,16 +86,18 @@ def problem(subject: object = None, template: object = None, gate: object = None
         NEEDS_RENDERER if gate is not None and renderer is None else None) if p), None)
 
 
-def build_run(prior: Prior, norm: GaussianNorm, subject: str, terms: Iterable[LossTerm], *,
+def build_run(prior: Generator, norm: GaussianNorm, subject: str, terms: Iterable[LossTerm], *,
               gate: ValidityGate | None = None, renderer: Renderer | None = None, steps: int = 50,
               learning_rate: float = 1e-4, lora_rank: int = 10, train: str = "token + LoRA", seed: int = 0,
               prompt_template: str = TEMPLATE, guidance: float = 4.0, prior_steps: int = 5,
               train_choices: Mapping[str, str] = s.TRAIN_CHOICES) -> CreativeRun:
-    """The run the shared inputs describe (the LoRA's alpha equals its rank, so its scale is 1)."""
+    """The run the shared inputs describe (the LoRA's alpha equals its rank, so its scale is 1). ``prior``: the
+    generator (a diffusion prior, or the SD generator, which draws the gate's images itself)."""
     config = OptimConfig(steps=steps, lr=learning_rate, train=train_choices[train], rank=lora_rank,
                          lora_alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
                          template=prompt_template)
-    return CreativeRun(prior, norm, subject, tuple(terms), config, GateCheck.of(gate, renderer))
+    check = GateCheck.of(gate, renderer, generator_draws=getattr(prior, "draws_images", False))
+    return CreativeRun(prior, norm, subject, tuple(terms), config, check)
 
 
 def describe(event: StepEvent) -> str:

@@ -434,3 +434,44 @@ def prompt_token_count(tokenizer, *prompts: str) -> int:
     """Tokens of the longest prompt (the prefix the prior keeps), capped at the tokenizer's maximum."""
     longest = max(len(tokenizer(p).input_ids) for p in prompts) if prompts else 1
     return min(longest, int(getattr(tokenizer, "model_max_length", 77) or 77))
+
+
+def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, decode: int, vision_call: int,
+                         render_steps: int, lora_params: int, gated: bool, width: int, height: int,
+                         rank: int) -> Estimate:
+    """Memory of the SD path's training steps from the host's own numbers: the generator's weights (UNet, VAE,
+    CLIP vision: ``(name, bytes)``), the working memory of one UNet call on the (CFG-doubled) latent, of one VAE
+    decode and of one CLIP vision pass (ComfyUI's ``memory_required`` / ``memory_used_decode``), and the LoRA.
+
+    A step renders with gradients, so autograd keeps each render step's UNet activations until the backward
+    pass: the working set of one call is counted once per render step, plus the decode's and the vision pass's.
+    With a gate, a check renders once more without gradients while the training state stays alive.
+    """
+    weights = [Part(name, int(nbytes), "", PRIOR) for name, nbytes in weights]
+    state = Part(TRAINING_STATE, training_state_bytes(lora_params), f"LoRA rank {rank}: {fmt_count(lora_params)} "
+                 f"values x {TRAINING_COPIES} (param, grad, 2 AdamW moments, snapshot), fp32")
+    act = Part("training activations", int(render_steps * unet_call + decode + vision_call),
+               f"{render_steps} render steps with gradients at {width}x{height}, VAE decode and CLIP vision")
+    parts = [*weights, state, act]
+    phases = [Phase(TRAINING, tuple(p.name for p in parts))]
+    if gated:
+        draw = Part("gate render", int(max(unet_call, decode, vision_call)), f"one render at {width}x{height}, "
+                    "no gradients")
+        parts.append(draw)
+        phases.append(Phase(RENDER, (*(p.name for p in weights), TRAINING_STATE, draw.name)))
+    hints = [f"render smaller (width/height; now {width}x{height}): activations grow with the pixels",
+             f"use fewer render steps (now {render_steps}): each keeps its activations for the backward pass"]
+    if rank > 16:
+        hints.append(f"lower lora_rank (now {rank}, paper: 10)")
+    return Estimate("SD optimisation run", parts, phases, hints)
+
+
+def sd_bank_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, decode: int, vision_call: int,
+                     batch: int, width: int, height: int) -> Estimate:
+    """Memory of rendering and embedding one batch of an SD bank (no gradients): the weights plus the largest
+    working set of the batch's UNet call, decode or CLIP vision pass (ComfyUI's own numbers for the batch)."""
+    parts = [Part(name, int(nbytes), "", PRIOR) for name, nbytes in weights]
+    parts.append(Part("sampling activations", int(max(unet_call, decode, vision_call)),
+                      f"batch {batch} at {width}x{height}"))
+    hints = [f"lower batch_size (now {batch})", f"render smaller (width/height; now {width}x{height})"]
+    return Estimate("SD bank", parts, [Phase(SAMPLING, tuple(p.name for p in parts))], hints)

@@ -97,8 +97,11 @@ class DifferentiableClipVision:
         return f"clip-vision:{self.width}d:{digest.hexdigest()[:16]}"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        weights = next(iter(self.tensors.values()))
+        # ComfyUI keeps a CLIP vision model in mixed dtypes (its projection stays fp32 beside fp16 layers) and
+        # casts per layer; here every tensor runs in the patch embedding's dtype.
+        weights = self.tensors["vision_model.embeddings.patch_embedding.weight"]
         pixels = preprocess(images.to(weights.device, torch.float32), self.size, self.mean, self.std)
-        params = {**self.tensors, **{k: v.to(weights.device) for k, v in self.buffers.items()}}
+        params = {**{k: v.to(weights.dtype) for k, v in self.tensors.items()},
+                  **{k: v.to(weights.device) for k, v in self.buffers.items()}}
         out = torch.func.functional_call(self.skeleton, params, (pixels.to(weights.dtype),))
         return out.image_embeds.float()

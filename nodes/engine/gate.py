@@ -105,32 +105,39 @@ class GateCheck:
     """
 
     gate: ValidityGate
-    renderer: Renderer
+    renderer: Renderer | None  # None: the generator draws the images itself (the SD path)
 
     @classmethod
-    def of(cls, gate: ValidityGate | None, renderer: Renderer | None) -> GateCheck | None:
-        """The check of an optional gate: ``None`` without a gate, refused without a renderer."""
+    def of(cls, gate: ValidityGate | None, renderer: Renderer | None, *,
+           generator_draws: bool = False) -> GateCheck | None:
+        """The check of an optional gate: ``None`` without a gate, refused without a renderer unless the
+        generator draws its own images (a few-step SD model renders what the gate judges; a prior cannot)."""
         if gate is None:
             return None
-        if renderer is None:
+        if renderer is None and not generator_draws:
             raise ValueError(NEEDS_RENDERER)
-        return cls(gate, renderer)
+        return cls(gate, None if generator_draws else renderer)
 
     def models(self) -> dict[str, object]:
-        """The check's models by memory kind."""
+        """The check's models by memory kind (no decoder when the generator draws)."""
         return {budget.DECODER: self.renderer, budget.MLLM: self.gate}
 
     def judge(self, embeds: torch.Tensor, subject: str, step: int,
               on_phase: budget.PhaseCallback | None = None) -> Verdict:
         """Render ``embeds`` and ask whether they still show ``subject``."""
+        if self.renderer is None:
+            raise ValueError("This gate check has no renderer (its generator draws): it judges images, not "
+                             "embeddings.")
         images = draw(self.renderer, embeds, on_phase)
         if on_phase is not None:
             on_phase(budget.JUDGE)
         return self.gate.ask(images, subject, step)
 
-    def memory_estimate(self, count: int, subject: str, *, on_gpu: bool) -> budget.Estimate:
-        """Rendering ``count`` embeddings at once, then one question about one image."""
-        height, width = self.renderer.image_size
-        drawing = self.renderer.memory_estimate(count, on_gpu=on_gpu)
+    def memory_estimate(self, count: int, subject: str, *, on_gpu: bool,
+                        image_size: tuple[int, int] | None = None) -> budget.Estimate | None:
+        """Rendering ``count`` embeddings at once, then one question about one image. Without a renderer the
+        generator's own estimate holds the drawing; ``image_size`` (height, width) is then what it draws."""
+        height, width = self.renderer.image_size if self.renderer is not None else image_size
+        drawing = None if self.renderer is None else self.renderer.memory_estimate(count, on_gpu=on_gpu)
         asking = self.gate.memory_estimate(subject, height, width, on_gpu=on_gpu)
         return budget.gate_check_estimate(drawing, asking)

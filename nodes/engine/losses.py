@@ -47,6 +47,7 @@ class AnchorTerm:
     text: str = ""
     weight: float = 1.0
     name: str = "anchor"
+    space: str = ""  # the embedding space ``target`` lives in (a prior's identity, a CLIP vision model's)
 
     @classmethod
     def from_prior(cls, prior: Prior, text: str, weight: float = 1.0) -> "AnchorTerm":
@@ -55,13 +56,21 @@ class AnchorTerm:
             raise ValueError("The anchor text is empty: give the category, e.g. 'a photo of a vehicle'.")
         with torch.no_grad():
             target = prior.with_concept(None).encode_prompt([text]).text_embeds[0].float().cpu()
-        return cls(target, text, float(weight))
+        return cls(target, text, float(weight), space=prior.identity)
 
     @classmethod
     def from_images(cls, prior: Prior, images: torch.Tensor, weight: float = 1.0) -> "AnchorTerm":
         """The image anchor, ``1 − cos(e, image embedding)``: holds variations to a given image (the mean of the
         prior's own CLIP image embeddings of ``images``) as the text anchor holds a concept to its category."""
-        return cls(encode_image(prior, images)[0], "", float(weight), "image_anchor")
+        return cls(encode_image(prior, images)[0], "", float(weight), "image_anchor", prior.identity)
+
+    @classmethod
+    def from_embeds(cls, embeds: torch.Tensor, space: str, weight: float = 1.0) -> "AnchorTerm":
+        """The image anchor toward the mean of image embeddings ``[N, D]`` of the space ``space`` (on the SD path:
+        a CLIP vision model's embeddings of given images or of a bank)."""
+        if embeds.ndim != 2 or embeds.shape[0] < 1:
+            raise ValueError(f"The image anchor needs embeddings [N, D], got shape {tuple(embeds.shape)}.")
+        return cls(embeds.detach().float().mean(0).cpu(), "", float(weight), "image_anchor", space)
 
     def cosine(self, e: torch.Tensor) -> torch.Tensor:
         return F.cosine_similarity(e.float(), self.target.to(e.device)[None], dim=-1)
@@ -91,6 +100,14 @@ def negative_cluster(norm: GaussianNorm, embeds: torch.Tensor | EmbeddingBank, a
                      label: str = "negative") -> NegativeClusterTerm:
     """Fit a cluster of unwanted embeddings in the norm's PCA space and wrap it as a repelling term."""
     return NegativeClusterTerm(norm.fit_cluster(embeds), float(alpha), label)
+
+
+def term_space(term: LossTerm) -> str:
+    """The embedding space a term compares in ("" when it does not say): an anchor's own, a cluster's norm's."""
+    if isinstance(term, AnchorTerm):
+        return term.space
+    norm = getattr(term, "cluster", None) or getattr(term, "norm", None)
+    return norm.prior_identity if isinstance(norm, GaussianNorm) else ""
 
 
 def objective(terms: Iterable[LossTerm], e: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

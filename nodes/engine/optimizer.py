@@ -23,8 +23,8 @@ import torch
 
 from . import __version__, budget, cancel
 from .concept import LORA_TARGETS, Concept
-from .gate import GateCheck, Verdict
-from .losses import AnchorTerm, LossTerm, objective
+from .gate import NEEDS_RENDERER, GateCheck, Verdict
+from .losses import AnchorTerm, LossTerm, objective, term_space
 from .norm import GaussianNorm
 from .steplog import RunLog, StepRecord
 
@@ -162,8 +162,10 @@ class Training(Protocol):
 class Generator(Protocol):
     """What a run trains and draws embeddings from (the diffusion prior; a few-step SD model)."""
 
-    identity: str  # the embedding space its outputs live in; a norm fitted elsewhere is refused
+    identity: str  # the embedding space its outputs live in; a norm or loss term of another space is refused
     embedding_dim: int
+    # A generator with ``draws_images = True`` renders the gate's images itself (``Training.check_images``), so
+    # its run's GateCheck has no renderer, and it says the ``image_size`` (height, width) it draws.
 
     def check_start(self, start: Any, config: OptimConfig) -> None:
         """Refuse a starting state this generator cannot continue from."""
@@ -217,6 +219,16 @@ class CreativeRun:
         if norm.embed_dim != prior.embedding_dim:
             raise ValueError(f"The norm is {norm.embed_dim}-d but the generator makes {prior.embedding_dim}-d "
                              "embeddings.")
+        for term in self.terms:
+            space = term_space(term)
+            if space and space != prior.identity:
+                raise ValueError(
+                    f"The loss term '{term.name}' compares embeddings of '{space}', not of the generator's space "
+                    f"('{prior.identity}'): its target would be meaningless here. A text anchor lives in its prior's "
+                    "space; in a CLIP vision model's space the image anchor (SD Image Anchor: to given images or a "
+                    "bank) is the pullback. Build the term from this generator's embeddings.")
+        if self.check is not None and self.check.renderer is None and not getattr(prior, "draws_images", False):
+            raise ValueError(NEEDS_RENDERER)
         if start is not None:
             prior.check_start(start, config)
 
@@ -243,7 +255,8 @@ class CreativeRun:
     def memory_estimate(self, *, on_gpu: bool) -> budget.Estimate:
         """Peak memory of the run, phase by phase: training steps and, with a gate, its checks."""
         training = self.generator.training_estimate(self, on_gpu=on_gpu)
-        checking = None if self.check is None else self.check.memory_estimate(1, self.subject, on_gpu=on_gpu)
+        checking = None if self.check is None else self.check.memory_estimate(
+            1, self.subject, on_gpu=on_gpu, image_size=getattr(self.generator, "image_size", None))
         return budget.optimisation_estimate(training, checking)
 
     def run(self, on_step: StepCallback | None = None, *, on_phase: PhaseCallback | None = None,
