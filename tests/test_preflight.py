@@ -13,10 +13,11 @@ from pathlib import Path
 NODES = Path(__file__).resolve().parents[1] / "nodes"
 
 # Engine calls that allocate in proportion to the user's inputs (count, steps, size, candidates).
-HEAVY = {"sample_bank", "sample_embeddings", "run_trials", "image_variations", "wundt_sweep", "select_rare"}
+HEAVY = {"sample_bank", "sample_embeddings", "run_trials", "image_variations", "wundt_sweep", "select_rare",
+         "sd_sample_bank"}
 HEAVY_METHODS = {"run"}  # CreativeRun.run
 HEAVY_CALLEES = {"renderer"}  # drawing: renderer(embeds)
-PREFLIGHT = {"prepare_sampling", "prepare_run", "prepare_sweep", "prepare_selection", "prepare_rendering",
+PREFLIGHT = {"prepare_sampling", "prepare_run", "prepare_sweep", "prepare_selection", "prepare_rendering", "prepare_sd_bank",
              "check_renderer"}
 
 

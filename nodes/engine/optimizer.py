@@ -213,12 +213,13 @@ class CreativeRun:
         config, prior, norm, start = self.config, self.generator, self.norm, self.start
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise ValueError("The subject is empty: name what the concept must remain, e.g. 'vehicle'.")
+        if norm.embed_dim != prior.embedding_dim:  # first: the plainer message when the widths differ
+            raise ValueError(f"The norm is {norm.embed_dim}-d but the generator makes {prior.embedding_dim}-d "
+                             "embeddings (another prior, or another CLIP vision model). Fit the norm on a bank "
+                             "from this generator.")
         if norm.prior_identity and norm.prior_identity != prior.identity:
             raise ValueError(f"The norm was fitted on embeddings of '{norm.prior_identity}', not of the "
                              f"generator given ('{prior.identity}'). Fit the norm on a bank from this generator.")
-        if norm.embed_dim != prior.embedding_dim:
-            raise ValueError(f"The norm is {norm.embed_dim}-d but the generator makes {prior.embedding_dim}-d "
-                             "embeddings.")
         for term in self.terms:
             space = term_space(term)
             if space and space != prior.identity:

@@ -20,6 +20,7 @@ import torch
 
 from tiny_sdxl import _randomise, vae_state_dict
 
+LATENT_SCALE = 0.01  # TAESD's own input scale (``vae_scale``), see vae()
 CONTEXT = 64  # text width = the UNet's cross-attention width
 UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
             channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
@@ -59,6 +60,9 @@ def vae(seed: int = 0):
     import comfy.sd
 
     sd = {k[len("first_stage_model."):]: v.float() for k, v in vae_state_dict(seed).items()}
+    # A random UNet's renders are latents of std ~100; TAESD's decoder starts with tanh(x / 3) * 3, so
+    # without this scale nearly every value would saturate (no gradient, near-binary images).
+    sd["vae_scale"] = torch.tensor(LATENT_SCALE)
     return comfy.sd.VAE(sd=sd)
 
 

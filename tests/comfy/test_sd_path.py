@@ -1,0 +1,245 @@
+"""The SD path (issue 17) in-process: bank, optimiser, image anchor on tiny SD 1.5 core objects.
+
+Everything a user's checkpoint goes through after its loaders: core MODEL / CLIP / VAE / CLIP_VISION
+objects (built small by ``tiny_sd15``), core's KSampler, SaveLoRA and LoraLoaderModelOnly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_sd15
+
+RENDER = dict(render_steps=2, cfg=1.0, sampler_name="euler", scheduler="sgm_uniform", width=32, height=32)
+
+
+@pytest.fixture(scope="module")
+def sd(comfy_inprocess, tmp_path_factory):
+    return tiny_sd15.objects(tmp_path_factory.mktemp("tiny_sd15"))
+
+
+@pytest.fixture(scope="module")
+def bank(sd, pack_nodes):
+    from comfy_harness import execute_node
+
+    return execute_node(pack_nodes["CreativeSDEmbeddingBank"], "bank", model=sd.model, clip=sd.clip, vae=sd.vae,
+                        clip_vision=sd.clip_vision, prompt="a photo of a car", count=40, batch_size=8, seed=0,
+                        **RENDER)
+
+
+@pytest.fixture(scope="module")
+def norm(bank, pack_nodes):
+    from comfy_harness import execute_node
+
+    return execute_node(pack_nodes["CreativeNormGaussianFit"], "norm", embeds=bank[0], pca_dims=8)[0]
+
+
+def _optimise(run, sd, norm, **changes):
+    inputs = dict(model=sd.model, clip=sd.clip, vae=sd.vae, clip_vision=sd.clip_vision, norm=norm,
+                  prompt="a photo of a {subject}", subject="car", steps=6, learning_rate=1e-1, lora_rank=4, seed=0,
+                  creative_weight=1.0, **RENDER)
+    inputs.update(changes)
+    return run("CreativeSDLoRAOptimizer", **inputs)
+
+
+def _core_render(model, sd, seed, render=RENDER, batch=1):
+    """Core's own chain: CLIPTextEncode -> EmptyLatentImage -> KSampler -> VAEDecode."""
+    import nodes
+
+    with torch.inference_mode():
+        cond = nodes.CLIPTextEncode().encode(sd.clip, "a photo of a car")[0]
+        latent = nodes.EmptyLatentImage().generate(render["width"], render["height"], batch)[0]
+        samples = nodes.common_ksampler(model, seed, render["render_steps"], render["cfg"], render["sampler_name"],
+                                        render["scheduler"], cond, cond, latent)[0]
+        return sd.vae.decode(samples["samples"]).clone()
+
+
+def _unet_calls(sd):
+    calls = []
+    handle = sd.model.model.diffusion_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def _untouched(model):
+    """The input MODEL carries no patch, wrapper or weight function of a run."""
+    layers = [m for m in model.model.diffusion_model.modules() if hasattr(m, "weight_function")]
+    return not model.patches and not model.weight_wrapper_patches and all(not m.weight_function for m in layers)
+
+
+def test_clip_vision_embeddings_match_core(sd):
+    from creative_generation.nodes.sd_generator import vision_of
+
+    images = torch.rand(2, 40, 48, 3)
+    with torch.inference_mode():
+        ours = vision_of(sd.clip_vision)(images).clone()
+        core = sd.clip_vision.encode_image(images)["image_embeds"].float().clone()
+    assert ours.shape == core.shape == (2, 32)
+    assert torch.allclose(ours, core, atol=1e-2), (ours - core).abs().max()
+
+
+def test_bank_embeds_core_renders_in_the_clip_vision_space(sd, bank):
+    from creative_generation.nodes.sd_generator import vision_of
+
+    embeds, preview = bank
+    assert embeds.embeds.shape == (40, 32) and embeds.dim == 32
+    assert embeds.prior_identity == vision_of(sd.clip_vision).identity
+    assert embeds.provenance["family"] == "SD 1.5" and preview.shape == (1, 4 * 32, 4 * 32, 3)
+    images = _core_render(sd.model, sd, 0, batch=8)  # the first batch is core KSampler at the seed
+    with torch.inference_mode():
+        expected = sd.clip_vision.encode_image(images)["image_embeds"].float().clone()
+    assert torch.allclose(embeds.embeds[:8], expected, atol=1e-2)
+    assert not torch.allclose(embeds.embeds[:8], embeds.embeds[8:16])  # batch b draws with seed + b
+
+
+@pytest.mark.parametrize("sampler, cfg", [("euler", 1.0), ("lcm", 2.0)])
+def test_the_differentiable_render_is_cores(sd, norm, sampler, cfg):
+    """With the LoRA still at zero, the optimiser's render (with gradients) is core's KSampler + VAEDecode."""
+    from creative_generation.nodes import run_inputs
+    from creative_generation.nodes.engine.losses import CreativeTerm
+    from creative_generation.nodes.sd_generator import RenderSettings, SDGenerator
+
+    render = dict(RENDER, sampler_name=sampler, cfg=cfg, render_steps=3)
+    with torch.inference_mode(False):
+        gen = SDGenerator(sd.model, sd.clip, sd.vae, sd.clip_vision, "a photo of a car", "a photo of a car",
+                          RenderSettings(3, cfg, sampler, "sgm_uniform", 32, 32))
+        run = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1, lora_rank=4, train="LoRA")
+        training = gen.open_training(run)
+        try:
+            images = training.images(5)
+            e = training.embed(5)
+            e.sum().backward()
+            grads = [p.grad for p in training.params if p.grad is not None]
+        finally:
+            training.close()
+    assert torch.allclose(images.detach(), _core_render(sd.model, sd, 5, render), atol=1e-4)
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert _untouched(sd.model)
+
+
+def test_optimiser_moves_renders_into_the_tails(run, sd, norm):
+    from creative_generation.nodes.sd_generator import vision_of
+
+    model, lora, log, gate_images, plot = _optimise(run, sd, norm)
+    assert log.steps_run == 6 and plot.ndim == 4 and len(lora) == 7 * 8 * 3  # 7 transformer blocks x 8 projections x up/down/alpha
+    assert all(k.startswith("diffusion_model.") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))
+               for k in lora)
+    vision = vision_of(sd.clip_vision)
+    with torch.no_grad():
+        base = norm.log_prob(vision(_core_render(sd.model, sd, 100, batch=4)).double()).mean()
+        learned = norm.log_prob(vision(_core_render(model, sd, 100, batch=4)).double()).mean()
+    print(f"log-likelihood under the norm, 4 seeds: base {float(base):.2f}, with the LoRA {float(learned):.2f}")
+    assert learned < base - 2.0, (float(base), float(learned))
+    assert _untouched(sd.model)
+
+
+def test_saved_lora_reloads_through_core(run, sd, norm, comfy_inprocess):
+    import nodes
+    from comfy_extras.nodes_train import SaveLoRA
+
+    model, lora, *_ = _optimise(run, sd, norm, steps=2)
+    with torch.inference_mode():
+        SaveLoRA.execute(lora, "loras/creative_sd_test")
+    folder = Path(comfy_inprocess.folder_paths.get_output_directory()) / "loras"
+    saved = sorted(folder.glob("creative_sd_test_*.safetensors"))
+    assert saved
+    comfy_inprocess.folder_paths.add_model_folder_path("loras", str(saved[-1].parent))
+    with torch.inference_mode():
+        reloaded = nodes.LoraLoaderModelOnly().load_lora_model_only(sd.model, saved[-1].name, 1.0)[0]
+    ours, core = _core_render(model, sd, 11), _core_render(reloaded, sd, 11)
+    assert torch.allclose(ours, core, atol=1e-5)
+    assert not torch.allclose(core, _core_render(sd.model, sd, 11), atol=1e-3)  # the LoRA changes the render
+
+
+class ScriptedJudge:
+    """Yes at the first question, no afterwards; records the images it was shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def p_yes(self, images, question):
+        self.seen.append(images.shape)
+        return torch.tensor([1.0 if len(self.seen) == 1 else 0.0])
+
+
+def test_the_gate_stops_a_run_that_leaves_the_subject(run, sd, norm):
+    from creative_generation.nodes.engine.gate import ValidityGate
+
+    judge = ScriptedJudge()
+    _, lora, log, gate_images, _ = _optimise(run, sd, norm, steps=9, gate=ValidityGate(judge, every=2))
+    assert str(log.stop_reason) == "gate_rejected" and log.steps_run == 4 and log.accepted_step == 2
+    assert judge.seen == [(1, 32, 32, 3)] * 2 and gate_images.shape == (2, 32, 32, 3)
+    _, kept, *_ = _optimise(run, sd, norm, steps=2)  # the state the gate accepted is what the run returns
+    assert all(torch.equal(lora[k], kept[k]) for k in kept)
+
+
+def test_cancel_stops_within_one_step_and_leaves_the_model(run, sd, norm):
+    from creative_generation.nodes.engine import cancel
+
+    class Cancelled(Exception):
+        pass
+
+    points = []
+
+    def check():
+        points.append(1)
+        if len(points) == 3:
+            raise Cancelled
+
+    previous = cancel._check
+    calls, handle = _unet_calls(sd)
+    cancel.set_check(check)
+    try:
+        with pytest.raises(Cancelled):
+            _optimise(run, sd, norm, steps=50)
+    finally:
+        cancel.set_check(previous)
+        handle.remove()
+    assert len(calls) == 2 * RENDER["render_steps"]  # two steps ran, the third never started
+    assert _untouched(sd.model)
+    assert torch.allclose(_core_render(sd.model, sd, 3), _core_render(sd.model.clone(), sd, 3))
+
+
+def test_refusals_before_any_render(run, sd, norm, bank, tmp_path):
+    import comfy.supported_models
+
+    from creative_generation.nodes.engine.bank import EmbeddingBank
+    from creative_generation.nodes.engine.budget import InsufficientMemoryError
+    from creative_generation.nodes.engine.losses import AnchorTerm
+    from creative_generation.nodes.engine.norm import GaussianNorm
+
+    with torch.inference_mode():
+        pix2pix = tiny_sd15.model(family=comfy.supported_models.SD15_instructpix2pix)
+        wide = tiny_sd15.clip_vision(tmp_path, config=dict(tiny_sd15.VISION, projection_dim=48))
+    other = GaussianNorm.from_bank(EmbeddingBank(torch.randn(40, 32), {"prior": "kandinsky-2-1:abc"}), 8)
+    calls, handle = _unet_calls(sd)
+    try:
+        with pytest.raises(ValueError, match="supports SD 1.5 and SDXL"):
+            _optimise(run, sd, norm, model=pix2pix)
+        with pytest.raises(ValueError, match="fitted on embeddings of 'kandinsky"):
+            _optimise(run, sd, other)
+        with pytest.raises(ValueError, match="32-d but the generator makes 48-d"):
+            _optimise(run, sd, norm, clip_vision=wide)
+        with pytest.raises(ValueError, match="sampler"):
+            _optimise(run, sd, norm, sampler_name="dpmpp_2m")
+        with pytest.raises(ValueError, match="image anchor"):
+            _optimise(run, sd, norm, loss_terms=(AnchorTerm(torch.randn(32), "a car", space="kandinsky-2-1:abc"),))
+        with pytest.raises(InsufficientMemoryError, match="render smaller"):
+            _optimise(run, sd, norm, width=4096, height=4096, render_steps=8)
+    finally:
+        handle.remove()
+    assert not calls and _untouched(sd.model)
+
+
+def test_image_anchor_lives_in_the_clip_vision_space(run, sd, norm, bank):
+    from creative_generation.nodes.sd_generator import vision_of
+
+    images = _core_render(sd.model, sd, 1)
+    ((term,),) = run("CreativeSDImageAnchor", clip_vision=sd.clip_vision, weight=0.5, images=images)
+    assert term.space == vision_of(sd.clip_vision).identity and term.weight == 0.5 and term.target.shape == (32,)
+    ((from_bank,),) = run("CreativeSDImageAnchor", clip_vision=sd.clip_vision, weight=1.0, embeds=bank[0])
+    assert torch.allclose(from_bank.target, bank[0].embeds.mean(0))
+    _, _, log, _, _ = _optimise(run, sd, norm, steps=1, loss_terms=(term,))
+    assert "image_anchor" in log.records[0].terms and "anchor_cos" in log.records[0].metrics
