@@ -94,17 +94,26 @@ def test_bank_embeds_core_renders_in_the_clip_vision_space(sd, bank):
     assert not torch.allclose(embeds.embeds[:8], embeds.embeds[8:16])  # batch b draws with seed + b
 
 
-@pytest.mark.parametrize("sampler, cfg", [("euler", 1.0), ("lcm", 2.0)])
-def test_the_differentiable_render_is_cores(sd, norm, sampler, cfg):
-    """With the LoRA still at zero, the optimiser's render (with gradients) is core's KSampler + VAEDecode."""
+@pytest.fixture(scope="module")
+def sdxl(comfy_inprocess, tmp_path_factory):
+    return tiny_sd15.sdxl_objects(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.mark.parametrize("family, sampler, cfg", [("SD 1.5", "euler", 1.0), ("SD 1.5", "lcm", 2.0),
+                                                  ("SDXL", "euler", 2.0)])
+def test_the_differentiable_render_is_cores(request, norm, family, sampler, cfg):
+    """With the LoRA still at zero, the optimiser's render (with gradients) is core's KSampler + VAEDecode, for
+    SD 1.5 and for SDXL (its pooled text embedding and size conditioning go through core's own conds)."""
     from creative_generation.nodes import run_inputs
     from creative_generation.nodes.engine.losses import CreativeTerm
     from creative_generation.nodes.sd_generator import RenderSettings, SDGenerator
 
+    sd = request.getfixturevalue("sd" if family == "SD 1.5" else "sdxl")
     render = dict(RENDER, sampler_name=sampler, cfg=cfg, render_steps=3)
     with torch.inference_mode(False):
         gen = SDGenerator(sd.model, sd.clip, sd.vae, sd.clip_vision, "a photo of a car", "a photo of a car",
                           RenderSettings(3, cfg, sampler, "sgm_uniform", 32, 32))
+        assert gen.family == family
         run = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1, lora_rank=4, train="LoRA")
         training = gen.open_training(run)
         try:

@@ -1,4 +1,4 @@
-"""Tiny SD 1.5 core objects (MODEL, CLIP, VAE, CLIP_VISION) built from small configs, for the SD path's tests.
+"""Tiny SD 1.5 / SDXL core objects (MODEL, CLIP, VAE, CLIP_VISION) built from small configs, for the SD path's tests.
 
 Core's checkpoint detection pins SD 1.5's widths (context 768, 320 channels) and its CLIP / CLIP
 vision loaders recognise only full-size layer counts, so these are built through core's own
@@ -6,7 +6,9 @@ classes instead (``shared/docs/comfyui.md`` §14): a ``comfy.supported_models.SD
 around a small UNet (so the MODEL's family is SD 1.5 exactly as for a real checkpoint), a TAESD
 VAE (``comfy.sd.VAE`` picks it by its keys), ``comfy.sd.CLIP`` around an ``SD1ClipModel`` whose
 ``SDClipModel`` has a small dict config, and ``comfy.clip_vision.ClipVisionModel`` from a small
-JSON config. Weights are seeded (``tiny_sdxl._randomise``); built under inference mode, as
+JSON config. SDXL (``sdxl_objects``): a ``supported_models.SDXL`` config around a small UNet with
+SDXL's 2816-d ``adm`` input, and core's ``SDXLClipModel`` layout (CLIP-L + CLIP-G, the context their
+concatenation, the pooled output G's 1280-d projection) with small encoders. Weights are seeded (``tiny_sdxl._randomise``); built under inference mode, as
 ComfyUI's loaders run, so a test sees the tensors a real graph hands the nodes.
 """
 
@@ -38,14 +40,21 @@ VISION = {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_si
           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
-def model(seed: int = 0, family=None):
+# CLIP-G: core's text projection is hidden x hidden, and SDXL's adm reads a 1280-d pooled output, so G keeps
+# its real width (with 3 layers: core's penultimate-layer option needs more than 2).
+SDXL_G = dict(hidden_size=1280, num_attention_heads=20, num_hidden_layers=3, projection_dim=1280)
+SDXL_UNET = dict(UNET, context_dim=CONTEXT + SDXL_G["hidden_size"], use_linear_in_transformer=True, adm_in_channels=2816,
+                 num_classes="sequential", model_channels=64)  # SDXL's config pins 64-channel heads
+
+
+def model(seed: int = 0, family=None, unet: dict | None = None):
     """A MODEL (``ModelPatcher``) whose ``model_config`` is ``family`` (default ``supported_models.SD15``)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    config = (family or comfy.supported_models.SD15)(dict(UNET))
+    config = (family or comfy.supported_models.SD15)(dict(unet or UNET))
     config.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
         skeleton = UNetModel(**{k: v for k, v in config.unet_config.items() if k != "disable_unet_model_creation"})
@@ -75,10 +84,34 @@ def clip(seed: int = 0):
     target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": dict(TEXT)}
     out = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
     out.cond_stage_model.load_state_dict(_randomise(out.cond_stage_model, seed + 1), strict=False)
-    with torch.no_grad():
-        for name, p in out.cond_stage_model.named_parameters():
-            if p.is_floating_point():
-                p.data = p.data.float()
+    return out
+
+
+def sdxl_clip(seed: int = 0):
+    """A CLIP in core's SDXL layout (``SDXLTokenizer``, ``SDXLClipModel``) with two small encoders."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    class SmallSDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        """Core's SDXL text model with small CLIP-L / CLIP-G configs (core's own are fixed full-size)."""
+
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, textmodel_json_config=dict(TEXT, num_hidden_layers=3),
+                                                     model_options={**model_options, "model_name": "clip_l"})
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                layer="hidden", layer_idx=-2, device=device, dtype=dtype, layer_norm_hidden_state=False,
+                textmodel_json_config=dict(TEXT, **SDXL_G), return_projected_pooled=True,
+                special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                model_options={**model_options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    out = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, SmallSDXLClip),
+                        model_options={"dtype": torch.float32})
+    out.cond_stage_model.load_state_dict(_randomise(out.cond_stage_model, seed + 1), strict=False)
     return out
 
 
@@ -97,3 +130,12 @@ def objects(tmp: Path, seed: int = 0) -> SimpleNamespace:
     """``.model``, ``.clip``, ``.vae``, ``.clip_vision``: one tiny SD 1.5 set, built under inference mode."""
     with torch.inference_mode():
         return SimpleNamespace(model=model(seed), clip=clip(seed), vae=vae(seed), clip_vision=clip_vision(tmp, seed))
+
+
+def sdxl_objects(tmp: Path, seed: int = 0) -> SimpleNamespace:
+    """The same set in SDXL form (``supported_models.SDXL``), built under inference mode."""
+    import comfy.supported_models
+
+    with torch.inference_mode():
+        return SimpleNamespace(model=model(seed, comfy.supported_models.SDXL, SDXL_UNET), clip=sdxl_clip(seed),
+                               vae=vae(seed), clip_vision=clip_vision(tmp, seed))

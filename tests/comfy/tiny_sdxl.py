@@ -58,7 +58,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in module.state_dict().items():
         t = torch.empty(p.shape, dtype=torch.float16)
-        if p.ndim >= 2:
+        if p.ndim >= 2 and p.numel():  # (an empty tensor has nothing to draw)
             bound = math.sqrt(3.0 / p[0].numel())
             t.uniform_(-bound, bound, generator=g)
         elif name.endswith("weight"):  # 1-d weights are norm scales (GroupNorm, LayerNorm)
