@@ -275,6 +275,7 @@ class SDTraining:
                            force_full_load=True)
         for module in (self.patcher.model, generator.vae.first_stage_model, generator.clip_vision.model):
             thaw(module)
+        self._vision: DifferentiableClipVision | None = None
 
     def latent(self, seed: int) -> torch.Tensor:
         """The rendered latent for noise ``seed``, with gradients to the LoRA (core's guider, few-step sampler)."""
@@ -295,9 +296,18 @@ class SDTraining:
         latent = self.latent(seed).to(vae.device, vae.vae_dtype)
         return vae.process_output(vae.first_stage_model.decode(latent).float()).movedim(1, -1)
 
+    def vision(self) -> DifferentiableClipVision:
+        """The CLIP vision embedding over the model's current tensors: built again only when ComfyUI replaced
+        one (a move to another device keeps the tensors; building it costs a meta skeleton of the model)."""
+        cv = self.gen.clip_vision
+        mm.load_models_gpu([cv.patcher], force_full_load=True)
+        current = dict(cv.model.named_parameters())
+        if self._vision is None or any(current.get(n) is not t for n, t in self._vision.tensors.items()):
+            self._vision = vision_of(cv)
+        return self._vision
+
     def embed(self, seed: int) -> torch.Tensor:
-        mm.load_models_gpu([self.gen.clip_vision.patcher], force_full_load=True)
-        return vision_of(self.gen.clip_vision)(self.images(seed)).float()
+        return self.vision()(self.images(seed)).float()
 
     def check_images(self, seed: int, check: GateCheck, on_phase: budget.PhaseCallback) -> torch.Tensor:
         on_phase(budget.RENDER)
