@@ -201,17 +201,20 @@ class SDGenerator:
         vae_dtype = self.vae.vae_dtype
         lora = sum(rank_params(m.weight.shape, run.config.rank) for m in attention_weights(model).values())
         return budget.sd_training_estimate(
-            weights=self.weights(), unet_call=model.model.memory_required(latent.shape),
+            weights=weights_of(model, self.vae, self.clip_vision), unet_call=model.model.memory_required(latent.shape),
             decode=self.vae.memory_used_decode(latent[:1].shape, vae_dtype), vision_call=vision_bytes(self.vision, 1),
             render_steps=render.steps, lora_params=lora, gated=run.check is not None, width=render.width,
             height=render.height, rank=run.config.rank)
 
-    def weights(self) -> list[tuple[str, int]]:
-        return [("UNet weights", self.model.model_size()), ("VAE weights", self.vae.patcher.model_size()),
-                ("CLIP vision weights", self.clip_vision.patcher.model_size())]
 
     def open_training(self, run: CreativeRun) -> SDTraining:
         return SDTraining(self, run)
+
+
+def weights_of(model: Any, vae: Any, clip_vision: Any) -> list[tuple[str, int]]:
+    """The generator's weights as ComfyUI sizes them (``ModelPatcher.model_size``)."""
+    return [("UNet weights", model.model_size()), ("VAE weights", vae.patcher.model_size()),
+            ("CLIP vision weights", clip_vision.patcher.model_size())]
 
 
 def thaw(module: torch.nn.Module) -> None:
@@ -371,10 +374,8 @@ def sd_sample_bank(generator_parts: tuple[Any, Any, Any, Any], prompt: str, nega
 def bank_estimate(model: Any, vae: Any, clip_vision: Any, render: RenderSettings, batch: int) -> budget.Estimate:
     """Memory of one bank batch, from ComfyUI's own numbers (UNet call with CFG rows, decode, CLIP vision)."""
     latent = render.latent(model, batch * (2 if render.cfg > 1.0 else 1))
-    weights = [("UNet weights", model.model_size()), ("VAE weights", vae.patcher.model_size()),
-               ("CLIP vision weights", clip_vision.patcher.model_size())]
     return budget.sd_bank_estimate(
-        weights=weights, unet_call=model.model.memory_required(latent.shape),
+        weights=weights_of(model, vae, clip_vision), unet_call=model.model.memory_required(latent.shape),
         decode=vae.memory_used_decode(latent[:batch].shape, vae.vae_dtype),
         vision_call=vision_bytes(vision_of(clip_vision), batch), batch=batch, width=render.width,
         height=render.height)

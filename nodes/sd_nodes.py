@@ -13,7 +13,6 @@ from . import comfy_bridge as cb
 from . import inputs, memory, run_inputs
 from . import sockets as s
 from .engine import few_step
-from .engine.bank import EmbeddingBank
 from .engine.losses import AnchorTerm, CreativeTerm
 from .engine.plots import annotate, plot_log
 from .sd_generator import (MAX_RENDER_STEPS, RenderSettings, SDGenerator, bank_estimate, family, sd_sample_bank,
