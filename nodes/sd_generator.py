@@ -201,7 +201,7 @@ class SDGenerator:
         vae_dtype = self.vae.vae_dtype
         lora = sum(rank_params(m.weight.shape, run.config.rank) for m in attention_weights(model).values())
         return budget.sd_training_estimate(
-            weights=weights_of(model, self.vae, self.clip_vision), unet_call=model.model.memory_required(latent.shape),
+            weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape),
             decode=self.vae.memory_used_decode(latent[:1].shape, vae_dtype), vision_call=vision_bytes(self.vision, 1),
             render_steps=render.steps, lora_params=lora, gated=run.check is not None, width=render.width,
             height=render.height, rank=run.config.rank)
@@ -209,6 +209,18 @@ class SDGenerator:
 
     def open_training(self, run: CreativeRun) -> SDTraining:
         return SDTraining(self, run)
+
+
+def unet_call_bytes(model: Any, shape: torch.Size) -> int:
+    """One UNet call's working memory by ComfyUI's formula for attention that materialises its maps
+    (``BaseModel.memory_required`` on a CPU: 0.15 MiB per latent pixel and row x the model's
+    ``memory_usage_factor``, for fp32), in the model's dtype. On a GPU ComfyUI uses its memory-efficient
+    attention formula, which sizes inference only; a step with gradients keeps every layer's activations
+    whatever the attention kernel, so the training estimate reads this one (its factor was measured with it)."""
+    base = model.model
+    pixels = int(shape[0]) * math.prod(int(d) for d in shape[2:])
+    dtype = base.manual_cast_dtype or base.get_dtype()  # what it computes in (fp8 weights compute in bf16)
+    return int(pixels * 0.15 * base.memory_usage_factor * 2**20 * dtype.itemsize / 4)
 
 
 def weights_of(model: Any, vae: Any, clip_vision: Any) -> list[tuple[str, int]]:

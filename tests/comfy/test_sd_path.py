@@ -252,3 +252,23 @@ def test_image_anchor_lives_in_the_clip_vision_space(run, sd, norm, bank):
     assert torch.allclose(from_bank.target, bank[0].embeds.mean(0))
     _, _, log, _, _ = _optimise(run, sd, norm, steps=1, loss_terms=(term,))
     assert "image_anchor" in log.records[0].terms and "anchor_cos" in log.records[0].metrics
+
+
+def test_the_training_estimate_reads_comfyuis_numbers(sd, norm):
+    """The UNet's share is ComfyUI's own formula (equal to ``memory_required`` on a CPU in fp32), times the
+    factor measured for a step with gradients; the decode is the VAE's own ``memory_used_decode``."""
+    from creative_generation.nodes import run_inputs
+    from creative_generation.nodes.engine import budget
+    from creative_generation.nodes.engine.losses import CreativeTerm
+    from creative_generation.nodes.sd_generator import RenderSettings, SDGenerator, unet_call_bytes, vision_bytes
+
+    shape = (2, 4, 64, 64)
+    assert unet_call_bytes(sd.model, shape) == int(sd.model.model.memory_required(shape))
+    gen = SDGenerator(sd.model, sd.clip, sd.vae, sd.clip_vision, "a car", "", RenderSettings(3, 2.0, "euler",
+                                                                                             "sgm_uniform", 512, 512))
+    run = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1, lora_rank=4, train="LoRA")
+    act = run.memory_estimate(on_gpu=False).part("training activations").bytes
+    expected = (3 * budget.SD_UNET_GRAD * unet_call_bytes(sd.model, shape)
+                + budget.SD_DECODE_GRAD * sd.vae.memory_used_decode((1, 4, 64, 64), sd.vae.vae_dtype)
+                + vision_bytes(gen.vision, 1))
+    assert act == int(expected)
