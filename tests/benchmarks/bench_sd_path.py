@@ -1,13 +1,16 @@
 """Benchmark (not a test): one SD-path optimisation step at SD 1.5's real shapes, random weights.
 
     python tests/benchmarks/bench_sd_path.py --size 256 --render-steps 1
+    python tests/benchmarks/bench_sd_path.py --size 256 --parts     # each part's peak with its backward
 
 Core objects built through ComfyUI's own classes with random weights (nothing downloaded): an SD 1.5 UNet
 (860 M, ``supported_models.SD15``), the SD ``AutoencoderKL`` (84 M), the CLIP-L text encoder (123 M) and
 a CLIP ViT-L/14 vision model (``clip_vision_config_vitl.json``, 304 M). Measured per render-step count:
 seconds per optimiser step (render with gradients, decode, CLIP vision, backward, AdamW; mean after the
 first) and the live-tensor peak of a step beyond the weights (``LiveTensorBytes``), next to the node's
-pre-flight estimate of the same (training activations + training state). ComfyUI runs on the CPU here (the
+pre-flight estimate of the same (training activations + training state). ``--parts``: the live-tensor peak
+of each part with its backward pass alone (one UNet render step, the VAE decode, the CLIP vision pass) next to
+the host's number for it, the yardstick of ``budget.SD_UNET_GRAD`` / ``SD_DECODE_GRAD`` and ``vision_bytes``. ComfyUI runs on the CPU here (the
 in-process harness sets ``--cpu``), so ComfyUI's non-flash-attention working-memory formula is the one sized.
 """
 
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--render-steps", default="1")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--parts", action="store_true")
     args = parser.parse_args()
     import comfy_harness
 
@@ -90,6 +94,12 @@ def main() -> None:
         estimate = run.memory_estimate(on_gpu=False)
         work = sum(p.bytes for p in estimate.parts if not p.model)
         training = gen.open_training(run)
+        if args.parts:
+            try:
+                _parts(gen, training, args.size)
+            finally:
+                training.close()
+            return
         opt = torch.optim.AdamW(training.params, lr=1e-4)
         times = []
         try:
@@ -105,6 +115,26 @@ def main() -> None:
         mean = sum(times) / len(times)
         print(f"render steps {render_steps}: {mean:.2f} s/step over {len(times)} steps; measured peak beyond the "
               f"weights {peak / 2**20:.0f} MiB, estimate {work / 2**20:.0f} MiB (ratio {work / max(1, peak):.2f})")
+
+
+def _parts(gen, training, size: int) -> None:
+    from creative_generation.nodes.sd_generator import unet_call_bytes, vision_bytes
+    from creative_generation.nodes.testbed.live_bytes import LiveTensorBytes
+
+    vae = gen.vae
+    latent = gen.render.latent(gen.model)
+    cases = [("UNet render step", lambda: training.latent(0).float().pow(2).mean(),
+              unet_call_bytes(gen.model, latent.shape)),
+             ("VAE decode", lambda: vae.process_output(vae.first_stage_model.decode(
+                 torch.randn(latent.shape, requires_grad=True)).float()).mean(),
+              vae.memory_used_decode(latent.shape, vae.vae_dtype)),
+             ("CLIP vision", lambda: training.vision()(torch.rand(1, size, size, 3, requires_grad=True)).sum(),
+              vision_bytes(training.vision(), 1))]
+    for name, loss, host in cases:
+        with LiveTensorBytes() as meter:
+            loss().backward()
+        print(f"{name} with its backward: {meter.peak / 2**20:.0f} MiB measured, host's number "
+              f"{host / 2**20:.0f} MiB (ratio {meter.peak / max(1, host):.2f})")
 
 
 def _step(training, norm, opt, seed: int) -> None:
