@@ -199,9 +199,11 @@ class SDGenerator:
         rows = 2 if render.cfg > 1.0 else 1
         latent = render.latent(model, rows)
         vae_dtype = self.vae.vae_dtype
-        lora = sum(rank_params(m.weight.shape, run.config.rank) for m in attention_weights(model).values())
+        layers = attention_weights(model).values()
+        lora = sum(rank_params(m.weight.shape, run.config.rank) for m in layers)
+        merged = sum(m.weight.numel() for m in layers) * compute_dtype(model).itemsize
         return budget.sd_training_estimate(
-            weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape),
+            weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape), merged=merged,
             decode=self.vae.memory_used_decode(latent[:1].shape, vae_dtype), vision_call=vision_bytes(self.vision, 1),
             render_steps=render.steps, lora_params=lora, gated=run.check is not None, width=render.width,
             height=render.height, rank=run.config.rank)
@@ -217,10 +219,13 @@ def unet_call_bytes(model: Any, shape: torch.Size) -> int:
     ``memory_usage_factor``, for fp32), in the model's dtype. On a GPU ComfyUI uses its memory-efficient
     attention formula, which sizes inference only; a step with gradients keeps every layer's activations
     whatever the attention kernel, so the training estimate reads this one (its factor was measured with it)."""
-    base = model.model
     pixels = int(shape[0]) * math.prod(int(d) for d in shape[2:])
-    dtype = base.manual_cast_dtype or base.get_dtype()  # what it computes in (fp8 weights compute in bf16)
-    return int(pixels * 0.15 * base.memory_usage_factor * 2**20 * dtype.itemsize / 4)
+    return int(pixels * 0.15 * model.model.memory_usage_factor * 2**20 * compute_dtype(model).itemsize / 4)
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the UNet computes in (fp8 weights compute in their manual-cast dtype)."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
 
 
 def weights_of(model: Any, vae: Any, clip_vision: Any) -> list[tuple[str, int]]:

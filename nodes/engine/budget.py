@@ -437,31 +437,33 @@ def prompt_token_count(tokenizer, *prompts: str) -> int:
 
 
 # Autograd's share of an SD-path training step over the host's own working-memory number for the same call,
-# measured by tests/benchmarks/bench_sd_path.py (SD 1.5 shapes, random weights, fp32 on CPU, 256 px, one render
-# step, live-tensor peaks of the call plus its backward pass): UNet 889 MiB over ComfyUI's 154 MiB, VAE decode
-# 1,461 MiB over its 545 MiB. The whole step measured 2,460 MiB; the estimate with these factors is higher (the
-# parts' peaks do not all coincide), on the safe side.
-SD_UNET_GRAD = 6.0
+# measured by tests/benchmarks/bench_sd_path.py --parts (SD 1.5 shapes, random weights, fp32 on CPU, live-tensor
+# peaks of one call with its backward pass). UNet render step: 317 MiB at 64 px, 889 MiB at 256 px, i.e. the
+# LoRA-merged weights of the adapted layers (357 MiB: each call makes and keeps them) plus about 3.5 x ComfyUI's
+# 154 MiB at 256 px. VAE decode: 2.7 x ComfyUI's number at both sizes. A whole 256 px step measured 2,460 MiB;
+# its estimate is 2,759 MiB (the parts' peaks do not all coincide).
+SD_UNET_GRAD = 3.5
 SD_DECODE_GRAD = 3.0
 
 
-def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, decode: int, vision_call: int,
-                         render_steps: int, lora_params: int, gated: bool, width: int, height: int,
+def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, merged: int, decode: int,
+                         vision_call: int, render_steps: int, lora_params: int, gated: bool, width: int, height: int,
                          rank: int) -> Estimate:
     """Memory of the SD path's training steps from the host's own numbers: the generator's weights (UNet, VAE,
     CLIP vision: ``(name, bytes)``), the working memory of one UNet call on the (CFG-doubled) latent, of one VAE
     decode and of one CLIP vision pass (ComfyUI's ``memory_required`` / ``memory_used_decode``), and the LoRA.
 
     A step renders with gradients, so autograd keeps each render step's UNet activations until the backward
-    pass: one call's share (:data:`SD_UNET_GRAD` x its working set) is counted once per render step, plus the
+    pass: one call's share (``merged``, the bytes of the adapted layers' LoRA-merged weights, which each call
+    makes and keeps, plus :data:`SD_UNET_GRAD` x its working set) is counted once per render step, then the
     decode's (:data:`SD_DECODE_GRAD` x) and the vision pass's. With a gate, a check renders once more without
     gradients while the training state stays alive.
     """
     weights = [Part(name, int(nbytes), "", PRIOR) for name, nbytes in weights]
     state = Part(TRAINING_STATE, training_state_bytes(lora_params), f"LoRA rank {rank}: {fmt_count(lora_params)} "
                  f"values x {TRAINING_COPIES} (param, grad, 2 AdamW moments, snapshot), fp32")
-    act = Part("training activations", int(render_steps * SD_UNET_GRAD * unet_call + SD_DECODE_GRAD * decode
-                                           + vision_call),
+    act = Part("training activations", int(render_steps * (merged + SD_UNET_GRAD * unet_call)
+                                           + SD_DECODE_GRAD * decode + vision_call),
                f"{render_steps} render steps with gradients at {width}x{height}, VAE decode and CLIP vision")
     parts = [*weights, state, act]
     phases = [Phase(TRAINING, tuple(p.name for p in parts))]

@@ -255,12 +255,14 @@ def test_image_anchor_lives_in_the_clip_vision_space(run, sd, norm, bank):
 
 
 def test_the_training_estimate_reads_comfyuis_numbers(sd, norm):
-    """The UNet's share is ComfyUI's own formula (equal to ``memory_required`` on a CPU in fp32), times the
-    factor measured for a step with gradients; the decode is the VAE's own ``memory_used_decode``."""
+    """The UNet's share is the LoRA-merged weights plus ComfyUI's own formula (equal to ``memory_required`` on a
+    CPU in fp32) times the factor measured for a step with gradients; the decode is the VAE's own
+    ``memory_used_decode`` times its factor."""
     from creative_generation.nodes import run_inputs
     from creative_generation.nodes.engine import budget
     from creative_generation.nodes.engine.losses import CreativeTerm
-    from creative_generation.nodes.sd_generator import RenderSettings, SDGenerator, unet_call_bytes, vision_bytes
+    from creative_generation.nodes.sd_generator import (RenderSettings, SDGenerator, attention_weights,
+                                                        unet_call_bytes, vision_bytes)
 
     shape = (2, 4, 64, 64)
     assert unet_call_bytes(sd.model, shape) == int(sd.model.model.memory_required(shape))
@@ -268,7 +270,8 @@ def test_the_training_estimate_reads_comfyuis_numbers(sd, norm):
                                                                                              "sgm_uniform", 512, 512))
     run = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1, lora_rank=4, train="LoRA")
     act = run.memory_estimate(on_gpu=False).part("training activations").bytes
-    expected = (3 * budget.SD_UNET_GRAD * unet_call_bytes(sd.model, shape)
+    merged = 4 * sum(m.weight.numel() for m in attention_weights(sd.model).values())  # fp32 LoRA-merged weights
+    expected = (3 * (merged + budget.SD_UNET_GRAD * unet_call_bytes(sd.model, shape))
                 + budget.SD_DECODE_GRAD * sd.vae.memory_used_decode((1, 4, 64, 64), sd.vae.vae_dtype)
                 + vision_bytes(gen.vision, 1))
     assert act == int(expected)
