@@ -275,3 +275,17 @@ def test_the_training_estimate_reads_comfyuis_numbers(sd, norm):
                 + budget.SD_DECODE_GRAD * sd.vae.memory_used_decode((1, 4, 64, 64), sd.vae.vae_dtype)
                 + vision_bytes(gen.vision, 1))
     assert act == int(expected)
+
+
+def test_the_sd_path_runs_on_the_bundled_mini_world(run):
+    """Loader -> bank -> norm -> SD optimiser on the mini world in SD form (the recommended few-step setting)."""
+    model, clip, vae, clip_vision = run("CreativeMiniWorldSDLoader", dtype="auto")
+    render = dict(render_steps=4, cfg=2.0, sampler_name="lcm", scheduler="sgm_uniform", width=64, height=64)
+    embeds, preview = run("CreativeSDEmbeddingBank", model=model, clip=clip, vae=vae, clip_vision=clip_vision,
+                          prompt="a photo of a car", count=24, batch_size=8, seed=0, **render)
+    assert embeds.embeds.shape == (24, 64) and torch.isfinite(embeds.embeds).all()
+    norm = run("CreativeNormGaussianFit", embeds=embeds, pca_dims=8)[0]
+    patched, lora, log, _, _ = run("CreativeSDLoRAOptimizer", model=model, clip=clip, vae=vae, clip_vision=clip_vision,
+                                   norm=norm, prompt="a photo of a {subject}", subject="car", steps=3,
+                                   learning_rate=1e-3, lora_rank=10, seed=0, creative_weight=1.0, **render)
+    assert log.steps_run == 3 and lora and patched.patches and not model.patches
