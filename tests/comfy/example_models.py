@@ -41,6 +41,10 @@ MODEL_INPUTS: dict[str, dict[str, str]] = {
     "CreativeLoadEmbeds": {"file": "creative_embeds"},
     "unCLIPCheckpointLoader": {"ckpt_name": "checkpoints"},
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "LoraLoader": {"lora_name": "loras"},
+    "CLIPVisionLoader": {"clip_name": "clip_vision"},
+    "CreativeMiniWorldSDLoader": {},  # the bundled mini world in SD form: no file to choose
+    "SaveLoRA": {},  # core files it under "loaders", but it writes a LoRA and reads none
 }
 # Model folders whose files users make themselves (no download hint expected in a workflow).
 USER_MADE_FOLDERS = {"creative_concepts", "creative_embeds"}
@@ -68,6 +72,7 @@ class TinyModel:
     conditioning: tuple[int, int] | None = None  # (context_dim, pooled_dim) when built without a text encoder
     loader_overrides: tuple[tuple[str, object], ...] = ()  # loader inputs to set when this stand-in is swapped in
     doc: str = ""
+    miniworld_sd: bool = False  # no tiny file: the rewrite swaps its loader for Load Mini-World SD (see MINIWORLD_SD)
 
 
 WORKFLOW_MODELS: dict[tuple[str, str], TinyModel] = {}  # (folder, name the workflow uses) -> stand-in
@@ -101,11 +106,25 @@ def is_bundled(folder: str, name: str) -> bool:
     return folder in BUNDLED_FOLDERS and "/" in name and (BUNDLED_DIR / name).is_dir()
 
 
+# SD-path models (issue 17) with no tiny file stand-in: the SD optimiser needs the checkpoint's text encoder, and
+# core's loaders recognise SD 1.5 text encoders and CLIP vision models only at full size (hundreds of MB). The
+# rewrite swaps their loaders (CheckpointLoaderSimple, LoraLoader, CLIPVisionLoader) for Load Mini-World SD, whose
+# MODEL, CLIP, VAE and CLIP_VISION are core's objects of an SD 1.5-family model: the graph after them runs unchanged.
+MINIWORLD_SD = "CreativeMiniWorldSDLoader"
+MINIWORLD_SD_STANDS_FOR = {
+    ("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"),  # Comfy-Org/stable-diffusion-v1-5-archive
+    ("loras", "Hyper-SD15-4steps-lora.safetensors"),  # ByteDance/Hyper-SD
+    ("clip_vision", "clip_vision_h.safetensors"),  # CLIP ViT-H/14 with projection (IP-Adapter's image encoder)
+}
+
+
 def resolve(folder: str, name: str) -> TinyModel:
     """The stand-in for model ``name`` of ``folder``, or :class:`UnknownModelError` saying what to add.
     A bundled model stands for itself."""
     if is_bundled(folder, name):
         return TinyModel(folder, name, None, doc="bundled with the pack")
+    if (folder, name) in MINIWORLD_SD_STANDS_FOR:
+        return TinyModel(folder, name, None, doc="the mini world in SD form (its loader is swapped)", miniworld_sd=True)
     try:
         return WORKFLOW_MODELS[(folder, name)]
     except KeyError:
@@ -163,6 +182,8 @@ class TinyModels:
         into the loader's widget."""
         if isinstance(model, str):
             model = TEST_MODELS[model]
+        if model.miniworld_sd:
+            raise AssertionError(f"{model.install_name} has no file stand-in: swap its loader for {MINIWORLD_SD} first")
         if model.build is None:  # bundled: the server lists it already
             return model.install_name
         source = self.path(model)

@@ -19,6 +19,11 @@ Two tests per file:
 
 The rewrite, rule by rule (nothing else in the workflow changes):
 
+0. **SD-path loaders.** Where every model a ``CheckpointLoaderSimple`` / ``LoraLoader`` /
+   ``CLIPVisionLoader`` names is one the mini world in SD form stands for
+   (``example_models.MINIWORLD_SD_STANDS_FOR``: the SD optimiser needs a real text encoder and a
+   CLIP vision model, which core loads only at full size), those loaders become one
+   ``CreativeMiniWorldSDLoader`` and their outputs its MODEL / CLIP / VAE / CLIP_VISION.
 1. **Models.** Each loader widget listed in ``example_models.MODEL_INPUTS`` names a model; the
    registry there maps it to a tiny seeded stand-in of the same family and embedding width,
    installed in the test server's model folder; the widget gets the stand-in's name. Loader
@@ -50,7 +55,8 @@ import example_models as em
 
 WORKFLOW_DIR = comfy_harness.REPO / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
-REQUIRED = {"creative_paper_pipeline", "creative_negative_clusters", "creative_concept_via_sd21_unclip"}
+REQUIRED = {"creative_paper_pipeline", "creative_negative_clusters", "creative_concept_via_sd21_unclip",
+            "creative_sd_lora", "creative_sd_lora_real"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 DOWNLOADABLE = (".safetensors", ".sft")  # what the frontend's Missing Models dialog can download
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -75,7 +81,13 @@ SHRINK: dict[str, dict[str, int]] = {
     "CreativeWundtSweep": {"samples": 4},
     "CreativeAutoTrials": {"steps": 2, "prior_steps": 2, "lora_rank": 4, "trials": 2, "cluster_samples": 4},
     "CreativeImageVariations": {"inversion_steps": 2, "steps": 2, "prior_steps": 2, "lora_rank": 4},
+    "CreativeSDEmbeddingBank": {"count": 16, "batch_size": 16, "render_steps": 2, "width": TEST_SIZE, "height": TEST_SIZE},
+    "CreativeSDLoRAOptimizer": {"steps": 2, "lora_rank": 4, "render_steps": 2, "width": TEST_SIZE, "height": TEST_SIZE},
+    "SaveLoRA": {"steps": 2},
 }
+# Loaders rule 0 swaps: their output slot -> Load Mini-World SD's (MODEL 0, CLIP 1, VAE 2, CLIP_VISION 3).
+SD_LOADER_OUTPUTS: dict[str, tuple[int, ...]] = {"CheckpointLoaderSimple": (0, 1, 2), "LoraLoader": (0, 1),
+                                                 "CLIPVisionLoader": (3,)}
 # class_type -> {STRING input: value}: lists of steps/seeds replaced (rule 3 above, for text inputs).
 SHRINK_TEXT: dict[str, dict[str, str]] = {"CreativeWundtSweep": {"steps": "0, 2", "seeds": "0"}}
 INT_LIMIT = 64  # after the rewrite, no INT input (but seeds and the exceptions below) is larger
@@ -302,6 +314,7 @@ def rewrite_for_test(api: dict, object_info: dict, server, tiny_models) -> tuple
     """The documented rewrite (module docstring); returns the new prompt and a change log."""
     api = copy.deepcopy(api)
     changes: list[str] = []
+    _swap_sd_loaders(api, object_info, changes)  # 0. SD-path loaders
     stand_in: dict[str, em.TinyModel] = {}  # loader node id -> its (last) tiny model
     for nid, node in api.items():  # 1. models
         kind, inputs = node["class_type"], node["inputs"]
@@ -350,6 +363,24 @@ def rewrite_for_test(api: dict, object_info: dict, server, tiny_models) -> tuple
     return api, changes
 
 
+def _swap_sd_loaders(api: dict, object_info: dict, changes: list[str]) -> None:
+    """Rule 0: loaders of models the mini world in SD form stands for become one Load Mini-World SD."""
+    swapped = {nid: node["class_type"] for nid, node in api.items() if node["class_type"] in SD_LOADER_OUTPUTS
+               and all(em.resolve(folder, node["inputs"].get(name)).miniworld_sd
+                       for name, folder in em.loader_inputs(node["class_type"], object_info).items())}
+    if not swapped:
+        return
+    mini = str(max(int(k) for k in api) + 1)
+    for nid, kind in swapped.items():
+        changes.append(f"{nid} {kind} -> {em.MINIWORLD_SD} {mini}")
+        del api[nid]
+    api[mini] = {"class_type": em.MINIWORLD_SD, "inputs": {"dtype": "auto"}, "_meta": {"title": "mini world SD"}}
+    for node in api.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in swapped:
+                node["inputs"][name] = [mini, SD_LOADER_OUTPUTS[swapped[value[0]]][value[1]]]
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -387,6 +418,14 @@ def test_workflow_runs_on_tiny_models(path, comfy_server, object_info, ui_to_api
             assert saved.is_relative_to(Path(comfy_server.output_dir) / "creative" / "concepts"), saved
             concept = Concept.load(saved)
             assert concept.token in SAVED_TOKENS and concept.meta.get("base_prior"), concept.meta
+            checked += 1
+        elif kind == "SaveLoRA":  # core's LoRA file, in the key format core's LoraLoader reads
+            from safetensors.torch import load_file
+
+            files = sorted(Path(comfy_server.output_dir).glob(f"{node['inputs']['prefix']}_*.safetensors"))
+            assert files, (nid, node["inputs"]["prefix"], context)
+            keys = load_file(files[-1]).keys()
+            assert keys and any(k.endswith(".lora_up.weight") for k in keys), (files[-1], sorted(keys)[:5])
             checked += 1
         elif kind == "PreviewAny" and _source_output_name(api, object_info, node["inputs"]["source"]) == "token":
             assert "<creative-vehicle>" in " ".join(map(str, outputs[nid]["text"])), outputs[nid]
