@@ -120,3 +120,25 @@ def test_curation_by_clicking_repels_the_second_trial(page, browser_server, arte
     control_ll = _cluster_term(control_entries[-1], "marked")
     assert last_ll < control_ll, ("the marked cluster made no difference", last_ll, control_ll)
     assert not page.our_errors(), page.our_errors()
+
+
+def test_the_sd_lora_workflow_runs_from_the_run_button(page, browser_server, artefacts):
+    """creative_sd_lora (issue 17) queued from the Run button: it succeeds, every preview and save node shows an
+    image, and core SaveLoRA wrote a LoRA file in the key format core's LoraLoader reads."""
+    from safetensors.torch import load_file
+
+    path = EXAMPLES / "creative_sd_lora.json"
+    wf = json.loads(path.read_text())
+    page.load(path)
+    page.listen()
+    run = page.queue()
+    page.screenshot(artefacts / "creative_sd_lora-after-run.png")
+    assert run["status"] == "success", run
+    nodes = _nodes(page)
+    for n in wf["nodes"]:
+        if n["type"] in ("SaveImage", "PreviewImage"):
+            assert nodes[str(n["id"])]["images"], f"node {n['id']} {n['type']} shows no image after the run"
+    prefix = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveLoRA")
+    lora = _latest(Path(browser_server.output_dir), f"{prefix}_*.safetensors")
+    assert any(k.endswith(".lora_up.weight") for k in load_file(lora)), lora
+    assert not page.our_errors(), page.our_errors()
