@@ -88,13 +88,20 @@ class Evaluator:
         self._novel_ll = float(torch.quantile(self._bank_ll, self.novel_quantile))
 
     def measure_embeddings(self, embeds: torch.Tensor, subject: str,
-                           on_phase: budget.PhaseCallback | None = None) -> Measurement:
+                           on_phase: budget.PhaseCallback | None = None,
+                           images: torch.Tensor | None = None) -> Measurement:
+        """``images``: the renders the embeddings were taken of (row i is embedded as ``embeds[i]``), judged
+        instead of drawing the embeddings with the renderer; on the SD path the image comes first and its
+        CLIP embedding is what the norm scores, so there is nothing to draw."""
         lls = self.norm.log_prob(embeds.double())
         ll = float(lls.median())
         pct = float((self._bank_ll < ll).double().mean() * 100)
         validity = rare = creativity = None
-        if self.renderer is not None and self.judge is not None:
-            images = draw(self.renderer, embeds[:self.rendered], on_phase)
+        if images is not None and len(images) != len(embeds):
+            raise ValueError(f"{len(images)} images for {len(embeds)} embeddings: give the render of every row.")
+        if self.judge is not None and (images is not None or self.renderer is not None):
+            images = images[:self.rendered] if images is not None else draw(self.renderer, embeds[:self.rendered],
+                                                                            on_phase)
             if on_phase is not None:
                 on_phase(EVAL_JUDGE)
             valid = self.judge.is_subject(images, subject).bool().cpu()

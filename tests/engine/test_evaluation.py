@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -37,6 +39,17 @@ def test_measure_bank_itself_is_typical(evaluator):
     assert 0.7 < m.diversity < 1.3
     expected = float(BrightnessJudge().is_subject(render(evaluator.bank.embeds[:8]), "vehicle").float().mean())
     assert m.validity == pytest.approx(expected)
+
+
+def test_given_renders_are_judged_without_a_renderer(evaluator):
+    """The SD path renders first and embeds after: its renders are judged as given, no renderer asked."""
+    embeds = evaluator.bank.embeds[:16]
+    images = torch.zeros(16, 2, 4, 3)  # all dark: the brightness judge says no to every one
+    images[:4] = 1.0  # ...but to these
+    m = replace(evaluator, renderer=None).measure_embeddings(embeds, "vehicle", images=images)
+    assert m.validity == pytest.approx(4 / 8)  # the first ``rendered`` (8) are judged
+    with pytest.raises(ValueError, match="the render of every row"):
+        evaluator.measure_embeddings(embeds, "vehicle", images=images[:3])
 
 
 def test_far_samples_are_novel_and_collapsed_samples_not_diverse(evaluator):
