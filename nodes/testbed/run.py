@@ -2,6 +2,7 @@
 
     python nodes/testbed/run.py main_job --out output/miniworld     # the README's main job
     python nodes/testbed/run.py evaluate --studies wundt            # the mini-world evaluation
+    python nodes/testbed/run.py evaluate_sd                         # the same on the mini world in SD form
     python nodes/testbed/run.py train --out models/miniworld         # rebuild the mini world
     python nodes/testbed/run.py sweep --local 2                      # a sweep spread over 2 ComfyUI servers
 
@@ -24,6 +25,7 @@ PACKAGE = "creative_generation"
 COMMANDS = {
     "main_job": "nodes.testbed.main_job",
     "evaluate": "nodes.testbed.miniworld.evaluate",
+    "evaluate_sd": "nodes.testbed.miniworld.evaluate_sd",
     "train": "nodes.testbed.miniworld.train",
     "sweep": "nodes.testbed.sweep_job",
 }
