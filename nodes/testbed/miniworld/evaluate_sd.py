@@ -43,7 +43,7 @@ from ...engine.losses import AnchorTerm, CreativeTerm
 from ...engine.mllm import load_mllm
 from ...engine.norm import GaussianNorm
 from ...engine.rare import select_rare
-from .evaluate import MODELS, WorldJudge
+from .evaluate import MODELS, WorldJudge, mean_sd_by
 from .judge import load_judge
 from .train_sd import import_comfy
 
@@ -197,8 +197,13 @@ def measure(world: World, subject: str, seed: int, *, bank_size: int, dims: int,
 
 
 def table(rows: list[dict]) -> str:
-    """Means over subjects and seeds, per configuration and step, in the order measured."""
-    return format_table(mean_by(rows, ("config", "step"), METRICS + COSTS), COLUMNS)
+    """Per configuration and step, mean ± sd over subjects and seeds; then validity and creativity per subject
+    (means over seeds)."""
+    overall = format_table(mean_sd_by(rows, ("config", "step"), METRICS + COSTS), COLUMNS)
+    subjects = format_table(mean_by(rows, ("subject", "config", "step"), ("novelty_percentile", "validity",
+                                                                          "creativity")),
+                            ["subject", "config", "step", "novelty_percentile", "validity", "creativity", "n"])
+    return f"{overall}\n\nper subject (means over seeds):\n{subjects}"
 
 
 def run_parallel(args: argparse.Namespace, argv: list[str]) -> list[dict]:
@@ -248,10 +253,13 @@ def main() -> None:
     p.add_argument("--gates", default="off,on", help="optimiser runs without (off) and/or with (on) the MLLM gate")
     p.add_argument("--every", type=int, default=25, help="gate interval (steps)")
     p.add_argument("--out", type=Path, default=Path("output/miniworld_sd_eval.json"))
+    p.add_argument("--show", type=Path, default=None, help="instead of running: print the tables of a saved --out")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="run each (subject, seed) as its own process, this many at once (1 = all in this process)")
     argv = sys.argv[1:]
     args = p.parse_args()
+    if args.show is not None:
+        return print(table(json.loads(args.show.read_text())["rows"]))
     args.subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
     args.seeds = [int(x) for x in args.seeds.split(",")]
     steps = sorted({int(x) for x in args.steps.split(",")})
