@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -46,6 +45,7 @@ from ...engine.optimizer import CreativeRun, OptimConfig
 from ...engine.prior import load_prior
 from ...engine.render import DecoderRenderer, RenderSettings, load_decoder
 from ...engine.sampling import sample_embeddings
+from ..parts import run_parts
 from . import world
 from .baselines import baselines as baseline_rows
 from .judge import KindJudge, load_judge
@@ -192,43 +192,13 @@ def merge(files: list[Path]) -> dict[str, list[dict]]:
     return {st: list(rows.values()) for st, rows in results.items()}
 
 
-RUN = Path(__file__).resolve().parents[1] / "run.py"  # the test bed's entry point
-
-
 def run_parallel(args: argparse.Namespace) -> None:
-    """Each (subject, seed) in a process of its own (this command with ``--jobs 1``), ``args.jobs`` at a time;
-    their files are merged into ``--out`` and the tables printed as one run prints them."""
+    """Each (subject, seed) in a process of its own (:mod:`..parts`), ``args.jobs`` at a time; their files are
+    merged into ``--out`` and the tables printed as one run prints them."""
     t0 = time.perf_counter()
     parts_dir = args.out.parent / f"{args.out.stem}_parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    base, argv, own = [], iter(sys.argv[1:]), ("--subjects", "--seeds", "--out", "--jobs")
-    for arg in argv:  # this command's options less the ones each process gets its own value of
-        if arg in own:
-            next(argv, None)
-        elif not arg.startswith(tuple(f"{o}=" for o in own)):
-            base.append(arg)
-    pending, running, files = [], [], []
-    for subject in args.subjects.split(","):
-        for seed in args.seeds.split(","):
-            out = parts_dir / f"{subject.strip()}_{seed.strip()}.json"
-            files.append(out)
-            pending.append([sys.executable, str(RUN), "evaluate", *base, "--subjects", subject.strip(), "--seeds", seed.strip(),
-                            "--out", str(out), "--jobs", "1"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    failed = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            cmd = pending.pop(0)
-            log = open(Path(cmd[cmd.index("--out") + 1]).with_suffix(".log"), "w")
-            running.append((cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(0.5)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode != 0:
-                failed.append(" ".join(item[0]))
-    if failed:
-        raise SystemExit("failed (see the .log beside each part):\n" + "\n".join(failed))
+    pairs = [(s.strip(), x.strip()) for s in args.subjects.split(",") for x in args.seeds.split(",")]
+    files = run_parts("evaluate", sys.argv[1:], pairs, parts_dir, args.jobs)
     results = merge(files)
     print_tables(results)
     print(f"\n{len(files)} processes, {args.jobs} at a time; {time.perf_counter() - t0:.0f} s; parts in {parts_dir}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from ...engine.losses import AnchorTerm, CreativeTerm
 from ...engine.mllm import load_mllm
 from ...engine.norm import GaussianNorm
 from ...engine.rare import select_rare
+from ..parts import run_parts
 from .evaluate import MODELS, WorldJudge, mean_sd_by
 from .judge import load_judge
 from .train_sd import import_comfy
@@ -53,7 +53,6 @@ BANK_SEED = 10_000  # rare select's bank for seed s > 0 starts at BANK_SEED x s
 METRICS = ("novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity")
 COSTS = ("seconds", "unet_calls", "measure_seconds")
 COLUMNS = ["config", "step", *METRICS, *COSTS, "n"]
-RUN = Path(__file__).resolve().parents[1] / "run.py"
 
 
 @dataclass
@@ -207,35 +206,9 @@ def table(rows: list[dict]) -> str:
 
 
 def run_parallel(args: argparse.Namespace, argv: list[str]) -> list[dict]:
-    """Each (subject, seed) as a process of its own (this command with ``--jobs 1``), ``args.jobs`` at once."""
+    """Each (subject, seed) as a process of its own (:mod:`..parts`), ``args.jobs`` at once; their rows."""
     parts = args.out.parent / f"{args.out.stem}_parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    base, it, own = [], iter(argv), ("--subjects", "--seeds", "--out", "--jobs")
-    for a in it:
-        if a in own:
-            next(it, None)
-        elif not a.startswith(tuple(f"{o}=" for o in own)):
-            base.append(a)
-    pending = [(subject, seed) for subject in args.subjects for seed in args.seeds]
-    running, files, failed = [], [], []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            subject, seed = pending.pop(0)
-            out = parts / f"{subject}_{seed}.json"
-            files.append(out)
-            cmd = [sys.executable, str(RUN), "evaluate_sd", *base, "--subjects", subject, "--seeds", str(seed),
-                   "--out", str(out), "--jobs", "1"]
-            log = open(out.with_suffix(".log"), "w")
-            running.append((cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(1.0)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode != 0:
-                failed.append(" ".join(item[0]))
-    if failed:
-        raise SystemExit("failed (see the .log beside each part):\n" + "\n".join(failed))
+    files = run_parts("evaluate_sd", argv, [(s, str(x)) for s in args.subjects for x in args.seeds], parts, args.jobs)
     return [r for f in files for r in json.loads(f.read_text())["rows"]]
 
 
