@@ -266,12 +266,14 @@ def prepare_sweep(run: CreativeRun, evaluator: Evaluator) -> PhaseLoader:
     return PhaseLoader(check(combined, models), models)
 
 
-def prepare_selection(gate: GateCheck | None, renderer: Renderer | None, subject: str, batch: int) -> PhaseLoader:
+def prepare_selection(gate_check: GateCheck | None, renderer: Renderer | None, subject: str,
+                      batch: int) -> PhaseLoader:
     """Before Rare Select: rendering a batch of candidates and judging them must fit."""
     drawing = None if renderer is None else renderer.memory_estimate(batch, on_gpu=on_gpu())
-    asking = None if gate is None else gate.gate.memory_estimate(subject, *renderer.image_size, on_gpu=on_gpu())
+    gate = None if gate_check is None else gate_check.gate
+    asking = None if gate is None else gate.memory_estimate(subject, *renderer.image_size, on_gpu=on_gpu())
     estimate = budget.gate_check_estimate(drawing, asking)
-    models = {budget.DECODER: renderer, budget.MLLM: None if gate is None else gate.gate}
+    models = {budget.DECODER: renderer, budget.MLLM: gate}
     if estimate is None:
         return PhaseLoader(budget.Estimate("selection", [], [budget.Phase(budget.RENDER, ())]), models)
     return PhaseLoader(check(estimate, models), models)

@@ -203,11 +203,10 @@ class SDGenerator:
         lora = sum(rank_params(m.weight.shape, run.config.rank) for m in layers)
         merged = sum(m.weight.numel() for m in layers) * compute_dtype(model).itemsize
         return budget.sd_training_estimate(
-            weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape), merged=merged,
-            decode=self.vae.memory_used_decode(latent[:1].shape, vae_dtype), vision_call=vision_bytes(self.vision, 1),
-            render_steps=render.steps, lora_params=lora, gated=run.check is not None, width=render.width,
-            height=render.height, rank=run.config.rank)
-
+            weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape),
+            merged=merged, decode=self.vae.memory_used_decode(latent[:1].shape, vae_dtype),
+            vision_call=vision_bytes(self.vision, 1), render_steps=render.steps, lora_params=lora,
+            gated=run.check is not None, width=render.width, height=render.height, rank=run.config.rank)
 
     def open_training(self, run: CreativeRun) -> SDTraining:
         return SDTraining(self, run)

@@ -99,9 +99,10 @@ NEEDS_RENDERER = ("gate is connected but renderer is not: the gate judges render
 class GateCheck:
     """The gate with the renderer that draws what it judges: the one place that pairs them.
 
-    A gate without a renderer is refused here (:data:`NEEDS_RENDERER`), for every caller. A check
-    renders, then asks; ``on_phase`` hears :data:`budget.RENDER` and :data:`budget.JUDGE` before each,
-    so a host can load the decoder, then the MLLM.
+    A gate without a renderer is refused here (:data:`NEEDS_RENDERER`), for every caller. The run's
+    training session draws the images (:func:`draw`, or the generator itself) and the gate asks; the
+    host hears :data:`budget.RENDER` and :data:`budget.JUDGE` before each, to load the decoder, then
+    the MLLM.
     """
 
     gate: ValidityGate
@@ -121,17 +122,6 @@ class GateCheck:
     def models(self) -> dict[str, object]:
         """The check's models by memory kind (no decoder when the generator draws)."""
         return {budget.DECODER: self.renderer, budget.MLLM: self.gate}
-
-    def judge(self, embeds: torch.Tensor, subject: str, step: int,
-              on_phase: budget.PhaseCallback | None = None) -> Verdict:
-        """Render ``embeds`` and ask whether they still show ``subject``."""
-        if self.renderer is None:
-            raise ValueError("This gate check has no renderer (its generator draws): it judges images, not "
-                             "embeddings.")
-        images = draw(self.renderer, embeds, on_phase)
-        if on_phase is not None:
-            on_phase(budget.JUDGE)
-        return self.gate.ask(images, subject, step)
 
     def memory_estimate(self, count: int, subject: str, *, on_gpu: bool,
                         image_size: tuple[int, int] | None = None) -> budget.Estimate | None:

@@ -27,19 +27,26 @@ def _nodes(page) -> dict[str, dict]:
     return {n["id"]: n for n in page.page.evaluate(NODE_STATE_JS)}
 
 
-def test_the_mini_world_runs_from_the_run_button(page, artefacts):
-    path = EXAMPLES / "creative_miniworld.json"
+def _run_example(page, artefacts, name: str) -> tuple[dict, dict, dict[str, dict]]:
+    """Open an example workflow, press Run, and require success and an image on every SaveImage / PreviewImage
+    node (renders, plots, gate images); returns the workflow, the run's events and the nodes' state."""
+    path = EXAMPLES / f"{name}.json"
     wf = json.loads(path.read_text())
     page.load(path)
     page.listen()
     run = page.queue()
-    page.screenshot(artefacts / "creative_miniworld-after-run.png")
+    page.screenshot(artefacts / f"{name}-after-run.png")
     assert run["status"] == "success", run
     nodes = _nodes(page)
+    for n in wf["nodes"]:
+        if n["type"] in ("SaveImage", "PreviewImage"):
+            assert nodes[str(n["id"])]["images"], f"node {n['id']} {n['type']} shows no image after the run"
+    return wf, run, nodes
+
+
+def test_the_mini_world_runs_from_the_run_button(page, artefacts):
+    wf, run, nodes = _run_example(page, artefacts, "creative_miniworld")
     kinds = {str(n["id"]): n["type"] for n in wf["nodes"]}
-    for nid, kind in kinds.items():
-        if kind in ("SaveImage", "PreviewImage"):  # renders, plots, gate images
-            assert nodes[nid]["images"], f"node {nid} {kind} shows no image after the run"
     optimiser = next(i for i, k in kinds.items() if k == "CreativeLoRAOptimizer")
     assert nodes[optimiser]["images"] and min(nodes[optimiser]["images"][0]) >= 256  # gate images, enlarged
     assert run["previews"] >= 2, "the optimiser showed no progress preview at its gate checks"
@@ -127,17 +134,7 @@ def test_the_sd_lora_workflow_runs_from_the_run_button(page, browser_server, art
     image, and core SaveLoRA wrote a LoRA file in the key format core's LoraLoader reads."""
     from safetensors.torch import load_file
 
-    path = EXAMPLES / "creative_sd_lora.json"
-    wf = json.loads(path.read_text())
-    page.load(path)
-    page.listen()
-    run = page.queue()
-    page.screenshot(artefacts / "creative_sd_lora-after-run.png")
-    assert run["status"] == "success", run
-    nodes = _nodes(page)
-    for n in wf["nodes"]:
-        if n["type"] in ("SaveImage", "PreviewImage"):
-            assert nodes[str(n["id"])]["images"], f"node {n['id']} {n['type']} shows no image after the run"
+    wf, _, _ = _run_example(page, artefacts, "creative_sd_lora")
     prefix = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveLoRA")
     lora = _latest(Path(browser_server.output_dir), f"{prefix}_*.safetensors")
     assert any(k.endswith(".lora_up.weight") for k in load_file(lora)), lora
