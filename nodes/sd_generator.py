@@ -370,14 +370,15 @@ def sd_sample_bank(generator_parts: tuple[Any, Any, Any, Any], prompt: str, nega
     vision = None
     for b, start in enumerate(range(0, count, batch_size)):
         rows = min(batch_size, count - start)
-        empty = render.latent(model, rows)
-        latent = comfy.sample.sample(model, noise(empty, seed + b), render.steps, render.cfg, render.sampler,
-                                     render.scheduler, positive, negative_cond, empty, seed=seed + b,
-                                     disable_pbar=True)
-        images = vae.decode(latent)
-        mm.load_models_gpu([clip_vision.patcher], force_full_load=True)
-        vision = vision_of(clip_vision)
-        with torch.no_grad():
+        with torch.no_grad():  # outside ComfyUI's executor grad is on, and core's VAE weights require grad:
+            # a decode would then record its whole graph, and every kept preview would hold it alive
+            empty = render.latent(model, rows)
+            latent = comfy.sample.sample(model, noise(empty, seed + b), render.steps, render.cfg, render.sampler,
+                                         render.scheduler, positive, negative_cond, empty, seed=seed + b,
+                                         disable_pbar=True)
+            images = vae.decode(latent)
+            mm.load_models_gpu([clip_vision.patcher], force_full_load=True)
+            vision = vision_of(clip_vision)
             parts.append(vision(images).float().cpu())
         if sum(len(p) for p in previews) < 16:
             previews.append(images[:16].float().cpu())

@@ -94,6 +94,19 @@ def test_bank_embeds_core_renders_in_the_clip_vision_space(sd, bank):
     assert not torch.allclose(embeds.embeds[:8], embeds.embeds[8:16])  # batch b draws with seed + b
 
 
+def test_bank_renders_keep_no_autograd_graph_outside_the_executor(sd):
+    """The evaluation and scripts call the bank outside ComfyUI's inference mode, where core's VAE weights
+    require grad: a recorded decode graph kept alive by the previews grew memory without bound."""
+    from creative_generation.nodes.sd_generator import RenderSettings, sd_sample_bank
+
+    render = RenderSettings(2, 1.0, "euler", "sgm_uniform", 32, 32)
+    assert torch.is_grad_enabled()
+    bank, previews = sd_sample_bank((sd.model, sd.clip, sd.vae, sd.clip_vision), "a photo of a car", "", render,
+                                    count=4, batch_size=2, seed=0)
+    assert previews.grad_fn is None and not previews.requires_grad
+    assert bank.embeds.grad_fn is None
+
+
 @pytest.fixture(scope="module")
 def sdxl(comfy_inprocess, tmp_path_factory):
     return tiny_sd15.sdxl_objects(tmp_path_factory.mktemp("tiny_sdxl"))
