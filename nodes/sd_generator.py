@@ -195,17 +195,17 @@ class SDGenerator:
         raise ValueError("The SD path starts from the model itself; it cannot continue a prior's concept.")
 
     def training_estimate(self, run: CreativeRun, *, on_gpu: bool) -> budget.Estimate:
-        render, model = self.render, self.model
+        render, model, samples = self.render, self.model, run.config.samples
         rows = 2 if render.cfg > 1.0 else 1
-        latent = render.latent(model, rows)
+        latent = render.latent(model, rows * samples)
         vae_dtype = self.vae.vae_dtype
         layers = attention_weights(model).values()
         lora = sum(rank_params(m.weight.shape, run.config.rank) for m in layers)
         merged = sum(m.weight.numel() for m in layers) * compute_dtype(model).itemsize
         return budget.sd_training_estimate(
             weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape),
-            merged=merged, decode=self.vae.memory_used_decode(latent[:1].shape, vae_dtype),
-            vision_call=vision_bytes(self.vision, 1), render_steps=render.steps, lora_params=lora,
+            merged=merged, decode=self.vae.memory_used_decode(latent[:samples].shape, vae_dtype),
+            vision_call=vision_bytes(self.vision, samples), render_steps=render.steps, lora_params=lora,
             gated=run.check is not None, width=render.width, height=render.height, rank=run.config.rank)
 
     def open_training(self, run: CreativeRun) -> SDTraining:
@@ -301,7 +301,7 @@ class SDTraining:
     def latent(self, seed: int) -> torch.Tensor:
         """The rendered latent for noise ``seed``, with gradients to the LoRA (core's guider, few-step sampler)."""
         render, patcher = self.gen.render, self.patcher
-        empty = render.latent(patcher)
+        empty = render.latent(patcher, self.run.config.samples)
         sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), render.scheduler,
                                                  render.steps)
         guider = comfy.samplers.CFGGuider(patcher)
@@ -310,7 +310,7 @@ class SDTraining:
         return guider.sample(noise(empty, seed), empty, _FewStepSampler(render.sampler), sigmas, seed=int(seed))
 
     def images(self, seed: int) -> torch.Tensor:
-        """IMAGE ``[1, H, W, 3]`` of noise ``seed``: the VAE's own decoder and output processing, with gradients
+        """IMAGE ``[samples, H, W, 3]`` of noise ``seed``: the VAE's own decoder and output processing, with gradients
         (``VAE.decode`` writes into a preallocated buffer and may fall back to tiles)."""
         vae = self.gen.vae
         mm.load_models_gpu([vae.patcher], force_full_load=True)
@@ -339,6 +339,12 @@ class SDTraining:
         """The LoRA as core's LORA_MODEL dict (CPU copies)."""
         return {f"{key}.{name}": p.detach().float().cpu().clone()
                 for key, adapter in self.adapters.items() for name, p in adapter.named_parameters()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, adapter in self.adapters.items():
+                for name, p in adapter.named_parameters():
+                    p.copy_(state[f"{key}.{name}"].to(p))
 
     def learned(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> LearnedLoRA:
         gen = self.gen

@@ -51,6 +51,15 @@ class StopReason(StrEnum):
     GATE_REJECTED = "gate_rejected"
 
 
+class RejectPolicy(StrEnum):
+    """What a "no" from the gate does. STOP is the paper's: the run ends on the last accepted state.
+    ROLLBACK returns to the last accepted state, halves the learning rate and goes on (a fresh AdamW), so a
+    run that stepped too far tries a smaller step instead of ending; after ``rollbacks`` of them it stops."""
+
+    STOP = "stop"
+    ROLLBACK = "rollback"
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Defaults follow the paper (§6); ``steps`` is the maximum, the gate may stop earlier. Checked on creation."""
@@ -68,14 +77,22 @@ class OptimConfig:
     template: str = "a photo of a {token}"
     negative_prompt: str = ""
     token: str = ""
+    samples: int = 1  # noise samples per step (the paper: 1): the loss is their mean, the gate judges them all
+    on_reject: RejectPolicy = RejectPolicy.STOP
+    rollbacks: int = 3  # with ROLLBACK: the "no" after this many rollbacks stops the run
 
     def __post_init__(self) -> None:
-        if self.train not in TrainMode._value2member_map_:
-            raise ValueError(f"train must be one of {[m.value for m in TrainMode]}, got {self.train!r}.")
-        object.__setattr__(self, "train", TrainMode(self.train))
+        for name, enum in (("train", TrainMode), ("on_reject", RejectPolicy)):
+            if getattr(self, name) not in enum._value2member_map_:
+                raise ValueError(f"{name} must be one of {[m.value for m in enum]}, got {getattr(self, name)!r}.")
+            object.__setattr__(self, name, enum(getattr(self, name)))
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.steps < 1 or self.rank < 1:
             raise ValueError("steps and rank must be at least 1.")
+        if self.samples < 1:
+            raise ValueError("samples (noise draws per step) must be at least 1.")
+        if self.rollbacks < 0:
+            raise ValueError("rollbacks cannot be negative.")
         if self.prior_steps < 2:
             raise ValueError("prior_steps must be at least 2: the unCLIP scheduler spaces timesteps over steps - 1.")
         if "{token}" not in self.template:
@@ -144,13 +161,17 @@ class Training(Protocol):
     params: list[torch.nn.Parameter]
 
     def embed(self, seed: int) -> torch.Tensor:
-        """The embedding ``[1, D]`` (float32) of the current state for this noise seed, with gradients."""
+        """The embeddings ``[samples, D]`` (float32) of the current state for this noise seed (the run's
+        ``config.samples`` noise draws), with gradients."""
 
     def check_images(self, seed: int, check: GateCheck, on_phase: PhaseCallback) -> torch.Tensor:
         """The images ``[B, H, W, 3]`` the gate judges of the current state (no gradients)."""
 
     def snapshot(self) -> object:
         """A copy of the learned state, to roll back to."""
+
+    def restore(self, state: object) -> None:
+        """Set the learned values to a snapshot (a rollback)."""
 
     def learned(self, state: object, meta: dict[str, Any]) -> Any:
         """A snapshot as what the run returns (a concept), with the run's ``meta`` plus the generator's own."""
@@ -257,7 +278,7 @@ class CreativeRun:
         """Peak memory of the run, phase by phase: training steps and, with a gate, its checks."""
         training = self.generator.training_estimate(self, on_gpu=on_gpu)
         checking = None if self.check is None else self.check.memory_estimate(
-            1, self.subject, on_gpu=on_gpu, image_size=getattr(self.generator, "image_size", None))
+            self.config.samples, self.subject, on_gpu=on_gpu, image_size=getattr(self.generator, "image_size", None))
         return budget.optimisation_estimate(training, checking)
 
     def run(self, on_step: StepCallback | None = None, *, on_phase: PhaseCallback | None = None,
@@ -307,7 +328,8 @@ class _Loop:
         self.on_phase(budget.TRAINING)
         training = spec.generator.open_training(spec)
         try:
-            opt = torch.optim.AdamW(training.params, lr=config.lr, weight_decay=config.weight_decay)
+            lr, rollbacks = config.lr, 0
+            opt = torch.optim.AdamW(training.params, lr=lr, weight_decay=config.weight_decay)
             good, good_step = training.snapshot(), 0
             records: list[StepRecord] = []
             path, reason, step, rejected = [], StopReason.MAX_STEPS, 0, None
@@ -321,11 +343,15 @@ class _Loop:
                 loss.backward()
                 opt.step()
                 metrics = self._metrics(e.detach())
-                path.append(e.detach().cpu()[0])
+                path.append(e.detach().cpu()[0])  # the first noise draw's path (the paper's one sample)
                 verdict = None
                 if gated and (spec.check.gate.due(step) or step == config.steps):
                     verdict = self._gate_check(training, step)
-                    if not verdict.passed:
+                    if not verdict.passed and config.on_reject is RejectPolicy.ROLLBACK and rollbacks < config.rollbacks:
+                        training.restore(good)
+                        lr, rollbacks = lr / 2, rollbacks + 1
+                        opt = torch.optim.AdamW(training.params, lr=lr, weight_decay=config.weight_decay)
+                    elif not verdict.passed:
                         reason, rejected = StopReason.GATE_REJECTED, training.snapshot()
                     else:
                         good, good_step = training.snapshot(), step

@@ -133,7 +133,7 @@ class Prior:
         tokens = budget.prompt_token_count(self.tokenizer, config.prompt("", run.subject), config.negative_prompt) + 1
         return budget.training_estimate(PriorShape.of(self), prompt_tokens=tokens, prior_steps=config.prior_steps,
                                         guidance=config.guidance, rank=config.rank, train=str(config.train),
-                                        on_gpu=on_gpu)
+                                        batch=config.samples, on_gpu=on_gpu)
 
     def check_start(self, start: Concept, config: OptimConfig) -> None:
         """A run may continue from a concept of this prior whose LoRA has the run's rank and targets."""

@@ -33,11 +33,12 @@ def subject_embedding(prior: Prior, subject: str) -> torch.Tensor:
 
 
 def generate(view: Prior, prompt: str, negative: str, config: OptimConfig, seed: int) -> torch.Tensor:
-    """One embedding ``[1, D]`` of ``prompt`` from noise of ``seed``, differentiable in the view's concept."""
+    """``config.samples`` embeddings ``[samples, D]`` of ``prompt`` from noise of ``seed``, differentiable in
+    the view's concept (one seeded generator draws the whole batch, as the prior pipeline draws a batch)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     cache = build_prefix(view.transformer, view.encode_prompt([negative, prompt]))
-    return denoise(view, cache, initial_latents(view, 1, generator), config.prior_steps, config.guidance,
-                   generator).float()
+    return denoise(view, cache, initial_latents(view, config.samples, generator), config.prior_steps,
+                   config.guidance, generator).float()
 
 
 class PriorTraining:
@@ -88,6 +89,15 @@ class PriorTraining:
     def snapshot(self) -> dict[str, Any]:
         lora = lora_state(self.prior.transformer, self.adapter) if self.run.config.train.lora else {}
         return {"vector": None if self.vector is None else self.vector.detach().float().cpu().clone(), "lora": lora}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            if self.vector is not None:
+                self.vector.copy_(state["vector"].to(self.vector))
+            if state["lora"]:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.prior.transformer, state["lora"], adapter_name=self.adapter)
 
     def learned(self, state: dict[str, Any], meta: dict[str, Any]) -> Concept:
         config = self.run.config

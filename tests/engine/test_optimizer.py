@@ -261,3 +261,65 @@ def test_the_rejected_state_is_returned_beside_the_kept_one(prior, setup):
     plain = _run(prior, norm, terms, _config(steps=4)).run()
     assert plain.rejected is None
     assert torch.allclose(gated.rejected.token_embedding, plain.concept.token_embedding, atol=1e-6)
+
+
+def test_rollback_policy_returns_to_the_last_yes_halves_the_step_and_goes_on(prior, setup):
+    """RejectPolicy.ROLLBACK: a "no" at step 4 restores step 2's state and the run continues at half the learning
+    rate; step 5 then equals one step at lr/2 from step 2's state. The last "no" after ``rollbacks`` stops it."""
+    _, norm, terms = setup
+    judge = ScriptedJudge([0.9, 0.1, 0.9])
+    rolled = _run(prior, norm, terms, _config(steps=6, on_reject="rollback"), ValidityGate(judge, every=2)).run()
+    assert rolled.stop_reason is StopReason.MAX_STEPS and rolled.steps_run == 6 and rolled.accepted_step == 6
+    assert [r.gate.passed for r in rolled.records if r.gate] == [True, False, True] and rolled.rejected is None
+    at2 = _run(prior, norm, terms, _config(steps=2)).run()
+    # from step 2's state, a fresh AdamW at lr/2 takes steps 5 and 6 (their noise seeds are the step numbers)
+    resumed = _run(prior, norm, terms, _config(steps=6, lr=_config().lr / 2), start=at2.concept)
+    again = _Loop_steps(resumed, first_step=5, steps=2)
+    assert torch.allclose(rolled.concept.token_embedding, again.token_embedding, atol=1e-6)
+    stopped = _run(prior, norm, terms, _config(steps=6, on_reject="rollback", rollbacks=1),
+                   ValidityGate(ScriptedJudge([0.9, 0.1, 0.1]), every=2)).run()
+    assert stopped.stop_reason is StopReason.GATE_REJECTED and stopped.accepted_step == 2 and stopped.steps_run == 6
+    with pytest.raises(ValueError, match="on_reject"):
+        _config(on_reject="retry")
+
+
+def _Loop_steps(run: CreativeRun, *, first_step: int, steps: int) -> Concept:
+    """``steps`` AdamW steps of ``run`` from its start, with the noise seeds of steps ``first_step``... of a run."""
+    from creative_generation.nodes.engine.losses import objective
+    from creative_generation.nodes.engine.optimizer import step_seed
+
+    training = run.generator.open_training(run)
+    try:
+        opt = torch.optim.AdamW(training.params, lr=run.config.lr, weight_decay=run.config.weight_decay)
+        for step in range(first_step, first_step + steps):
+            loss, _ = objective(run.terms, training.embed(step_seed(run.config.seed, step)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return training.learned(training.snapshot(), {})
+    finally:
+        training.close()
+
+
+def test_several_noise_samples_per_step(prior, setup):
+    """``samples``: each step's loss is the mean over that many noise draws of the step's seed, the gate judges all their renders, and the memory estimate counts the batch."""
+    _, norm, terms = setup
+    judge = ScriptedJudge([0.9])
+    judged = []
+    counting = lambda images, question: judged.append(len(images)) or judge.p_yes(images, question)
+    run = _run(prior, norm, terms, _config(steps=2, samples=3), ValidityGate(type("J", (), {"p_yes": staticmethod(
+        counting)})(), every=2))
+    training = run.generator.open_training(run)
+    try:
+        e = training.embed(7)
+        assert e.shape == (3, norm.embed_dim) and not torch.allclose(e[0], e[1])
+        assert torch.equal(e, training.embed(7))
+    finally:
+        training.close()
+    result = run.run()
+    assert result.steps_run == 2 and judged == [3]
+    single = run.with_(config=_config(steps=2), check=None).memory_estimate(on_gpu=True)
+    triple = run.with_(check=None).memory_estimate(on_gpu=True)
+    assert triple.peak() > single.peak()
+    with pytest.raises(ValueError, match="samples"):
+        _config(samples=0)
