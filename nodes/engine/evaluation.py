@@ -12,7 +12,12 @@
 - creativity: the share of renders that are valid AND novel: the judge calls them the subject
   and their log-likelihood is below the bank's 5th percentile, or the judge calls them rare. One
   number that needs both in the same image, so neither typical valid samples nor far-away broken
-  ones score (the typical bank scores about 5 %, its own 5th percentile).
+  ones score (the typical bank scores about 5 %, its own 5th percentile);
+- beyond the bank (with a ``reference`` bank, e.g. 5,000 typical samples): the share of samples
+  rarer than every reference sample, and ``creativity_beyond``, the share of renders valid and
+  beyond it: a bar a selection from a bank of the same distribution seldom clears, however large;
+  ``creativity_rare``: the share valid and called a rare combination. Each bar has its own
+  creativity; none replaces another.
 The sweep runs the optimiser once per (configuration, subject, seed) and measures snapshots at
 given steps, which is the paper's creativity-vs-steps (Wundt) curve.
 """
@@ -57,11 +62,15 @@ class Measurement:
     cluster_distance: float | None = None  # median Mahalanobis distance to the marked cluster, if any
     rare: float | None = None  # share of renders a rarity judge calls a rare combination
     creativity: float | None = None  # share of renders both valid and novel (rarer than the bank's 5 %, or rare)
+    beyond: float | None = None  # share of samples rarer than every sample of the reference bank
+    creativity_beyond: float | None = None  # share of renders valid and beyond the reference bank
+    creativity_rare: float | None = None  # share of renders valid and called a rare combination
 
     def as_dict(self) -> dict[str, float | None]:
         return {"novelty_ll": self.novelty_ll, "novelty_percentile": self.novelty_percentile,
                 "validity": self.validity, "diversity": self.diversity, "cluster_distance": self.cluster_distance,
-                "rare": self.rare, "creativity": self.creativity}
+                "rare": self.rare, "creativity": self.creativity, "beyond": self.beyond,
+                "creativity_beyond": self.creativity_beyond, "creativity_rare": self.creativity_rare}
 
 
 def _pairwise_spread(norm: GaussianNorm, embeds: torch.Tensor) -> float:
@@ -81,11 +90,14 @@ class Evaluator:
     rendered: int = 16
     marked: GaussianNorm | None = None  # a region the samples should avoid (GaussianNorm.fit_cluster)
     novel_quantile: float = 0.05  # creativity counts a render novel below this quantile of the bank's likelihoods
+    reference: EmbeddingBank | None = None  # a (larger) typical bank for the beyond-the-bank bar
 
     def __post_init__(self) -> None:
         self._bank_ll = self.norm.log_prob(self.bank.embeds.double())
         self._bank_spread = _pairwise_spread(self.norm, self.bank.embeds[:512])
         self._novel_ll = float(torch.quantile(self._bank_ll, self.novel_quantile))
+        self._beyond_ll = None if self.reference is None else float(
+            self.norm.log_prob(self.reference.embeds.double()).min())
 
     def measure_embeddings(self, embeds: torch.Tensor, subject: str,
                            on_phase: budget.PhaseCallback | None = None,
@@ -96,7 +108,8 @@ class Evaluator:
         lls = self.norm.log_prob(embeds.double())
         ll = float(lls.median())
         pct = float((self._bank_ll < ll).double().mean() * 100)
-        validity = rare = creativity = None
+        validity = rare = creativity = creativity_beyond = creativity_rare = None
+        beyond_all = None if self._beyond_ll is None else lls < self._beyond_ll
         if images is not None and len(images) != len(embeds):
             raise ValueError(f"{len(images)} images for {len(embeds)} embeddings: give the render of every row.")
         if self.judge is not None and (images is not None or self.renderer is not None):
@@ -109,10 +122,15 @@ class Evaluator:
             if isinstance(self.judge, RarityJudge):
                 seen_rare = self.judge.is_rare(images, subject).bool().cpu()
                 rare, novel = float(seen_rare.float().mean()), novel | seen_rare
+                creativity_rare = float((valid & seen_rare).float().mean())
             validity, creativity = float(valid.float().mean()), float((valid & novel).float().mean())
+            if beyond_all is not None:
+                creativity_beyond = float((valid & beyond_all[:len(valid)].cpu()).float().mean())
         diversity = _pairwise_spread(self.norm, embeds) / self._bank_spread if self._bank_spread else 0.0
         distance = None if self.marked is None else float(self.marked.mahalanobis(embeds.double()).median())
-        return Measurement(ll, pct, validity, diversity, distance, rare, creativity)
+        beyond = None if beyond_all is None else float(beyond_all.double().mean())
+        return Measurement(ll, pct, validity, diversity, distance, rare, creativity, beyond, creativity_beyond,
+                           creativity_rare)
 
     def measure_concept(self, prior: Prior, concept: Concept | None, prompt: str, subject: str, seed: int = 0, *,
                         steps: int = 5, guidance: float = 4.0,

@@ -100,3 +100,37 @@ def test_distance_to_a_marked_cluster(evaluator):
     away = marked.measure_embeddings(evaluator.bank.embeds[64:80], "vehicle").cluster_distance
     assert inside < away
     assert evaluator.measure_embeddings(region[:16], "vehicle").cluster_distance is None
+
+
+def test_the_beyond_the_bank_bar_and_its_creativity(evaluator):
+    """With a reference bank, a sample counts beyond only when rarer than every reference sample; its creativity
+    needs the judge's yes too. The reference's own rarest sample is not beyond it; without a reference the
+    bar is not measured."""
+    bank = evaluator.bank
+    ref = replace(evaluator, reference=bank)
+    lls = evaluator.norm.log_prob(bank.embeds.double())
+    rarest = bank.embeds[lls.argmin()][None]
+    assert ref.measure_embeddings(rarest.repeat(8, 1), "vehicle").beyond == 0.0
+    far = bank.embeds[:16] + 5.0
+    m = ref.measure_embeddings(far, "vehicle")
+    valid = BrightnessJudge().is_subject(render(far[:8]), "vehicle").float().mean()
+    assert m.beyond == 1.0 and m.creativity_beyond == pytest.approx(float(valid))
+    mixed = torch.cat([far[:4], bank.embeds[:4]])  # 4 beyond, 4 typical
+    assert ref.measure_embeddings(mixed, "vehicle").beyond == 0.5
+    plain = evaluator.measure_embeddings(far, "vehicle")
+    assert plain.beyond is None and plain.creativity_beyond is None and plain.creativity_rare is None
+
+
+class RareBrightJudge(BrightnessJudge):
+    """Also a rarity judge: an image is a rare combination when its mean is above 0.7."""
+
+    def is_rare(self, images, subject):
+        return images.mean(dim=(1, 2, 3)) > 0.7
+
+
+def test_creativity_on_the_rare_combination_bar(evaluator):
+    embeds = torch.cat([evaluator.bank.embeds[:8] + 5.0, evaluator.bank.embeds[8:16]])
+    m = replace(evaluator, judge=RareBrightJudge(), rendered=16).measure_embeddings(embeds, "vehicle")
+    images = render(embeds)
+    expected = ((images.mean(dim=(1, 2, 3)) > 0.5) & (images.mean(dim=(1, 2, 3)) > 0.7)).float().mean()
+    assert m.creativity_rare == pytest.approx(float(expected)) and m.creativity_rare <= m.rare
