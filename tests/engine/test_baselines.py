@@ -85,3 +85,47 @@ def test_conceptlab_loss_clamps_as_conceptlab_does():
     assert float(loss(on_pos)) == pytest.approx((1 - 0.28) + 0.2)  # pull saturated at 0.28, push floored at 0.2
     assert float(loss(on_neg)) == pytest.approx(1.0 + 1.0)
     assert float(ConceptLabLoss(pos)(on_neg)) == pytest.approx(1.0)  # no negatives named yet
+
+
+LORA_VARIANT = "LoRA, 4 samples/step, rollback"
+
+
+@pytest.mark.transformers5
+def test_variants_study_rows_costs_and_bars():
+    """Issue 20's study, tiny: every row has its costs (wall, CPU, prior rows) and the three bars; the
+    equal-compute rare select draws a bank sized by the chosen method's CPU seconds; more samples per step
+    cost more prior rows than one."""
+    from creative_generation.nodes.engine.gate import ValidityGate
+    from creative_generation.nodes.engine.mllm import load_mllm
+    from creative_generation.nodes.engine.prior import load_prior
+    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+    from creative_generation.nodes.testbed.miniworld import evaluate as E
+    from creative_generation.nodes.testbed.miniworld.judge import load_judge
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prior = load_prior(str(MODELS / "prior"))
+        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
+                                   prior.zero_image_embed())
+        gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=2)
+        args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"variants": [0, 4]},
+                         methods=[PAPER, LORA_VARIANT], equal_to=f"{PAPER}@4", reference=300)
+        subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
+        rows = E.variants(prior, gate, subject, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted({(r["config"], r["step"]) for r in rows}, key=str) == sorted(
+        [("typical", None), ("rare select (bank 1,000)", None), ("rare select (equal compute)", None)]
+        + [(m, s) for m in (PAPER, LORA_VARIANT) for s in (0, 4)], key=str)
+    for r in rows:
+        assert 0 <= r["creativity_beyond"] <= r["validity"] and 0 <= r["creativity_rare"] <= r["rare"], r
+        assert 0 <= r["beyond"] <= 1 and r["cpu_seconds"] >= 0 and r["prior_rows"] >= 0, r
+    at = {(r["config"], r["step"]): r for r in rows}
+    assert at[(PAPER, 0)]["prior_rows"] == 0 and at[(PAPER, 4)]["prior_rows"] > 0
+    assert at[(LORA_VARIANT, 4)]["prior_rows"] > at[(PAPER, 4)]["prior_rows"]  # 4 noise draws per step
+    equal = at[("rare select (equal compute)", None)]
+    assert equal["bank"] >= 1 and equal["equal_to"].startswith(f"{PAPER}@4")
+    assert at[("rare select (bank 1,000)", None)]["bank"] == 1000
+    header = E.table(rows, "variants").splitlines()[0]
+    assert header.split() == ["config", "step", *E.VARIANT_SPREAD, "n"]

@@ -12,7 +12,9 @@ is the reference row. Four studies, one table each (means over subjects and seed
 - negative: the full method without and with a negative cluster placed where the run without
   it ended, with the samples' distance to that marked cluster;
 - baselines: typical samples, the rarest gated bank samples, a ConceptLab-style token, the
-  paper's method and its ablations (baselines.py), with seconds and the spread over runs.
+  paper's method and its ablations (baselines.py), with seconds and the spread over runs;
+- variants: the method's variants against rare select at equal compute, with the beyond-the-bank
+  and rare-combination bars (variants.py, issue 20's protocol).
 """
 
 from __future__ import annotations
@@ -48,16 +50,20 @@ from ...engine.sampling import sample_embeddings
 from ..parts import run_parts
 from . import world
 from .baselines import baselines as baseline_rows
+from .variants import EQUAL_TO, REFERENCE_COUNT
+from .variants import variants as variant_rows
 from .judge import KindJudge, load_judge
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"
 RENDER = RenderSettings(steps=10, guidance=2.0, height=32, width=32, seed=0)  # what the decoder was trained for
 TIMING = ("seconds",)  # averaged beside the sweep's metrics
-STUDIES = ("wundt", "train", "negative", "baselines")
+STUDIES = ("wundt", "train", "negative", "baselines", "variants")
 WUNDT_CONFIGS = ("none", "anchor", "gate", "both")
 DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100",
-                 "baselines": "0,25,50,100,200"}
+                 "baselines": "0,25,50,100,200", "variants": "0,25,50,100"}
 SPREAD = ("novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity", "seconds")  # baselines: mean ± sd
+VARIANT_SPREAD = ("novelty_percentile", "validity", "diversity", "rare", "creativity", "beyond", "creativity_beyond",
+                  "creativity_rare", "seconds", "cpu_seconds", "prior_rows")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,11 @@ def baselines(prior, gate, subj: Subject, args) -> list[dict]:
                          args.methods)
 
 
+def variants(prior, gate, subj: Subject, args) -> list[dict]:
+    return variant_rows(prior, gate, subj, config(args), args.steps["variants"], args.seeds, args.samples,
+                        args.methods, args.equal_to, args.reference)
+
+
 def mean_sd_by(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
     """Like ``mean_by``, with each value shown as "mean ± sample standard deviation" over the group."""
     out = []
@@ -169,9 +180,9 @@ def peaks(rows: list[dict], value: str = "creativity") -> dict[str, tuple[int, f
 
 
 def table(rows: list[dict], study: str) -> str:
-    if study == "baselines":
-        columns = ["config", "step", *SPREAD, "n"]
-        return format_table(mean_sd_by(rows, ("config", "step"), SPREAD), columns)
+    if study in ("baselines", "variants"):
+        spread = SPREAD if study == "baselines" else VARIANT_SPREAD
+        return format_table(mean_sd_by(rows, ("config", "step"), spread), ["config", "step", *spread, "n"])
     return format_table(sweep_summary(rows, TIMING), sweep_columns(rarity=True, cluster=study == "negative"))
 
 
@@ -218,6 +229,10 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(WUNDT_CONFIGS), help=f"wundt: any of {', '.join(WUNDT_CONFIGS)}")
     p.add_argument("--methods", default="", help="baselines: labels to run (default: all but the broken ones)")
     p.add_argument("--alpha", type=float, default=1.0, help="negative cluster weight")
+    p.add_argument("--equal-to", default=EQUAL_TO, help="variants: LABEL@STEP whose training CPU seconds size the "
+                                                        "equal-compute rare select's bank")
+    p.add_argument("--reference", type=int, default=REFERENCE_COUNT, help="variants: samples of the reference bank "
+                                                                          "of the beyond-the-bank bar")
     p.add_argument("--bank", type=int, default=1000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--samples", type=int, default=32)
@@ -252,7 +267,8 @@ def main() -> None:
     for name in args.subjects.split(","):
         subj, typical = prepare(prior, renderer, judge, name.strip(), args)
         for st in studies:
-            study = {"wundt": wundt, "train": train, "negative": negative, "baselines": baselines}[st]
+            study = {"wundt": wundt, "train": train, "negative": negative, "baselines": baselines,
+                     "variants": variants}[st]
             results[st] += [typical] + study(prior, gate, subj, args)
     print_tables(results)
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "

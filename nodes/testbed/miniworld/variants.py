@@ -1,0 +1,162 @@
+"""Does training earn its time? Variants of the method against rare select, at equal compute (issue 20).
+
+The ``variants`` study of the evaluation script runs, for one subject and seed, under a protocol fixed
+before any tuning (docs/evaluation.md, section 6):
+
+- three novelty bars, each with its own creativity: today's (rarer than the norm bank's 5th percentile,
+  or a rare combination), **beyond the bank** (rarer than every sample of a 5,000-sample typical
+  reference bank, drawn once per subject with its own seed) and the judge's **rare combinations**;
+- every row's cost: wall-clock seconds, this process's CPU seconds (one thread: the measure that load
+  moves least) and prior rows (every sample-row of every prior denoising prediction, CFG's two halves
+  counted, training and gate checks included; a backward pass is not counted);
+- **rare select (bank 1,000)**: the rarest gated samples of a fresh bank of 1,000 (as section 5);
+- **rare select (equal compute)**: the rarest gated samples of a fresh bank whose sampling takes as many
+  CPU seconds as a chosen trained method up to a chosen step (``--equal-to LABEL@STEP``); its size is
+  the reference bank's CPU seconds per sample into that budget;
+- the trained methods: the paper's, LoRA only (today's best trained method) and its variants (several
+  noise samples per step, gate-guided rollback), all with the anchor and the MLLM gate.
+
+The independent judge is the only measure of validity; the gate's MLLM never is.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from ...engine.bank import EmbeddingBank, sample_bank
+from ...engine.evaluation import measure_snapshots
+from ...engine.gate import GateCheck, ValidityGate
+from ...engine.losses import CreativeTerm
+from ...engine.optimizer import CreativeRun, OptimConfig
+from ...engine.prior import Prior
+from ...engine.rare import select_rare
+from ...engine.sampling import sample_embeddings
+from .baselines import Method
+
+REFERENCE_COUNT = 5000
+REFERENCE_SEED = 77  # the reference bank's seed: not the norm bank's (0) nor any rare-select bank's
+BANK_SEED = 10_000  # rare select's bank of 1,000 for seed s is drawn with BANK_SEED + s
+EQUAL_SEED = 20_000  # the equal-compute bank of seed s is drawn with EQUAL_SEED + s
+EQUAL_TO = "paper (token+LoRA, anchor, gate)@50"
+
+
+@dataclass
+class Meter:
+    """Costs since a start: wall-clock, this process's CPU time, prior rows (a hook on the transformer)."""
+
+    rows: list[int]
+
+    @classmethod
+    def on(cls, prior: Prior) -> "Meter":
+        meter = cls([0])
+
+        def count(_module, args):
+            meter.rows[0] += int(args[0].shape[0])
+
+        # every denoising prediction (ours and diffusers') ends in this projection, one row per sample
+        prior.transformer.proj_to_clip_embeddings.register_forward_pre_hook(count)
+        return meter
+
+    def now(self) -> tuple[float, float, int]:
+        return time.perf_counter(), time.process_time(), self.rows[0]
+
+    def since(self, start: tuple[float, float, int]) -> dict[str, float]:
+        wall, cpu, rows = self.now()
+        return {"seconds": round(wall - start[0], 2), "cpu_seconds": round(cpu - start[1], 2),
+                "prior_rows": rows - start[2]}
+
+
+def methods(subj, gate: ValidityGate) -> dict[str, Method]:
+    """The paper's method, LoRA only, and LoRA only's variants; all with anchor and gate."""
+    paper = lambda: [CreativeTerm(subj.evaluator.norm), subj.anchor]
+    gated = lambda _terms: gate
+    return {
+        "paper (token+LoRA, anchor, gate)": Method(paper, gated, {}),
+        "LoRA only (anchor, gate)": Method(paper, gated, {"train": "lora"}),
+        "LoRA, 4 samples/step": Method(paper, gated, {"train": "lora", "samples": 4}),
+        "LoRA, rollback": Method(paper, gated, {"train": "lora", "on_reject": "rollback"}),
+        "LoRA, 4 samples/step, rollback": Method(paper, gated, {"train": "lora", "samples": 4,
+                                                                "on_reject": "rollback"}),
+    }
+
+
+def reference_bank(prior: Prior, subj, meter: Meter, count: int) -> tuple[EmbeddingBank, float]:
+    """The beyond-the-bank reference, and the CPU seconds one bank sample costs (from drawing it)."""
+    start = meter.now()
+    bank = sample_bank(prior, subj.prompt, count, batch_size=500, seed=REFERENCE_SEED)
+    return bank, meter.since(start)["cpu_seconds"] / count
+
+
+def trained(prior: Prior, subj, meter: Meter, label: str, method: Method, cfg: OptimConfig,
+            steps: list[int]) -> list[dict]:
+    """One run, one row per measured step with the costs of training up to that step."""
+    terms = method.terms()
+    run = CreativeRun(prior, subj.evaluator.norm, subj.name, tuple(terms), replace(cfg, steps=max(steps),
+                                                                               **method.changes),
+                      GateCheck.of(method.gate(terms), subj.evaluator.renderer))
+    start = meter.now()
+    marks = [meter.since(start)]
+    result = run.run(lambda _event: marks.append(meter.since(start)), snapshot_at=frozenset(steps))
+    rows = measure_snapshots(run, subj.evaluator, result, label)
+    for r in rows:
+        r.update(marks[min(r["step"], len(marks) - 1)])
+        r["accepted_step"] = result.accepted_step
+    return rows
+
+
+def rare_select(prior: Prior, subj, gate: ValidityGate, meter: Meter, label: str, bank_size: int, bank_seed: int,
+                seed: int, samples: int) -> dict:
+    """The ``samples`` rarest gated embeddings of a fresh bank of ``bank_size`` drawn with ``bank_seed``
+    (its sampling in the row's cost; never the norm's own bank, whose cost no other row carries)."""
+    start = meter.now()
+    bank = sample_bank(prior, subj.prompt, bank_size, batch_size=500, seed=bank_seed)
+    sel = select_rare(subj.evaluator.norm, bank, samples, candidates=len(bank), gate=gate,
+                      renderer=subj.evaluator.renderer, subject=subj.name, batch_size=32)
+    cost = meter.since(start)
+    m = subj.evaluator.measure_embeddings(sel.embeds, subj.name)
+    return {"config": label, "subject": subj.name, "seed": seed, "step": None, **m.as_dict(), **cost,
+            "bank": len(bank), "selected": len(sel.samples), "checked": len(sel.checked)}
+
+
+def equal_bank_size(rows: list[dict], equal_to: str, cpu_per_sample: float) -> tuple[int, dict]:
+    """The bank size whose sampling costs the CPU seconds of ``LABEL@STEP``'s training, and that row."""
+    label, _, step = equal_to.rpartition("@")
+    match = [r for r in rows if r["config"] == label and r["step"] == int(step)]
+    if not match:
+        raise ValueError(f"--equal-to {equal_to!r}: no such method and measured step in this run.")
+    return max(1, math.ceil(match[0]["cpu_seconds"] / cpu_per_sample)), match[0]
+
+
+def variants(prior: Prior, gate: ValidityGate, subj, cfg: OptimConfig, steps: list[int], seeds: list[int],
+             samples: int, wanted: list[str] | None, equal_to: str,
+             reference_count: int = REFERENCE_COUNT) -> list[dict]:
+    """Every row of the study for one subject and each seed."""
+    meter = Meter.on(prior)
+    reference, cpu_per_sample = reference_bank(prior, subj, meter, reference_count)
+    subj = replace(subj, evaluator=replace(subj.evaluator, reference=reference))
+    catalogue = methods(subj, gate)
+    chosen = wanted or list(catalogue)
+    if unknown := set(chosen) - set(catalogue) - {"typical", "rare select"}:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(catalogue)}")
+    rows = []
+    for seed in seeds:
+        start = meter.now()
+        embeds = sample_embeddings(prior, subj.prompt, samples, batch_size=samples, seed=1000 + seed)
+        cost = meter.since(start)
+        rows.append({"config": "typical", "subject": subj.name, "seed": seed, "step": None,
+                     **subj.evaluator.measure_embeddings(embeds, subj.name).as_dict(), **cost})
+        rows.append(rare_select(prior, subj, gate, meter, "rare select (bank 1,000)", 1000, BANK_SEED + seed, seed,
+                                samples))
+        for label in chosen:
+            if label in catalogue:
+                rows += trained(prior, subj, meter, label, catalogue[label], replace(cfg, seed=seed), steps)
+        size, matched = equal_bank_size([r for r in rows if r["seed"] == seed], equal_to, cpu_per_sample)
+        row = rare_select(prior, subj, gate, meter, "rare select (equal compute)", size, EQUAL_SEED + seed, seed,
+                          samples)
+        row["equal_to"] = f"{equal_to}: {matched['cpu_seconds']} CPU s"
+        rows.append(row)
+    return rows
