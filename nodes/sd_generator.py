@@ -11,25 +11,37 @@ sampler that keeps gradients (``engine.few_step``), decodes with the VAE's own d
 with :class:`..engine.clip_vision.DifferentiableClipVision` over the CLIP vision model's tensors.
 The learned state is core's ``LORA_MODEL`` dict (``diffusion_model.<module>.lora_up.weight`` /
 ``.lora_down.weight`` / ``.alpha``), the layout core's SaveLoRA writes and LoraLoader reads.
+
+A run may instead (or also) train a token: one new input embedding per CLIP tower of the text encoder,
+put into the prompt the way core puts an ``embedding:name`` there (core's tokenizer places a tensor in
+the token list; its text encoder reads it in place of a word), so the prompt is encoded with gradients
+through core's own CLIP. Saved in core's embedding file layout (:data:`EMBEDDING_KEYS`), it is then
+usable in any prompt as ``embedding:<file name>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management as mm
 import comfy.samplers
 import comfy.supported_models as families
+from comfy.patcher_extension import WrappersMP
 from comfy.weight_adapter.lora import LoRAAdapter
 
 from .engine import budget, few_step
 from .engine.bank import EmbeddingBank
 from .engine.clip_vision import DifferentiableClipVision
+from .engine.safetensors_io import save_tensors
 
 if TYPE_CHECKING:
     from .engine.gate import GateCheck
@@ -39,7 +51,14 @@ SUPPORTED = {"SD 1.5": families.SD15, "SDXL": families.SDXL}
 # Subclasses of a supported family that cannot render from noise and a prompt alone.
 NEEDS_AN_IMAGE = (families.SD15_instructpix2pix, families.SDXL_instructpix2pix)
 MAX_RENDER_STEPS = 8
+DIFFUSION_MODEL = WrappersMP.DIFFUSION_MODEL
 ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # the LoRA's target layers
+TRAIN_CHOICES = {"lora": "lora", "token": "token", "token+lora": "both"}  # shown -> OptimConfig.train
+# Core's embedding files by family: the key of each tower's vector (token-list key -> file key), as
+# comfy.sd1_clip.load_embed reads them (SD 1.5: the single tensor; SDXL: by the tokenizer's embedding_key).
+EMBEDDING_KEYS = {"SD 1.5": {"l": "emb_params"}, "SDXL": {"l": "clip_l", "g": "clip_g"}}
+CHECKPOINTING = "creative_gradient_checkpointing"  # the key of the run's wrapper on its MODEL clone
+TRAINING_TOKEN = "creative-training-token"  # the name the token has in the training prompt (never a file)
 
 
 def family(model: Any) -> str:
@@ -153,12 +172,108 @@ class _FewStepSampler(comfy.samplers.Sampler):
         return ms.inverse_noise_scaling(sigmas[-1], x)
 
 
+def checkpointed_call(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A core DIFFUSION_MODEL wrapper: with gradients on, the UNet call keeps only its inputs and runs again in
+    the backward pass (``torch.utils.checkpoint``), so the render steps' activations never coexist. Placed at
+    the UNet's own forward, not around the sampler's model call: the guider's state is gone by the backward."""
+    if not torch.is_grad_enabled():
+        return executor(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(executor, *args, use_reentrant=False, **kwargs)
+
+
+@dataclass
+class LearnedEmbedding:
+    """A trained token as core's embedding file holds it: file key -> ``[1, width]`` (CPU, fp32)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, stem: str | Path) -> Path:
+        """Write ``<stem>_00001.safetensors`` (the first free number: never over another file); a prompt then
+        uses it as ``embedding:<that name>`` when it lies in one of ComfyUI's embeddings folders."""
+        return save_tensors(Path(stem).with_suffix(".safetensors"), self.tensors, self.meta, numbered=True)
+
+
 @dataclass
 class LearnedLoRA:
-    """What an SD run learns: core's ``LORA_MODEL`` dict (CPU tensors) and the run's metadata."""
+    """What an SD run learns: core's ``LORA_MODEL`` dict (CPU tensors; empty when only a token was trained),
+    the token when one was trained, and the run's metadata."""
 
     state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    embedding: LearnedEmbedding | None = None
+
+
+class SDState(NamedTuple):
+    """A training snapshot: the LoRA (core's LORA_MODEL layout) and the token (token-list key -> vector)."""
+
+    lora: dict[str, torch.Tensor]
+    token: dict[str, torch.Tensor]
+
+
+def token_prompt(template: str, subject: str, name: str = TRAINING_TOKEN) -> str:
+    """``template`` with ``embedding:<name>`` where ``{subject}`` is, else where the subject word first is."""
+    marker = f"embedding:{name}"
+    if "{subject}" in template:
+        return template.replace("{subject}", marker)
+    found = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", template) if subject.strip() else None
+    if found is None:
+        raise ValueError(f"Training a token needs a place for it in the prompt: write {{subject}} (or the subject "
+                         f"{subject!r}) in it; now {template!r}.")
+    return template[:found.start()] + marker + template[found.end():]
+
+
+def text_towers(clip: Any, family_name: str) -> dict[str, str]:
+    """The CLIP's towers for a token (token-list key -> embedding file key), or a refusal naming the mismatch."""
+    keys = EMBEDDING_KEYS[family_name]
+    have = set(clip.tokenize("x"))
+    if have != set(keys):
+        raise ValueError(f"The CLIP has text encoder(s) {sorted(have)}, but a {family_name} token needs "
+                         f"{sorted(keys)}: use the checkpoint's own CLIP.")
+    return keys
+
+
+def token_init(clip: Any, tower: str, subject: str) -> torch.Tensor:
+    """``[1, width]``: the mean input embedding of the subject's tokens in ``tower`` (one token: its own row)."""
+    tokenizer = getattr(clip.tokenizer, f"clip_{tower}")
+    end = -1 if tokenizer.tokenizer_adds_end_token else None
+    ids = tokenizer.tokenizer(subject)["input_ids"][tokenizer.tokens_start:end]
+    table = getattr(clip.cond_stage_model, f"clip_{tower}").transformer.get_input_embeddings().weight
+    return table[torch.tensor(ids, device=table.device)].detach().float().mean(0, keepdim=True).cpu()
+
+
+@contextlib.contextmanager
+def inline_embedding(clip: Any, vectors: dict[str, torch.Tensor], name: str = TRAINING_TOKEN) -> Iterator[list]:
+    """While open, core's tokenizers resolve ``embedding:<name>`` to ``vectors[tower]`` (no file), exactly where
+    and how they place an embedding file's tensor; every other ``embedding:`` still loads from its folder.
+    Core has no hook for an embedding held in memory, so each tower's tokenizer gets an instance-level
+    ``_try_get_embedding`` for the duration (restored on exit). Yields a list that records each use."""
+    used: list[str] = []
+    saved = []
+    for tower, vector in vectors.items():
+        tokenizer = getattr(clip.tokenizer, f"clip_{tower}")
+        original = tokenizer._try_get_embedding
+
+        def resolve(text, tower=tower, vector=vector, original=original):
+            words = text.split()  # core's own split: the name is the first word, the rest is parsed as text
+            if not words or words[0].rstrip(",") != name:
+                return original(text)
+            used.append(tower)
+            rest, leftover = words[0][len(name):], " ".join(words[1:])
+            return vector, (f"{rest} {leftover}" if rest else leftover)
+
+        saved.append((tokenizer, tokenizer.__dict__.get("_try_get_embedding"), tokenizer.embedding_directory))
+        tokenizer._try_get_embedding = resolve
+        if tokenizer.embedding_directory is None:  # core looks for embeddings only where it has a folder
+            tokenizer.embedding_directory = []
+    try:
+        yield used
+    finally:
+        for tokenizer, own, directory in saved:
+            tokenizer.__dict__.pop("_try_get_embedding", None)
+            if own is not None:
+                tokenizer._try_get_embedding = own
+            tokenizer.embedding_directory = directory
 
 
 @dataclass(eq=False)
@@ -168,6 +283,8 @@ class SDGenerator:
     Checked on creation: the family, the CLIP vision model (a CLIP ViT with projection) and the render
     settings. ``identity`` is the CLIP vision embedding space, so a norm fitted on a bank of this
     generator (or of any SD model embedded by the same CLIP vision model) is accepted and any other refused.
+    ``template``: the prompt with ``{subject}`` unfilled, where a trained token goes (default: ``prompt``).
+    ``checkpointing``: recompute each render step's UNet call and the VAE decode in the backward pass.
     """
 
     model: Any
@@ -177,6 +294,8 @@ class SDGenerator:
     prompt: str
     negative: str
     render: RenderSettings
+    template: str = ""
+    checkpointing: bool = False
     draws_images = True
 
     def __post_init__(self) -> None:
@@ -194,19 +313,32 @@ class SDGenerator:
     def check_start(self, start: Any, config: OptimConfig) -> None:
         raise ValueError("The SD path starts from the model itself; it cannot continue a prior's concept.")
 
+    def check_run(self, run: CreativeRun) -> None:
+        """Refuse a token run the CLIP or the prompt cannot take, before any work."""
+        if run.config.train.token:
+            text_towers(self.clip, self.family)
+            token_prompt(self.template or self.prompt, run.subject)
+
     def training_estimate(self, run: CreativeRun, *, on_gpu: bool) -> budget.Estimate:
-        render, model, samples = self.render, self.model, run.config.samples
+        self.check_run(run)
+        render, model, samples, train = self.render, self.model, run.config.samples, run.config.train
         rows = 2 if render.cfg > 1.0 else 1
         latent = render.latent(model, rows * samples)
         vae_dtype = self.vae.vae_dtype
-        layers = attention_weights(model).values()
+        layers = attention_weights(model).values() if train.lora else ()
         lora = sum(rank_params(m.weight.shape, run.config.rank) for m in layers)
         merged = sum(m.weight.numel() for m in layers) * compute_dtype(model).itemsize
+        weights = weights_of(model, self.vae, self.clip_vision)
+        if train.token:
+            weights.append(("text encoder weights", self.clip.patcher.model_size()))
         return budget.sd_training_estimate(
-            weights=weights_of(model, self.vae, self.clip_vision), unet_call=unet_call_bytes(model, latent.shape),
+            weights=weights, unet_call=unet_call_bytes(model, latent.shape),
             merged=merged, decode=self.vae.memory_used_decode(latent[:samples].shape, vae_dtype),
             vision_call=vision_bytes(self.vision, samples), render_steps=render.steps, lora_params=lora,
-            gated=run.check is not None, width=render.width, height=render.height, rank=run.config.rank)
+            gated=run.check is not None, width=render.width, height=render.height, rank=run.config.rank,
+            text_call=text_bytes(self.clip) if train.token else 0,
+            token_params=sum(text_widths(self.clip).values()) if train.token else 0,
+            checkpointing=self.checkpointing)
 
     def open_training(self, run: CreativeRun) -> SDTraining:
         return SDTraining(self, run)
@@ -250,6 +382,30 @@ def thaw(module: torch.nn.Module) -> None:
                 sub._buffers[name] = b.clone()
 
 
+def text_encoders(clip: Any) -> dict[str, torch.nn.Module]:
+    """The CLIP's text towers by token-list key (core's ``CLIPTextModel_`` of each)."""
+    return {tower: getattr(clip.cond_stage_model, f"clip_{tower}").transformer.text_model
+            for tower in clip.tokenize("x")}
+
+
+def text_widths(clip: Any) -> dict[str, int]:
+    """Each text tower's input embedding width (a token's size there)."""
+    return {tower: int(m.embeddings.token_embedding.weight.shape[1]) for tower, m in text_encoders(clip).items()}
+
+
+def text_bytes(clip: Any) -> int:
+    """One text encoding with its backward (a trained token): :func:`vision_bytes`' per-layer count over each
+    tower's 77 tokens, in its weights' dtype. The formula was measured for CLIP vision, not for the text."""
+    total = 0
+    for tower, m in text_encoders(clip).items():
+        tokens = int(getattr(clip.tokenizer, f"clip_{tower}").max_length)
+        layer = m.encoder.layers[0]
+        hidden, inner = int(layer.mlp.fc1.weight.shape[1]), int(layer.mlp.fc1.weight.shape[0])
+        per_layer = tokens * (4 * hidden + 2 * inner + int(layer.self_attn.heads) * tokens)
+        total += len(m.encoder.layers) * per_layer * layer.mlp.fc1.weight.dtype.itemsize
+    return total
+
+
 def attention_weights(model: Any) -> dict[str, torch.nn.Module]:
     """The LoRA's target layers: ``diffusion_model.<module>`` -> the attention projection (a comfy.ops layer)."""
     return {f"diffusion_model.{name}": m for name, m in model.model.diffusion_model.named_modules()
@@ -274,29 +430,63 @@ def vision_bytes(vision: DifferentiableClipVision, batch: int) -> int:
 
 
 class SDTraining:
-    """One run's training session on an SD model (``engine.optimizer.Training``): LoRA adapters on a clone."""
+    """One run's training session on an SD model (``engine.optimizer.Training``): LoRA adapters on a clone
+    and/or a token (one vector per text tower, started from the subject word's input embedding)."""
 
     def __init__(self, generator: SDGenerator, run: CreativeRun) -> None:
         self.gen, self.run = generator, run
-        config = run.config
+        config, clip = run.config, generator.clip
+        generator.check_run(run)
         self.patcher = generator.model.clone()
         self.adapters: dict[str, torch.nn.Module] = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            for key, layer in attention_weights(self.patcher).items():
-                adapter = LoRAAdapter.create_train(layer.weight, rank=config.rank, alpha=config.lora_alpha)
-                self.patcher.add_weight_wrapper(f"{key}.weight", adapter)
-                self.adapters[key] = adapter
+        if config.train.lora:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                for key, layer in attention_weights(self.patcher).items():
+                    adapter = LoRAAdapter.create_train(layer.weight, rank=config.rank, alpha=config.lora_alpha)
+                    self.patcher.add_weight_wrapper(f"{key}.weight", adapter)
+                    self.adapters[key] = adapter
+        if generator.checkpointing:
+            self.patcher.add_wrapper_with_key(DIFFUSION_MODEL, CHECKPOINTING, checkpointed_call)
+        self.token: dict[str, torch.nn.Parameter] = {}
+        if config.train.token:
+            self.towers = text_towers(clip, generator.family)
+            device = clip.patcher.load_device
+            self.token = {tower: torch.nn.Parameter(token_init(clip, tower, run.subject).to(device))
+                          for tower in self.towers}
+            self.token_prompt = token_prompt(generator.template or generator.prompt, run.subject)
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if n != "alpha"]
+        self.params += list(self.token.values())
         for p in self.params:
             p.requires_grad_(True)
-        self.positive, self.negative = encode(generator.clip, generator.prompt), encode(generator.clip,
-                                                                                          generator.negative)
+        self.negative = encode(clip, generator.negative)
+        if self.token:
+            mm.load_models_gpu([clip.patcher], force_full_load=True)
+            thaw(clip.cond_stage_model)
+        else:
+            self.positive = encode(clip, generator.prompt)
         mm.load_models_gpu([self.patcher, generator.vae.patcher, generator.clip_vision.patcher],
                            force_full_load=True)
         for module in (self.patcher.model, generator.vae.first_stage_model, generator.clip_vision.model):
             thaw(module)
         self._vision: DifferentiableClipVision | None = None
+
+    def conditioning(self) -> list:
+        """The positive CONDITIONING: fixed for a LoRA run; with a token, the prompt encoded now through core's
+        CLIP with the token in its place, with gradients to the token."""
+        if not self.token:
+            return self.positive
+        clip = self.gen.clip
+        with inline_embedding(clip, {t: v.view(1, -1) for t, v in self.token.items()}) as used:
+            tokens = clip.tokenize(self.token_prompt)
+        if sorted(set(used)) != sorted(self.token):
+            raise ValueError(f"The token did not reach the prompt {self.token_prompt!r}: put a space before "
+                             "{subject}, as core needs before 'embedding:'.")
+        # Core's CLIP layers add their residuals in place (``x += ...``) over a tensor a layer norm saved for
+        # its backward; autograd would refuse that. Saving a copy of each tensor on the token's path (those
+        # that require grad: activations, never the frozen weights) keeps what the backward needs.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone() if t.requires_grad else t, lambda t: t):
+            return clip.encode_from_tokens_scheduled(tokens)
 
     def latent(self, seed: int) -> torch.Tensor:
         """The rendered latent for noise ``seed``, with gradients to the LoRA (core's guider, few-step sampler)."""
@@ -305,7 +495,7 @@ class SDTraining:
         sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), render.scheduler,
                                                  render.steps)
         guider = comfy.samplers.CFGGuider(patcher)
-        guider.set_conds(self.positive, self.negative)
+        guider.set_conds(self.conditioning(), self.negative)
         guider.set_cfg(render.cfg)
         return guider.sample(noise(empty, seed), empty, _FewStepSampler(render.sampler), sigmas, seed=int(seed))
 
@@ -315,7 +505,12 @@ class SDTraining:
         vae = self.gen.vae
         mm.load_models_gpu([vae.patcher], force_full_load=True)
         latent = self.latent(seed).to(vae.device, vae.vae_dtype)
-        return vae.process_output(vae.first_stage_model.decode(latent).float()).movedim(1, -1)
+        decode = vae.first_stage_model.decode
+        if self.gen.checkpointing and torch.is_grad_enabled():
+            decoded = torch.utils.checkpoint.checkpoint(decode, latent, use_reentrant=False)
+        else:
+            decoded = decode(latent)
+        return vae.process_output(decoded.float()).movedim(1, -1)
 
     def vision(self) -> DifferentiableClipVision:
         """The CLIP vision embedding over the model's current tensors: built again only when ComfyUI replaced
@@ -335,22 +530,31 @@ class SDTraining:
         with torch.no_grad():
             return self.images(seed).detach().float().cpu()
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The LoRA as core's LORA_MODEL dict (CPU copies)."""
-        return {f"{key}.{name}": p.detach().float().cpu().clone()
-                for key, adapter in self.adapters.items() for name, p in adapter.named_parameters()}
+    def snapshot(self) -> SDState:
+        """The LoRA as core's LORA_MODEL dict and the token's vectors (CPU copies)."""
+        return SDState({f"{key}.{name}": p.detach().float().cpu().clone()
+                        for key, adapter in self.adapters.items() for name, p in adapter.named_parameters()},
+                       {tower: v.detach().float().cpu().clone().view(1, -1) for tower, v in self.token.items()})
 
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
+    def restore(self, state: SDState) -> None:
+        """Put a snapshot's LoRA and token back into the trained parameters."""
         with torch.no_grad():
             for key, adapter in self.adapters.items():
                 for name, p in adapter.named_parameters():
-                    p.copy_(state[f"{key}.{name}"].to(p))
+                    p.copy_(state.lora[f"{key}.{name}"].to(p))
+            for tower, v in self.token.items():
+                v.copy_(state.token[tower].to(v))
 
-    def learned(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> LearnedLoRA:
+    def learned(self, state: SDState, meta: dict[str, Any]) -> LearnedLoRA:
         gen = self.gen
-        return LearnedLoRA(dict(state), {"generator": "sd", "family": gen.family, "space": gen.identity,
-                                         "prompt": gen.prompt, "negative_prompt": gen.negative,
-                                         "render": gen.render.meta(), "lora_targets": ATTENTION.pattern, **meta})
+        meta = {"generator": "sd", "family": gen.family, "space": gen.identity, "prompt": gen.prompt,
+                "negative_prompt": gen.negative, "render": gen.render.meta(), "lora_targets": ATTENTION.pattern,
+                **meta}
+        embedding = None
+        if state.token:
+            embedding = LearnedEmbedding({self.towers[t]: v for t, v in state.token.items()},
+                                         {**meta, "subject": self.run.subject, "training_prompt": self.token_prompt})
+        return LearnedLoRA(dict(state.lora), meta, embedding)
 
     def close(self) -> None:
         """Take the adapters off the clone and off the layers they were attached to (the layers are shared

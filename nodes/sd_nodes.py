@@ -3,6 +3,8 @@ space, and the creative LoRA optimiser on the model itself. ComfyUI's side is in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from comfy_api.latest import io, ui
 
@@ -15,10 +17,11 @@ from . import sockets as s
 from .engine import few_step
 from .engine.losses import AnchorTerm, CreativeTerm
 from .engine.plots import annotate, plot_log
-from .sd_generator import (MAX_RENDER_STEPS, RenderSettings, SDGenerator, bank_estimate, family, sd_sample_bank,
-                           vision_of)
+from .sd_generator import (MAX_RENDER_STEPS, TRAIN_CHOICES, RenderSettings, SDGenerator, bank_estimate, family,
+                           sd_sample_bank, vision_of)
 
 LoraModel = io.Custom("LORA_MODEL")  # core's own type: core SaveLoRA writes it, LoraModelLoader applies it
+SDEmbedding = io.Custom("CREATIVE_SD_EMBEDDING")  # a trained token; Save SD Embedding writes core's file
 SD_PROMPT = "a photo of a {subject}"
 
 
@@ -151,10 +154,18 @@ class SDLoRAOptimizer(io.ComfyNode):
                     *_render_inputs(list(few_step.SAMPLERS), "euler"),
                     io.Float.Input("creative_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                    tooltip="Weight of log Ĝ(ẽ) (Eq. 5)."),
-                    io.String.Input("negative_prompt", default="", optional=True, tooltip="Negative prompt (CFG > 1).")],
+                    io.String.Input("negative_prompt", default="", optional=True, tooltip="Negative prompt (CFG > 1)."),
+                    io.Combo.Input("train", options=list(TRAIN_CHOICES), default="lora", optional=True,
+                                   tooltip="What to train: the LoRA; a token (a new text-encoder embedding, "
+                                   "started from the subject word, put where {subject} is; save it with Save SD "
+                                   "Embedding and write embedding:<name> in a prompt); or both."),
+                    io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                     tooltip="Recompute each render step's UNet call and the VAE decode in the "
+                                     "backward pass instead of keeping their activations: less memory, slower "
+                                     "steps, the same gradients.")],
             outputs=[io.Model.Output(display_name="model"), LoraModel.Output(display_name="lora"),
                      s.Log.Output(display_name="log"), io.Image.Output(display_name="gate_images"),
-                     io.Image.Output(display_name="loss_plot")],
+                     io.Image.Output(display_name="loss_plot"), SDEmbedding.Output(display_name="embedding")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
@@ -166,24 +177,64 @@ class SDLoRAOptimizer(io.ComfyNode):
     @cb.training_mode
     def execute(cls, model, clip, vae, clip_vision, norm, prompt, subject, steps, learning_rate, lora_rank, seed,
                 render_steps, cfg, sampler_name, scheduler, width, height, creative_weight, loss_terms=None,
-                gate=None, negative_prompt="") -> io.NodeOutput:
+                gate=None, negative_prompt="", train="lora", gradient_checkpointing=False) -> io.NodeOutput:
         render = RenderSettings(render_steps, cfg, sampler_name, scheduler, width, height)
         generator = SDGenerator(model, clip, vae, clip_vision, prompt.replace("{subject}", subject),
-                                negative_prompt or "", render)
+                                negative_prompt or "", render, template=prompt,
+                                checkpointing=gradient_checkpointing is True)
         terms = [CreativeTerm(norm, creative_weight), *(loss_terms or ())]
         run = run_inputs.build_run(generator, norm, subject, terms, gate=gate, steps=steps,
-                                   learning_rate=learning_rate, lora_rank=lora_rank, train="LoRA", seed=seed)
+                                   learning_rate=learning_rate, lora_rank=lora_rank, train=train, seed=seed,
+                                   train_choices=TRAIN_CHOICES)
         loader = memory.prepare_run(run)  # refuses a run that cannot fit, naming what to change
         progress = cb.Progress(cls.hidden.unique_id, steps)
         result = run.run(run_inputs.reporter(progress), on_phase=loader)
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
         lora = result.concept.state
-        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+        patched = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0] if lora else model.clone()
         checks = [r.gate for r in result.records if r.gate is not None and r.gate.image is not None]
         gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
         captions = [f"step {v.step}: P(yes) {v.p_yes:.2f} {'yes' if v.passed else 'NO'}" for v in checks]
-        return io.NodeOutput(patched, lora, result.log, gate_images, plot_log(result.records),
+        return io.NodeOutput(patched, lora, result.log, gate_images, plot_log(result.records), result.concept.embedding,
                              ui=ui.PreviewImage(annotate(cb.enlarged(gate_images), captions), cls=cls) if checks else None)
 
 
-NODES = [SDEmbeddingBank, SDImageAnchor, SDLoRAOptimizer]
+class SaveSDEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CreativeSaveSDEmbedding", display_name="Save SD Embedding (Creative)",
+            category=f"{s.CATEGORY}/files",
+            description="Writes the SD optimiser's trained token as core's embedding file (safetensors) into "
+                        "ComfyUI's embeddings folder, never over another file; use it in any prompt as "
+                        "embedding:<the saved name>, e.g. 'a photo of embedding:creative_vehicle_00001'.",
+            inputs=[io.String.Input("filename_prefix", default="creative", tooltip="File name start; a counter is "
+                                    "appended (creative_00001.safetensors)."),
+                    # optional: a LoRA-only run sends None here, which deserves its own message
+                    SDEmbedding.Input("embedding", optional=True, tooltip="The optimiser's embedding output (train: "
+                                      "token or token+lora).")],
+            outputs=[], is_output_node=True)
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        spaced = (f"filename_prefix {filename_prefix!r} has white space: core reads embedding:<name> up to the first "
+                  "space, so the file could not be used in a prompt." if isinstance(filename_prefix, str)
+                  and any(c.isspace() for c in filename_prefix) else None)
+        return inputs.first(inputs.filename_prefix_problem(filename_prefix), spaced)
+
+    @classmethod
+    def execute(cls, filename_prefix, embedding=None) -> io.NodeOutput:
+        import folder_paths
+
+        if embedding is None:
+            raise ValueError("No token to save: connect the SD optimiser's embedding output and set its train to "
+                             "token or token+lora (a LoRA-only run trains no token).")
+        root = folder_paths.get_folder_paths("embeddings")[0]
+        folder, name, _, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
+        path = embedding.save(Path(folder) / name)
+        usable = path.relative_to(root).with_suffix("").as_posix()
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {path.name} in {path.parent}; write embedding:{usable} in a "
+                                               "prompt"))
+
+
+NODES = [SDEmbeddingBank, SDImageAnchor, SDLoRAOptimizer, SaveSDEmbedding]

@@ -448,7 +448,8 @@ SD_DECODE_GRAD = 3.0
 
 def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, merged: int, decode: int,
                          vision_call: int, render_steps: int, lora_params: int, gated: bool, width: int, height: int,
-                         rank: int) -> Estimate:
+                         rank: int, text_call: int = 0, token_params: int = 0,
+                         checkpointing: bool = False) -> Estimate:
     """Memory of the SD path's training steps from the host's own numbers: the generator's weights (UNet, VAE,
     CLIP vision: ``(name, bytes)``), the working memory of one UNet call on the (CFG-doubled) latent, of one VAE
     decode and of one CLIP vision pass (ComfyUI's ``memory_required`` / ``memory_used_decode``), and the LoRA.
@@ -456,15 +457,26 @@ def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, 
     A step renders with gradients, so autograd keeps each render step's UNet activations until the backward
     pass: one call's share (``merged``, the bytes of the adapted layers' LoRA-merged weights, which each call
     makes and keeps, plus :data:`SD_UNET_GRAD` x its working set) is counted once per render step, then the
-    decode's (:data:`SD_DECODE_GRAD` x) and the vision pass's. With a gate, a check renders once more without
+    decode's (:data:`SD_DECODE_GRAD` x) and the vision pass's. With ``checkpointing`` the render steps and the
+    decode keep only their inputs and are computed again one at a time in the backward pass, so only the
+    largest of them counts, once. A trained token adds the text encoding with gradients (``text_call``, kept
+    alongside the rest) and its ``token_params`` values. With a gate, a check renders once more without
     gradients while the training state stays alive.
     """
     weights = [Part(name, int(nbytes), "", PRIOR) for name, nbytes in weights]
-    state = Part(TRAINING_STATE, training_state_bytes(lora_params), f"LoRA rank {rank}: {fmt_count(lora_params)} "
+    trained = lora_params + token_params
+    what = " + ".join(([f"LoRA rank {rank}"] if lora_params else []) + (["token"] if token_params else []))
+    state = Part(TRAINING_STATE, training_state_bytes(trained), f"{what}: {fmt_count(trained)} "
                  f"values x {TRAINING_COPIES} (param, grad, 2 AdamW moments, snapshot), fp32")
-    act = Part("training activations", int(render_steps * (merged + SD_UNET_GRAD * unet_call)
-                                           + SD_DECODE_GRAD * decode + vision_call),
-               f"{render_steps} render steps with gradients at {width}x{height}, VAE decode and CLIP vision")
+    unet, decoded = merged + SD_UNET_GRAD * unet_call, SD_DECODE_GRAD * decode
+    if checkpointing:
+        kept = max(unet, decoded)
+        how = f"{render_steps} render steps and the VAE decode recomputed one at a time (gradient checkpointing)"
+    else:
+        kept = render_steps * unet + decoded
+        how = f"{render_steps} render steps with gradients and the VAE decode"
+    act = Part("training activations", int(kept + vision_call + text_call),
+               f"{how} at {width}x{height}, CLIP vision" + (", the text encoder" if text_call else ""))
     parts = [*weights, state, act]
     phases = [Phase(TRAINING, tuple(p.name for p in parts))]
     if gated:
@@ -474,6 +486,9 @@ def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, 
         phases.append(Phase(RENDER, (*(p.name for p in weights), TRAINING_STATE, draw.name)))
     hints = [f"render smaller (width/height; now {width}x{height}): activations grow with the pixels",
              f"use fewer render steps (now {render_steps}): each keeps its activations for the backward pass"]
+    if not checkpointing:
+        hints.append("turn gradient_checkpointing on: the render steps and the decode are recomputed in the backward "
+                     "pass instead of kept")
     if rank > 16:
         hints.append(f"lower lora_rank (now {rank}, paper: 10)")
     return Estimate("SD optimisation run", parts, phases, hints)

@@ -7,6 +7,7 @@ objects (built small by ``tiny_sd15``), core's KSampler, SaveLoRA and LoraLoader
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,12 +46,12 @@ def _optimise(run, sd, norm, **changes):
     return run("CreativeSDLoRAOptimizer", **inputs)
 
 
-def _core_render(model, sd, seed, render=RENDER, batch=1):
+def _core_render(model, sd, seed, render=RENDER, batch=1, text="a photo of a car"):
     """Core's own chain: CLIPTextEncode -> EmptyLatentImage -> KSampler -> VAEDecode."""
     import nodes
 
     with torch.inference_mode():
-        cond = nodes.CLIPTextEncode().encode(sd.clip, "a photo of a car")[0]
+        cond = nodes.CLIPTextEncode().encode(sd.clip, text)[0]
         latent = nodes.EmptyLatentImage().generate(render["width"], render["height"], batch)[0]
         samples = nodes.common_ksampler(model, seed, render["render_steps"], render["cfg"], render["sampler_name"],
                                         render["scheduler"], cond, cond, latent)[0]
@@ -144,7 +145,8 @@ def test_the_differentiable_render_is_cores(request, norm, family, sampler, cfg)
 def test_optimiser_moves_renders_into_the_tails(run, sd, norm):
     from creative_generation.nodes.sd_generator import vision_of
 
-    model, lora, log, gate_images, plot = _optimise(run, sd, norm)
+    model, lora, log, gate_images, plot, embedding = _optimise(run, sd, norm)
+    assert embedding is None  # a LoRA run trains no token
     assert log.steps_run == 6 and plot.ndim == 4 and len(lora) == 7 * 8 * 3  # 7 transformer blocks x 8 projections x up/down/alpha
     assert all(k.startswith("diffusion_model.") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))
                for k in lora)
@@ -190,7 +192,7 @@ def test_the_gate_stops_a_run_that_leaves_the_subject(run, sd, norm):
     from creative_generation.nodes.engine.gate import ValidityGate
 
     judge = ScriptedJudge()
-    _, lora, log, gate_images, _ = _optimise(run, sd, norm, steps=9, gate=ValidityGate(judge, every=2))
+    _, lora, log, gate_images, *_ = _optimise(run, sd, norm, steps=9, gate=ValidityGate(judge, every=2))
     assert str(log.stop_reason) == "gate_rejected" and log.steps_run == 4 and log.accepted_step == 2
     assert judge.seen == [(1, 32, 32, 3)] * 2 and gate_images.shape == (2, 32, 32, 3)
     _, kept, *_ = _optimise(run, sd, norm, steps=2)  # the state the gate accepted is what the run returns
@@ -263,7 +265,7 @@ def test_image_anchor_lives_in_the_clip_vision_space(run, sd, norm, bank):
     assert term.space == vision_of(sd.clip_vision).identity and term.weight == 0.5 and term.target.shape == (32,)
     ((from_bank,),) = run("CreativeSDImageAnchor", clip_vision=sd.clip_vision, weight=1.0, embeds=bank[0])
     assert torch.allclose(from_bank.target, bank[0].embeds.mean(0))
-    _, _, log, _, _ = _optimise(run, sd, norm, steps=1, loss_terms=(term,))
+    _, _, log, *_ = _optimise(run, sd, norm, steps=1, loss_terms=(term,))
     assert "image_anchor" in log.records[0].terms and "anchor_cos" in log.records[0].metrics
 
 
@@ -298,7 +300,169 @@ def test_the_sd_path_runs_on_the_bundled_mini_world(run):
                           prompt="a photo of a car", count=24, batch_size=8, seed=0, **render)
     assert embeds.embeds.shape == (24, 64) and torch.isfinite(embeds.embeds).all()
     norm = run("CreativeNormGaussianFit", embeds=embeds, pca_dims=8)[0]
-    patched, lora, log, _, _ = run("CreativeSDLoRAOptimizer", model=model, clip=clip, vae=vae, clip_vision=clip_vision,
+    patched, lora, log, *_ = run("CreativeSDLoRAOptimizer", model=model, clip=clip, vae=vae, clip_vision=clip_vision,
                                    norm=norm, prompt="a photo of a {subject}", subject="car", steps=3,
                                    learning_rate=1e-3, lora_rank=10, seed=0, creative_weight=1.0, **render)
     assert log.steps_run == 3 and lora and patched.patches and not model.patches
+
+
+@pytest.fixture
+def embeddings_folder(comfy_inprocess, monkeypatch, tmp_path):
+    """ComfyUI's embeddings folder pointed at a scratch dir for one test (never the shared install's)."""
+    folder_paths = comfy_inprocess.folder_paths
+    _, extensions = folder_paths.folder_names_and_paths["embeddings"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "embeddings", ([str(tmp_path)], extensions))
+    return tmp_path
+
+
+def _core_encode(clip, text):
+    import nodes
+
+    with torch.inference_mode():
+        ((cond, extra),) = nodes.CLIPTextEncode().encode(clip, text)[0]
+    return cond.clone(), extra["pooled_output"].clone()
+
+
+@pytest.mark.parametrize("family", ["SD 1.5", "SDXL"])
+def test_a_saved_token_is_cores_embedding_and_encodes_as_the_optimiser_did(request, run, norm, pack_nodes, family,
+                                                                          embeddings_folder):
+    """A token run's embedding, saved by Save SD Embedding, is core's file (SD 1.5: emb_params [1, w]; SDXL:
+    clip_l and clip_g): core CLIPTextEncode of 'a photo of embedding:<name>' with the embeddings folder on that
+    file gives the conditioning (and pooled output) the optimiser encodes with the same vectors."""
+    from safetensors.torch import load_file
+
+    from creative_generation.nodes import run_inputs
+    from creative_generation.nodes.engine.losses import CreativeTerm
+    from creative_generation.nodes.sd_generator import TRAIN_CHOICES, RenderSettings, SDGenerator
+
+    sd = request.getfixturevalue("sd" if family == "SD 1.5" else "sdxl")
+    if family == "SD 1.5":
+        _, _, _, _, _, embedding = _optimise(run, sd, norm, steps=2, train="token")
+    else:  # the tiny SDXL set embeds in the same CLIP vision space (same seed), so the norm serves it too
+        embedding = _optimise(run, sd, norm, steps=2, train="token+lora")[5]
+    run("CreativeSaveSDEmbedding", embedding=embedding, filename_prefix="creative_car")
+    (saved,) = embeddings_folder.glob("creative_car_*.safetensors")
+    tensors = load_file(saved)
+    widths = {"SD 1.5": {"emb_params": 64}, "SDXL": {"clip_l": 64, "clip_g": 1280}}[family]
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: (1, w) for k, w in widths.items()}
+
+    with torch.inference_mode():  # a CLIP as a checkpoint loader makes it: its tokenizer reads the embeddings folder
+        clip = (tiny_sd15.clip if family == "SD 1.5" else tiny_sd15.sdxl_clip)(0)
+    for tower in clip.tokenize("x"):
+        getattr(clip.tokenizer, f"clip_{tower}").embedding_directory = [str(embeddings_folder)]
+    core_cond, core_pooled = _core_encode(clip, f"a photo of embedding:{saved.stem}")
+    assert not torch.allclose(core_cond, _core_encode(clip, "a photo of")[0][:, :core_cond.shape[1]])
+
+    with torch.inference_mode(False):
+        gen = SDGenerator(sd.model, sd.clip, sd.vae, sd.clip_vision, "a photo of car", "",
+                          RenderSettings(2, 1.0, "euler", "sgm_uniform", 32, 32), template="a photo of {subject}")
+        training = gen.open_training(run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1,
+                                                          lora_rank=4, train="token", train_choices=TRAIN_CHOICES))
+        try:
+            keys = {"emb_params": "l", "clip_l": "l", "clip_g": "g"}
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    training.token[keys[key]].copy_(value)
+            ((cond, extra),) = training.conditioning()
+        finally:
+            training.close()
+    assert torch.allclose(cond.detach(), core_cond, atol=1e-5)
+    assert torch.allclose(extra["pooled_output"].detach(), core_pooled, atol=1e-5)
+
+
+def test_a_token_run_moves_renders_into_the_tails(run, embeddings_folder):
+    """The token alone (no LoRA) lowers the norm's log-likelihood of core's renders of its prompt, against the
+    subject word it started from (step 0), at the same seeds; the MODEL output carries no LoRA. On the mini
+    world in SD form: its text encoder was trained with its UNet, so the prompt steers the renders (the tiny
+    random set's renders hardly depend on the text)."""
+    from creative_generation.nodes.sd_generator import vision_of
+
+    model, clip, vae, clip_vision = run("CreativeMiniWorldSDLoader", dtype="auto")
+    render = dict(render_steps=4, cfg=2.0, sampler_name="lcm", scheduler="sgm_uniform", width=64, height=64)
+    embeds, _ = run("CreativeSDEmbeddingBank", model=model, clip=clip, vae=vae, clip_vision=clip_vision,
+                    prompt="a photo of a car", count=24, batch_size=8, seed=0, **render)
+    norm = run("CreativeNormGaussianFit", embeds=embeds, pca_dims=8)[0]
+    patched, lora, log, _, _, embedding = run(
+        "CreativeSDLoRAOptimizer", model=model, clip=clip, vae=vae, clip_vision=clip_vision, norm=norm,
+        prompt="a photo of a {subject}", subject="car", steps=6, learning_rate=1e-1, lora_rank=4, seed=0,
+        creative_weight=1.0, train="token", **render)
+    assert log.steps_run == 6 and lora == {} and not patched.patches and embedding is not None
+    run("CreativeSaveSDEmbedding", embedding=embedding, filename_prefix="token")
+    (saved,) = embeddings_folder.glob("token_*.safetensors")
+    tokenizers = [getattr(clip.tokenizer, f"clip_{tower}") for tower in clip.tokenize("x")]
+    folders = [t.embedding_directory for t in tokenizers]
+    for tokenizer in tokenizers:
+        tokenizer.embedding_directory = [str(embeddings_folder)]
+    vision = vision_of(clip_vision)
+
+    def log_likelihood(text):
+        with torch.no_grad():
+            images = _core_render(model, SimpleNamespace(clip=clip, vae=vae), 100, render=render, batch=4, text=text)
+            return float(norm.log_prob(vision(images).double()).mean())
+
+    try:
+        base, learned = log_likelihood("a photo of a car"), log_likelihood(f"a photo of a embedding:{saved.stem}")
+    finally:
+        for tokenizer, folder in zip(tokenizers, folders):
+            tokenizer.embedding_directory = folder
+    print(f"log-likelihood under the norm, 4 seeds: subject word {base:.2f}, trained token {learned:.2f}")
+    assert learned < base - 1.0, (base, learned)
+
+
+def test_train_mode_and_embedding_name_are_checked(pack_nodes, run, sd, norm):
+    optimiser, saver = pack_nodes["CreativeSDLoRAOptimizer"], pack_nodes["CreativeSaveSDEmbedding"]
+    assert isinstance(optimiser.validate_inputs(train="tokens"), str)
+    assert optimiser.validate_inputs(train="token+lora") is True
+    assert isinstance(optimiser.validate_inputs(gradient_checkpointing="true"), str)  # only a real boolean
+    assert isinstance(saver.validate_inputs(filename_prefix="my token"), str)
+    with pytest.raises(ValueError, match="trains no token"):
+        run("CreativeSaveSDEmbedding", embedding=None, filename_prefix="x")
+    with pytest.raises(ValueError, match="place for it in the prompt"):
+        _optimise(run, sd, norm, prompt="a photo of a thing", train="token")
+
+
+def test_gradient_checkpointing_gives_the_same_run_in_less_estimated_memory(run, sd, norm):
+    """Recomputing the render steps and the decode in the backward pass changes no gradient: the same LoRA and
+    token after a few steps; the preflight's estimate of the activations is smaller with it."""
+    from creative_generation.nodes import run_inputs
+    from creative_generation.nodes.engine.losses import CreativeTerm
+    from creative_generation.nodes.sd_generator import TRAIN_CHOICES, RenderSettings, SDGenerator
+
+    first_block = sd.model.model.diffusion_model.input_blocks[0][0]  # the first conv
+    calls = []
+    handle = first_block.register_forward_pre_hook(lambda *a: calls.append(1))  # inside the UNet's own forward
+    try:
+        plain = _optimise(run, sd, norm, steps=3, train="token+lora")
+        runs_without = len(calls)
+        checkpointed = _optimise(run, sd, norm, steps=3, train="token+lora", gradient_checkpointing=True)
+    finally:
+        handle.remove()
+    assert runs_without == 3 * RENDER["render_steps"]
+    assert len(calls) - runs_without == 2 * runs_without  # each UNet call ran again in the backward pass
+    assert _untouched(sd.model) and not sd.model.wrappers
+    assert plain[1].keys() == checkpointed[1].keys()
+    assert all(torch.allclose(plain[1][k], checkpointed[1][k], atol=1e-5) for k in plain[1])
+    assert torch.allclose(plain[5].tensors["emb_params"], checkpointed[5].tensors["emb_params"], atol=1e-5)
+    assert not torch.allclose(plain[5].tensors["emb_params"], _optimise(run, sd, norm, steps=1, train="token")[5]
+                              .tensors["emb_params"])  # three steps moved the token
+
+    def activations(checkpointing, train="lora"):
+        gen = SDGenerator(sd.model, sd.clip, sd.vae, sd.clip_vision, "a car", "",
+                          RenderSettings(4, 2.0, "euler", "sgm_uniform", 512, 512), checkpointing=checkpointing)
+        r = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1, lora_rank=4, train=train,
+                                 train_choices=TRAIN_CHOICES)
+        return r.memory_estimate(on_gpu=False).part("training activations").bytes
+
+    assert activations(True) < activations(False) / 2
+    assert activations(True, "token+lora") > activations(True)  # the text encoding's activations count too
+
+
+def test_old_saved_workflows_keep_their_meaning(pack_nodes):
+    """The new inputs come last and optional (widgets_values of saved workflows keep their positions), the new
+    output last (links to outputs 0-4 stay)."""
+    schema = pack_nodes["CreativeSDLoRAOptimizer"].FINALIZE_SCHEMA()
+    names = [i.id for i in schema.inputs]
+    assert names[-3:] == ["negative_prompt", "train", "gradient_checkpointing"]
+    assert all(i.optional for i in schema.inputs[-2:])
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "LORA_MODEL", "CREATIVE_LOG", "IMAGE", "IMAGE",
+                                                   "CREATIVE_SD_EMBEDDING"]
