@@ -466,3 +466,28 @@ def test_old_saved_workflows_keep_their_meaning(pack_nodes):
     assert all(i.optional for i in schema.inputs[-2:])
     assert [o.io_type for o in schema.outputs] == ["MODEL", "LORA_MODEL", "CREATIVE_LOG", "IMAGE", "IMAGE",
                                                    "CREATIVE_SD_EMBEDDING"]
+
+
+def test_a_rollback_restores_the_token_with_the_lora(sd, norm):
+    """A gate's rollback (``Training.restore``) puts back both parts of a token+lora snapshot."""
+    from creative_generation.nodes import run_inputs
+    from creative_generation.nodes.engine.losses import CreativeTerm
+    from creative_generation.nodes.sd_generator import TRAIN_CHOICES, RenderSettings, SDGenerator
+
+    with torch.inference_mode(False):
+        gen = SDGenerator(sd.model, sd.clip, sd.vae, sd.clip_vision, "a photo of car", "",
+                          RenderSettings(2, 1.0, "euler", "sgm_uniform", 32, 32), template="a photo of {subject}")
+        training = gen.open_training(run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1,
+                                                          lora_rank=4, train="token+lora",
+                                                          train_choices=TRAIN_CHOICES))
+        try:
+            kept = training.snapshot()
+            with torch.no_grad():
+                for p in training.params:
+                    p.add_(1.0)
+            assert not torch.equal(training.snapshot().token["l"], kept.token["l"])
+            training.restore(kept)
+            now = training.snapshot()
+        finally:
+            training.close()
+    assert torch.equal(now.token["l"], kept.token["l"]) and all(torch.equal(now.lora[k], kept.lora[k]) for k in kept.lora)
