@@ -29,14 +29,28 @@ class LossTerm(Protocol):
 
 @dataclass(frozen=True)
 class CreativeTerm:
-    """Eq. 5, ``log Ĝ(ẽ)``: minimising it pushes the embedding into the norm's tails."""
+    """Eq. 5, ``log Ĝ(ẽ)``: minimising it pushes the embedding into the norm's tails.
+
+    ``ceiling`` (a log-likelihood; None = the paper's unbounded term): only the part of each sample's
+    log-likelihood above it counts, ``mean(max(log Ĝ(ẽ) − ceiling, 0))``, so a sample stops being pushed
+    once it is rarer than the ceiling (e.g. beyond every sample of the norm's bank, :meth:`beyond`) and the
+    anchor and gate are not fought by a push that never ends."""
 
     norm: GaussianNorm
     weight: float = 1.0
     name: str = "creative"
+    ceiling: float | None = None
+
+    @classmethod
+    def beyond(cls, norm: GaussianNorm, bank: EmbeddingBank, weight: float = 1.0,
+               margin: float = 0.0) -> "CreativeTerm":
+        """A term that pushes each sample until it is rarer than every sample of ``bank`` (less ``margin``)."""
+        lowest = float(norm.log_prob(bank.embeds.double()).min())
+        return cls(norm, float(weight), ceiling=lowest - float(margin))
 
     def __call__(self, e: torch.Tensor) -> torch.Tensor:
-        return self.norm.log_prob(e).mean()
+        ll = self.norm.log_prob(e)
+        return ll.mean() if self.ceiling is None else (ll - self.ceiling).clamp(min=0).mean()
 
 
 @dataclass(frozen=True)

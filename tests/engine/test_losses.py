@@ -57,3 +57,23 @@ def test_evaluate_weights_and_unique_names(norm):
     total, values = objective([a, b], e)
     assert set(values) == {"creative", "creative_2"}
     assert torch.allclose(total, 4 * a(e))
+
+
+def test_creative_ceiling_pushes_only_samples_above_it(norm):
+    """With a ceiling, a sample rarer than it adds nothing (and no gradient); the others add their excess."""
+    from creative_generation.nodes.engine.bank import EmbeddingBank
+
+    rng = np.random.default_rng(1)
+    bank = EmbeddingBank(torch.from_numpy(rng.normal(size=(300, 32)) * np.linspace(2, 0.2, 32)).float())
+    term = CreativeTerm.beyond(norm, bank, margin=1.0)
+    lowest = float(norm.log_prob(bank.embeds.double()).min())
+    assert term.ceiling == pytest.approx(lowest - 1.0)
+    typical = bank.embeds[:3].double().requires_grad_(True)
+    far = (bank.embeds[3:4].double() * 40).requires_grad_(True)
+    e = torch.cat([typical, far])
+    lls = norm.log_prob(e)
+    assert float(lls[3]) < term.ceiling < float(lls[:3].min())
+    value = term(e)
+    assert float(value) == pytest.approx(float((lls[:3] - term.ceiling).sum() / 4))
+    value.backward()
+    assert float(far.grad.abs().sum()) == 0.0 and float(typical.grad.abs().sum()) > 0

@@ -14,7 +14,8 @@ before any tuning (docs/evaluation.md, section 6):
   CPU seconds as a chosen trained method up to a chosen step (``--equal-to LABEL@STEP``); its size is
   the reference bank's CPU seconds per sample into that budget;
 - the trained methods: the paper's, LoRA only (today's best trained method) and its variants (several
-  noise samples per step, gate-guided rollback), all with the anchor and the MLLM gate.
+  noise samples per step, gate-guided rollback, a creative term with a ceiling at the norm bank's rarest
+  sample, a larger learning rate), all with the anchor and the MLLM gate.
 
 The independent judge is the only measure of validity; the gate's MLLM never is.
 """
@@ -73,6 +74,7 @@ class Meter:
 def methods(subj, gate: ValidityGate) -> dict[str, Method]:
     """The paper's method, LoRA only, and LoRA only's variants; all with anchor and gate."""
     paper = lambda: [CreativeTerm(subj.evaluator.norm), subj.anchor]
+    hinge = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank), subj.anchor]
     gated = lambda _terms: gate
     return {
         "paper (token+LoRA, anchor, gate)": Method(paper, gated, {}),
@@ -81,6 +83,11 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
         "LoRA, rollback": Method(paper, gated, {"train": "lora", "on_reject": "rollback"}),
         "LoRA, 4 samples/step, rollback": Method(paper, gated, {"train": "lora", "samples": 4,
                                                                 "on_reject": "rollback"}),
+        # the creative term stops pushing a sample once it is rarer than every sample of the norm's own bank
+        "LoRA, 4 samples/step, beyond-bank ceiling": Method(hinge, gated, {"train": "lora", "samples": 4}),
+        "token+LoRA, 4 samples/step, beyond-bank ceiling": Method(hinge, gated, {"samples": 4}),
+        "LoRA, 4 samples/step, beyond-bank ceiling, lr 3e-4": Method(hinge, gated, {"train": "lora", "samples": 4,
+                                                                                     "lr": 3e-4}),
     }
 
 
