@@ -94,12 +94,14 @@ LORA_VARIANT = "LoRA, 4 samples/step, rollback"
 def test_variants_study_rows_costs_and_bars():
     """Issue 20's study, tiny: every row has its costs (wall, CPU, prior rows) and the three bars; the
     equal-compute rare select draws a bank sized by the chosen method's CPU seconds; more samples per step
-    cost more prior rows than one."""
+    cost more prior rows than one; a trained method then rare-selected samples its own concept and costs
+    its training plus the selection."""
     from creative_generation.nodes.engine.gate import ValidityGate
     from creative_generation.nodes.engine.mllm import load_mllm
     from creative_generation.nodes.engine.prior import load_prior
     from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
     from creative_generation.nodes.testbed.miniworld import evaluate as E
+    from creative_generation.nodes.testbed.miniworld import variants as E_variants
     from creative_generation.nodes.testbed.miniworld.judge import load_judge
 
     threads = torch.get_num_threads()
@@ -117,7 +119,8 @@ def test_variants_study_rows_costs_and_bars():
         torch.set_num_threads(threads)
     assert sorted({(r["config"], r["step"]) for r in rows}, key=str) == sorted(
         [("typical", None), ("rare select (bank 1,000)", None), ("rare select (equal compute)", None)]
-        + [(m, s) for m in (PAPER, LORA_VARIANT) for s in (0, 4)], key=str)
+        + [(m, s) for m in (PAPER, LORA_VARIANT) for s in (0, 4)]
+        + [(m + E_variants.THEN_SELECT, 4) for m in (PAPER, LORA_VARIANT)], key=str)
     for r in rows:
         assert 0 <= r["creativity_beyond"] <= r["validity"] and 0 <= r["creativity_rare"] <= r["rare"], r
         assert 0 <= r["beyond"] <= 1 and r["cpu_seconds"] >= 0 and r["prior_rows"] >= 0, r
@@ -127,5 +130,9 @@ def test_variants_study_rows_costs_and_bars():
     equal = at[("rare select (equal compute)", None)]
     assert equal["bank"] >= 1 and equal["equal_to"].startswith(f"{PAPER}@4")
     assert at[("rare select (bank 1,000)", None)]["bank"] == 1000
+    then = at[(PAPER + E_variants.THEN_SELECT, 4)]
+    assert then["bank"] == 1000 and then["selected"] == 8
+    assert then["prior_rows"] > at[(PAPER, 4)]["prior_rows"] + 1000  # training, then a bank of the concept
+    assert then["cpu_seconds"] > at[(PAPER, 4)]["cpu_seconds"]
     header = E.table(rows, "variants").splitlines()[0]
     assert header.split() == ["config", "step", *E.VARIANT_SPREAD, "n"]

@@ -15,7 +15,10 @@ before any tuning (docs/evaluation.md, section 6):
   the reference bank's CPU seconds per sample into that budget;
 - the trained methods: the paper's, LoRA only (today's best trained method) and its variants (several
   noise samples per step, gate-guided rollback, a creative term with a ceiling at the norm bank's rarest
-  sample, a larger learning rate), all with the anchor and the MLLM gate.
+  sample, a larger learning rate), all with the anchor and the MLLM gate;
+- **then rare select**: each trained method's concept at its last measured step, sampled 1,000 times and
+  the rarest gated samples kept (the trained concept as rare select's bank; a user wires it with the
+  Prior Sampler and Rare Select nodes), its row's cost the training's plus the selection's.
 
 The independent judge is the only measure of validity; the gate's MLLM never is.
 """
@@ -42,6 +45,8 @@ REFERENCE_COUNT = 5000
 REFERENCE_SEED = 77  # the reference bank's seed: not the norm bank's (0) nor any rare-select bank's
 BANK_SEED = 10_000  # rare select's bank of 1,000 for seed s is drawn with BANK_SEED + s
 EQUAL_SEED = 20_000  # the equal-compute bank of seed s is drawn with EQUAL_SEED + s
+TRAINED_BANK_SEED = 30_000  # the trained concept's bank of 1,000 for seed s is drawn with TRAINED_BANK_SEED + s
+THEN_SELECT = " + rare select"  # the label suffix of a trained method's then-rare-select row
 EQUAL_TO = "paper (token+LoRA, anchor, gate)@50"
 
 
@@ -88,6 +93,8 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
         "token+LoRA, 4 samples/step, beyond-bank ceiling": Method(hinge, gated, {"samples": 4}),
         "LoRA, 4 samples/step, beyond-bank ceiling, lr 3e-4": Method(hinge, gated, {"train": "lora", "samples": 4,
                                                                                      "lr": 3e-4}),
+        "LoRA, 4 samples/step, beyond-bank ceiling, lr 3e-4, rollback": Method(
+            hinge, gated, {"train": "lora", "samples": 4, "lr": 3e-4, "on_reject": "rollback"}),
     }
 
 
@@ -98,9 +105,10 @@ def reference_bank(prior: Prior, subj, meter: Meter, count: int) -> tuple[Embedd
     return bank, meter.since(start)["cpu_seconds"] / count
 
 
-def trained(prior: Prior, subj, meter: Meter, label: str, method: Method, cfg: OptimConfig,
-            steps: list[int]) -> list[dict]:
-    """One run, one row per measured step with the costs of training up to that step."""
+def trained(prior: Prior, subj, gate: ValidityGate, meter: Meter, label: str, method: Method, cfg: OptimConfig,
+            steps: list[int], samples: int) -> list[dict]:
+    """One run, one row per measured step with the costs of training up to that step, and the row of its
+    last measured concept then rare-selected."""
     terms = method.terms()
     run = CreativeRun(prior, subj.evaluator.norm, subj.name, tuple(terms), replace(cfg, steps=max(steps),
                                                                                **method.changes),
@@ -108,19 +116,30 @@ def trained(prior: Prior, subj, meter: Meter, label: str, method: Method, cfg: O
     start = meter.now()
     marks = [meter.since(start)]
     result = run.run(lambda _event: marks.append(meter.since(start)), snapshot_at=frozenset(steps))
+    trained_cost = meter.since(start)
     rows = measure_snapshots(run, subj.evaluator, result, label)
     for r in rows:
         r.update(marks[min(r["step"], len(marks) - 1)])
         r["accepted_step"] = result.accepted_step
-    return rows
+    step = max(result.snapshots)
+    concept = result.snapshots[step]
+    selected = rare_select(prior.with_concept(concept), subj, gate, meter, label + THEN_SELECT, 1000,
+                           TRAINED_BANK_SEED + cfg.seed, cfg.seed, samples,
+                           prompt=run.config.prompt(concept.token, subj.name),
+                           sampling={"steps": run.config.prior_steps, "guidance": run.config.guidance})
+    for key in ("seconds", "cpu_seconds", "prior_rows"):  # the training's cost (marks cover its last step)
+        selected[key] = round(selected[key] + trained_cost[key], 2)
+    selected["step"] = step
+    return rows + [selected]
 
 
 def rare_select(prior: Prior, subj, gate: ValidityGate, meter: Meter, label: str, bank_size: int, bank_seed: int,
-                seed: int, samples: int) -> dict:
+                seed: int, samples: int, prompt: str | None = None, sampling: dict | None = None) -> dict:
     """The ``samples`` rarest gated embeddings of a fresh bank of ``bank_size`` drawn with ``bank_seed``
-    (its sampling in the row's cost; never the norm's own bank, whose cost no other row carries)."""
+    (its sampling in the row's cost; never the norm's own bank, whose cost no other row carries).
+    ``prompt`` and ``sampling`` (steps, guidance): a trained concept's, when ``prior`` carries one."""
     start = meter.now()
-    bank = sample_bank(prior, subj.prompt, bank_size, batch_size=500, seed=bank_seed)
+    bank = sample_bank(prior, prompt or subj.prompt, bank_size, batch_size=500, seed=bank_seed, **(sampling or {}))
     sel = select_rare(subj.evaluator.norm, bank, samples, candidates=len(bank), gate=gate,
                       renderer=subj.evaluator.renderer, subject=subj.name, batch_size=32)
     cost = meter.since(start)
@@ -160,7 +179,8 @@ def variants(prior: Prior, gate: ValidityGate, subj, cfg: OptimConfig, steps: li
                                 samples))
         for label in chosen:
             if label in catalogue:
-                rows += trained(prior, subj, meter, label, catalogue[label], replace(cfg, seed=seed), steps)
+                rows += trained(prior, subj, gate, meter, label, catalogue[label], replace(cfg, seed=seed), steps,
+                                samples)
         size, matched = equal_bank_size([r for r in rows if r["seed"] == seed], equal_to, cpu_per_sample)
         row = rare_select(prior, subj, gate, meter, "rare select (equal compute)", size, EQUAL_SEED + seed, seed,
                           samples)
