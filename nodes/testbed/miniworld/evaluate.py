@@ -227,7 +227,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--train", default="both", choices=["both", "token", "lora"], help="wundt / negative studies")
     p.add_argument("--configs", default=",".join(WUNDT_CONFIGS), help=f"wundt: any of {', '.join(WUNDT_CONFIGS)}")
-    p.add_argument("--methods", default="", help="baselines: labels to run (default: all but the broken ones)")
+    p.add_argument("--methods", default="", help="baselines, variants: labels to run, separated by ';' (labels "
+                   "hold commas; default: all but the broken ones)")
     p.add_argument("--alpha", type=float, default=1.0, help="negative cluster weight")
     p.add_argument("--equal-to", default=EQUAL_TO, help="variants: LABEL@STEP whose training CPU seconds size the "
                                                         "equal-compute rare select's bank")
@@ -255,7 +256,7 @@ def main() -> None:
     args.configs = [x.strip() for x in args.configs.split(",")]
     if unknown := set(args.configs) - set(WUNDT_CONFIGS):
         p.error(f"unknown configs {sorted(unknown)}")
-    args.methods = [x.strip() for x in args.methods.split(",") if x.strip()] or None
+    args.methods = [x.strip() for x in args.methods.split(";") if x.strip()] or None
     args.steps = {st: sorted({int(x) for x in getattr(args, f"{st}_steps").split(",")}) for st in STUDIES}
     torch.set_num_threads(1)  # many tiny ops: a second thread only spin-waits on a shared 2-core machine
     t0 = time.perf_counter()
