@@ -80,6 +80,9 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
     """The paper's method, LoRA only, and LoRA only's variants; all with anchor and gate."""
     paper = lambda: [CreativeTerm(subj.evaluator.norm), subj.anchor]
     hinge = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank), subj.anchor]
+    anchored = lambda weight: replace(subj.anchor, weight=weight)
+    hinge_anchor = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank), anchored(10.0)]
+    hinge_margin = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank, margin=10.0), subj.anchor]
     gated = lambda _terms: gate
     return {
         "paper (token+LoRA, anchor, gate)": Method(paper, gated, {}),
@@ -95,6 +98,13 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
                                                                                      "lr": 3e-4}),
         "LoRA, 4 samples/step, beyond-bank ceiling, lr 3e-4, rollback": Method(
             hinge, gated, {"train": "lora", "samples": 4, "lr": 3e-4, "on_reject": "rollback"}),
+        # round 2 (tuning set): the pullback's weight on the scale of the ceiling's term, a ceiling 10
+        # log-likelihood units past the bank's rarest sample, more noise draws per step
+        "LoRA, 4 samples/step, beyond-bank ceiling, anchor 10": Method(hinge_anchor, gated, {"train": "lora",
+                                                                                              "samples": 4}),
+        "LoRA, 4 samples/step, beyond-bank ceiling - 10": Method(hinge_margin, gated, {"train": "lora",
+                                                                                       "samples": 4}),
+        "LoRA, 8 samples/step, beyond-bank ceiling": Method(hinge, gated, {"train": "lora", "samples": 8}),
     }
 
 
