@@ -173,6 +173,7 @@ def log_summary(run: RunLog) -> str:
         lines.append(f"seconds per step: {sum(r.seconds for r in records) / len(records):.3f}")
     lines += [f"gate at step {r.step}: P(yes) {r.gate.p_yes:.3f} -> {'yes' if r.gate.passed else 'NO'}"
               for r in records if r.gate is not None]
+    lines += [f"note: {note}" for note in run.notes]
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ Each term has a ``name``, a ``weight`` and maps embeddings ``[B, D]`` to a scala
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -62,6 +62,7 @@ class AnchorTerm:
     weight: float = 1.0
     name: str = "anchor"
     space: str = ""  # the embedding space ``target`` lives in (a prior's identity, a CLIP vision model's)
+    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_prior(cls, prior: Prior, text: str, weight: float = 1.0) -> "AnchorTerm":
@@ -87,7 +88,9 @@ class AnchorTerm:
         return cls(embeds.detach().float().mean(0).cpu(), "", float(weight), "image_anchor", space)
 
     def cosine(self, e: torch.Tensor) -> torch.Tensor:
-        return F.cosine_similarity(e.float(), self.target.to(e.device)[None], dim=-1)
+        if e.device not in self._on:  # copied to the device once, not every optimiser step
+            self._on[e.device] = self.target.to(e.device)
+        return F.cosine_similarity(e.float(), self._on[e.device][None], dim=-1)
 
     def __call__(self, e: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.cosine(e)).mean()
@@ -126,13 +129,20 @@ def term_space(term: LossTerm) -> str:
 
 def objective(terms: Iterable[LossTerm], e: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted total and each term's unweighted value (names made unique for the log)."""
+    total, values = objective_tensors(terms, e)
+    return total, {key: float(value) for key, value in values.items()}
+
+
+def objective_tensors(terms: Iterable[LossTerm], e: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`objective` with each term's value left a detached tensor on ``e``'s device, so an optimiser step
+    need not wait for the device to log them (it reads them all at once, when it needs them)."""
     total = e.new_zeros((), dtype=torch.float64)
-    values: dict[str, float] = {}
+    values: dict[str, torch.Tensor] = {}
     for term in terms:
         value = term(e)
         total = total + term.weight * value.to(torch.float64)
         key, i = term.name, 2
         while key in values:
             key, i = f"{term.name}_{i}", i + 1
-        values[key] = float(value.detach())
+        values[key] = value.detach()
     return total, values

@@ -51,10 +51,22 @@ class GaussianNorm:
     covariance: torch.Tensor
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    _on: dict[torch.device, tuple[torch.Tensor, ...]] = field(default_factory=dict, init=False, repr=False,
+                                                               compare=False)
+
     def __post_init__(self) -> None:
         self._chol = torch.linalg.cholesky(self.covariance)
         self._log_norm = (torch.log(torch.diagonal(self._chol)).sum()
                           + 0.5 * self.dims * math.log(2 * math.pi))
+
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """μ0, W, the Gaussian's mean, its Cholesky factor and log-normaliser on ``device``, copied there once: the
+        optimiser scores an embedding every step, and a fresh host-to-device copy each time would wait on the
+        device. The tensors are never changed in place (a cluster is a new norm), so the copies stay valid."""
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in (self.mean0, self.components, self.center, self._chol,
+                                                            self._log_norm))
+        return self._on[device]
 
     @property
     def dims(self) -> int:
@@ -108,13 +120,14 @@ class GaussianNorm:
     def project(self, e: torch.Tensor) -> torch.Tensor:
         """ẽ = W (e − μ0), differentiable, computed in float64."""
         e64 = e.to(torch.float64)
-        return (e64 - self.mean0.to(e64.device)) @ self.components.to(e64.device).T
+        mean0, components = self._tensors(e64.device)[:2]
+        return (e64 - mean0) @ components.T
 
     def whiten(self, e: torch.Tensor) -> torch.Tensor:
         """Whitened PCA coordinates y = L⁻¹(ẽ − μ) (Σ = L Lᵀ): unit-variance, uncorrelated under the Gaussian,
         so Euclidean distances there are Mahalanobis distances. Float64, differentiable."""
-        z = self.project(e) - self.center.to(e.device)
-        chol = self._chol.to(e.device)
+        center, chol = self._tensors(e.device)[2:4]
+        z = self.project(e) - center
         return torch.linalg.solve_triangular(chol, z.T, upper=False).T
 
     def mahalanobis(self, e: torch.Tensor) -> torch.Tensor:
@@ -124,4 +137,4 @@ class GaussianNorm:
     def log_prob(self, e: torch.Tensor) -> torch.Tensor:
         """log Ĝ(ẽ) for raw embeddings ``[B, D]``; differentiable in ``e``."""
         y = self.whiten(e)
-        return (-0.5 * y.pow(2).sum(-1) - self._log_norm.to(e.device)).to(e.dtype)
+        return (-0.5 * y.pow(2).sum(-1) - self._tensors(e.device)[4]).to(e.dtype)

@@ -12,6 +12,7 @@ the user cancels (the engine's cancel point raises before a step).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -24,9 +25,15 @@ import torch
 from . import __version__, budget, cancel
 from .concept import LORA_TARGETS, Concept
 from .gate import NEEDS_RENDERER, GateCheck, Verdict
-from .losses import AnchorTerm, LossTerm, objective, term_space
+from .losses import AnchorTerm, LossTerm, objective_tensors, term_space
 from .norm import GaussianNorm
 from .steplog import RunLog, StepRecord
+
+log = logging.getLogger(__name__)
+
+# On an accelerator, the longest a step callback waits for its records: reading them makes the host wait for the
+# device, so they are read in batches (at every gate check, and at the end of the run, in any case).
+READ_EVERY_S = 0.5
 
 class TrainMode(StrEnum):
     """What a run trains: the placeholder token's embedding, the prior's LoRA, or both (the paper)."""
@@ -297,6 +304,54 @@ class CreativeRun:
             on_step, snapshot_at, stage, offset, total or self.config.steps)
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, notes: list[str]) -> torch.optim.AdamW:
+    """AdamW with its multi-tensor kernels (a few launches per step instead of a few per tensor); on CUDA the fused
+    kernel, falling back to the multi-tensor one where this torch lacks it for these tensors. A fallback is never
+    an error: its reason goes to ``notes`` (the run's log) and to the logger."""
+    if params and all(p.device.type == "cuda" for p in params):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError) as err:
+            note = f"fused AdamW unavailable ({type(err).__name__}: {err}); using the multi-tensor (foreach) AdamW"
+            if note not in notes:
+                notes.append(note)
+                log.info(note)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+@dataclass
+class _Pending:
+    """One step's numbers, still where the step computed them: a step does not wait for the device to log them."""
+
+    step: int
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
+    path: torch.Tensor  # the first noise draw's embedding [D]
+    seconds: float
+    verdict: Verdict | None
+
+
+def _read(pending: list[_Pending]) -> tuple[list[StepRecord], list[torch.Tensor]]:
+    """The steps' records and path rows, read to the host in one transfer (one wait for the device). The time that
+    wait takes is the device finishing the steps' work, so it is added to the last step's seconds."""
+    t0 = time.perf_counter()
+    scalars = [v.to(torch.float64) for p in pending for v in (p.loss, *p.terms.values(), *p.metrics.values())]
+    paths = torch.stack([p.path for p in pending])
+    host = torch.cat([torch.stack(scalars), paths.to(torch.float64).flatten()]).cpu()
+    values = iter(host[:len(scalars)].tolist())
+    rows = host[len(scalars):].view(paths.shape).to(paths.dtype)  # float32 -> float64 -> float32 is exact
+    waited = time.perf_counter() - t0
+    records = []
+    for i, p in enumerate(pending):
+        loss = next(values)
+        terms = {name: next(values) for name in p.terms}
+        metrics = {name: next(values) for name in p.metrics}
+        seconds = p.seconds + (waited if i == len(pending) - 1 else 0.0)
+        records.append(StepRecord(p.step, loss, terms, metrics, seconds, p.verdict))
+    return records, list(rows)
+
+
 class _Loop:
     """The mutable side of one run: the generator's training session, AdamW, the last accepted state."""
 
@@ -312,60 +367,81 @@ class _Loop:
         self.on_phase(budget.TRAINING)
         return verdict
 
-    def _metrics(self, e: torch.Tensor) -> dict[str, float]:
+    def _metrics(self, e: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The log's metrics of ``e``, left on its device (read with the step's other numbers)."""
         anchor = next((t for t in self.spec.terms if isinstance(t, AnchorTerm)), None)
         with torch.no_grad():
-            out = {"log_likelihood": float(self.spec.norm.log_prob(e.double()).mean()),
-                   "mahalanobis": float(self.spec.norm.mahalanobis(e.double()).mean())}
+            out = {"log_likelihood": self.spec.norm.log_prob(e.double()).mean(),
+                   "mahalanobis": self.spec.norm.mahalanobis(e.double()).mean()}
             if anchor is not None:
-                out["anchor_cos"] = float(anchor.cosine(e).mean())
+                out["anchor_cos"] = anchor.cosine(e).mean()
         return out
 
     def run(self, on_step: StepCallback | None, snapshot_at: frozenset[int], stage: str, offset: int,
             total: int) -> OptimResult:
+        """The steps. A step leaves its numbers on the device (:class:`_Pending`); they are read to the host at
+        each gate check, at the end, and for ``on_step``: after every step on the CPU, where reading costs
+        nothing, on an accelerator at most every :data:`READ_EVERY_S` (events then arrive a few at a time)."""
         spec, config = self.spec, self.spec.config
         gated = spec.check is not None
         self.on_phase(budget.TRAINING)
         training = spec.generator.open_training(spec)
         try:
-            lr, rollbacks = config.lr, 0
-            opt = torch.optim.AdamW(training.params, lr=lr, weight_decay=config.weight_decay)
+            lr, rollbacks, notes = config.lr, 0, []
+            opt = adamw(training.params, lr, config.weight_decay, notes)
             good, good_step = training.snapshot(), 0
             records: list[StepRecord] = []
             path, reason, step, rejected = [], StopReason.MAX_STEPS, 0, None
             snapshots = {0: (good, 0)} if 0 in snapshot_at else {}
+            pending: list[_Pending] = []
+            last_read = time.perf_counter()
+
+            def read() -> None:
+                nonlocal last_read
+                if pending:
+                    done, rows = _read(pending)
+                    pending.clear()
+                    records.extend(done)
+                    path.extend(rows)
+                    for record in done:
+                        if on_step is not None:
+                            on_step(StepEvent(record, stage, offset + record.step, total))
+                last_read = time.perf_counter()
+
             for step in range(1, config.steps + 1):
                 cancel.point()
                 t0 = time.perf_counter()
                 e = training.embed(step_seed(config.seed, step))
-                loss, values = objective(spec.terms, e)
+                loss, values = objective_tensors(spec.terms, e)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 metrics = self._metrics(e.detach())
-                path.append(e.detach().cpu()[0])  # the first noise draw's path (the paper's one sample)
                 verdict = None
                 if gated and (spec.check.gate.due(step) or step == config.steps):
                     verdict = self._gate_check(training, step)
                     if not verdict.passed and config.on_reject is RejectPolicy.ROLLBACK and rollbacks < config.rollbacks:
                         training.restore(good)
                         lr, rollbacks = lr / 2, rollbacks + 1
-                        opt = torch.optim.AdamW(training.params, lr=lr, weight_decay=config.weight_decay)
+                        opt = adamw(training.params, lr, config.weight_decay, notes)
                     elif not verdict.passed:
                         reason, rejected = StopReason.GATE_REJECTED, training.snapshot()
                     else:
                         good, good_step = training.snapshot(), step
-                record = StepRecord(step, float(loss.detach()), values, metrics, time.perf_counter() - t0, verdict)
-                records.append(record)
+                # the first noise draw's path (the paper's one sample)
+                pending.append(_Pending(step, loss.detach(), values, metrics, e.detach()[0],
+                                        time.perf_counter() - t0, verdict))
                 if step in snapshot_at and reason is StopReason.MAX_STEPS:  # with a gate: what it last vouched for
                     snapshots[step] = (good, good_step) if gated else (training.snapshot(), step)
-                if on_step is not None:
-                    on_step(StepEvent(record, stage, offset + step, total))
+                if verdict is not None or (on_step is not None and (
+                        e.device.type == "cpu" or time.perf_counter() - last_read >= READ_EVERY_S)):
+                    read()
                 if reason is not StopReason.MAX_STEPS:
                     break
+            read()
             if not gated:
                 good, good_step = training.snapshot(), step
-            log = RunLog(records, reason, step, good_step)
+            log = RunLog(records, reason, step, good_step, notes)
             final = training.learned(good, self._meta(log))
             kept = {s: training.learned(state, self._meta(RunLog([], "snapshot", s, at)))
                     for s, (state, at) in snapshots.items()}

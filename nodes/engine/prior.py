@@ -70,6 +70,14 @@ class PromptEmbeds:
     mask: torch.Tensor  # [P, T] bool
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """Tokenised prompts: ids ``[P, T]`` and their mask ``[P, T]`` (bool)."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+
+
 @dataclass
 class Prior:
     """A loaded prior. ``with_concept`` returns a view sharing the modules, never a copy."""
@@ -180,15 +188,22 @@ class Prior:
         Stopping at the longest prompt therefore gives the same states for a fraction of the work
         (a 77-position copy, ``full_length=True``, is only needed to call diffusers' forward).
         """
+        return self.encode_tokens(self.tokenize(prompts, full_length))
+
+    def tokenize(self, prompts: list[str], full_length: bool = False) -> PromptTokens:
+        """The ids and mask :meth:`encode_tokens` takes, on the prior's device: a training run tokenises its
+        prompt once and encodes it every step (the tokenizer is Python, slow next to a GPU step)."""
         tokenizer = self.tokenizer_for_concept()
         padding = "max_length" if full_length else "longest"
         ids = tokenizer(prompts, padding=padding, max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt")
-        input_ids = ids.input_ids.to(self.device)
-        mask = ids.attention_mask.bool().to(self.device)
-        with placeholder_embeddings(self.text_encoder, tokenizer, self.concept):
-            out = self.text_encoder(input_ids)
-        return PromptEmbeds(out.text_embeds, out.last_hidden_state, mask)
+        return PromptTokens(ids.input_ids.to(self.device), ids.attention_mask.bool().to(self.device))
+
+    def encode_tokens(self, tokens: PromptTokens) -> PromptEmbeds:
+        """The text encoder's outputs for tokenised prompts, with this view's concept token in its place."""
+        with placeholder_embeddings(self.text_encoder, self.tokenizer_for_concept(), self.concept):
+            out = self.text_encoder(tokens.input_ids)
+        return PromptEmbeds(out.text_embeds, out.last_hidden_state, tokens.mask)
 
     def activate(self) -> None:
         """Switch the shared transformer's LoRA adapters to this view's concept."""

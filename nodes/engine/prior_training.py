@@ -20,7 +20,7 @@ from .sampling import build_prefix, denoise, initial_latents
 if TYPE_CHECKING:
     from .budget import PhaseCallback
     from .optimizer import CreativeRun, OptimConfig
-    from .prior import Prior
+    from .prior import Prior, PromptEmbeds
 
 
 def subject_embedding(prior: Prior, subject: str) -> torch.Tensor:
@@ -32,11 +32,12 @@ def subject_embedding(prior: Prior, subject: str) -> torch.Tensor:
     return table[torch.tensor(ids, device=table.device)].mean(0).detach().clone().float()
 
 
-def generate(view: Prior, prompt: str, negative: str, config: OptimConfig, seed: int) -> torch.Tensor:
-    """``config.samples`` embeddings ``[samples, D]`` of ``prompt`` from noise of ``seed``, differentiable in
-    the view's concept (one seeded generator draws the whole batch, as the prior pipeline draws a batch)."""
+def generate(view: Prior, emb: PromptEmbeds, config: OptimConfig, seed: int) -> torch.Tensor:
+    """``config.samples`` embeddings ``[samples, D]`` from noise of ``seed`` for the encoded ``[negative, prompt]``
+    pair ``emb``, differentiable in the view's concept (one seeded generator draws the whole batch, as the prior
+    pipeline draws a batch)."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    cache = build_prefix(view.transformer, view.encode_prompt([negative, prompt]))
+    cache = build_prefix(view.transformer, emb)
     return denoise(view, cache, initial_latents(view, config.samples, generator), config.prior_steps,
                    config.guidance, generator).float()
 
@@ -78,9 +79,20 @@ class PriorTraining:
             p.requires_grad_(True)
         self.params = ([self.vector] if self.vector is not None else []) + lora_params
         self.view = self.prior.with_concept(Concept(run.token, self.vector) if self.vector is not None else None)
+        # The prompt is tokenised once per run. Its encoding depends only on the token: with the token frozen
+        # (LoRA only, which acts on the prior's transformer) the text encoder runs once and its output is reused.
+        self.tokens = self.view.tokenize([config.negative_prompt, run.prompt])
+        self.fixed = None
+        if self.vector is None:
+            with torch.no_grad():
+                self.fixed = self.view.encode_tokens(self.tokens)
+
+    def prompt_embeds(self) -> PromptEmbeds:
+        """The encoded ``[negative, prompt]`` pair of the current state: with the trained token, encoded now."""
+        return self.fixed if self.fixed is not None else self.view.encode_tokens(self.tokens)
 
     def embed(self, seed: int) -> torch.Tensor:
-        return generate(self.view, self.run.prompt, self.run.config.negative_prompt, self.run.config, seed)
+        return generate(self.view, self.prompt_embeds(), self.run.config, seed)
 
     def check_images(self, seed: int, check: GateCheck, on_phase: PhaseCallback) -> torch.Tensor:
         with torch.no_grad():

@@ -126,20 +126,26 @@ def predict(transformer: torch.nn.Module, cache: PrefixCache, groups: list[tuple
 
 def denoise(prior: Prior, cache: PrefixCache, latents: torch.Tensor, steps: int, guidance: float,
             generator: torch.Generator, cond_row: int = 1, uncond_row: int = 0) -> torch.Tensor:
-    """The prior pipeline's denoising loop (same scheduler calls and noise draws), differentiable."""
+    """The prior pipeline's denoising loop (same scheduler calls and noise draws), differentiable.
+
+    The scheduler's timesteps stay on the CPU: it only indexes its CPU tables with them and tests ``t > 0``,
+    which on a GPU tensor would wait for the device every step. The model gets its own copy on the device,
+    sent once without blocking."""
     scheduler = prior.scheduler
-    scheduler.set_timesteps(steps, device=latents.device)
+    scheduler.set_timesteps(steps, device="cpu")
     timesteps = scheduler.timesteps
+    on_device = timesteps.to(latents.device, non_blocking=True)
     b = latents.shape[0]
     cfg = guidance > 1.0
     for i, t in enumerate(timesteps):
         cancel.point()  # every denoising step of every batch (and of every optimiser step) may stop
         if cfg:
-            pred = predict(prior.transformer, cache, [(uncond_row, b), (cond_row, b)], torch.cat([latents] * 2), t)
+            pred = predict(prior.transformer, cache, [(uncond_row, b), (cond_row, b)], torch.cat([latents] * 2),
+                           on_device[i])
             uncond, text = pred.chunk(2)
             pred = uncond + guidance * (text - uncond)
         else:
-            pred = predict(prior.transformer, cache, [(cond_row, b)], latents, t)
+            pred = predict(prior.transformer, cache, [(cond_row, b)], latents, on_device[i])
         prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
         latents = scheduler.step(pred, timestep=t, sample=latents, generator=generator, prev_timestep=prev).prev_sample
     return prior.transformer.post_process_latents(latents)

@@ -72,12 +72,13 @@ class RunLog:
     stop_reason: str = ""
     steps_run: int = 0
     accepted_step: int = 0
+    notes: list[str] = field(default_factory=list)  # how the run ran where it could not run as asked (a fallback)
 
     def to_json(self) -> dict[str, Any]:
         return {"entries": [r.to_json() for r in self.records], "stop_reason": self.stop_reason,
-                "steps_run": self.steps_run, "accepted_step": self.accepted_step}
+                "steps_run": self.steps_run, "accepted_step": self.accepted_step, "notes": list(self.notes)}
 
     @classmethod
     def from_json(cls, log: dict[str, Any]) -> RunLog:
         return cls([StepRecord.from_json(e) for e in log["entries"]], str(log["stop_reason"]),
-                   int(log["steps_run"]), int(log["accepted_step"]))
+                   int(log["steps_run"]), int(log["accepted_step"]), [str(n) for n in log.get("notes", [])])
