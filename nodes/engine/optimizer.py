@@ -304,11 +304,17 @@ class CreativeRun:
             on_step, snapshot_at, stage, offset, total or self.config.steps)
 
 
+def fused_wanted(params: list[torch.nn.Parameter]) -> bool:
+    """Whether to ask for the fused AdamW kernel: on CUDA, where it makes the whole update a few kernel launches.
+    Elsewhere the multi-tensor kernel (older torch builds have no fused CPU kernel)."""
+    return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, notes: list[str]) -> torch.optim.AdamW:
     """AdamW with its multi-tensor kernels (a few launches per step instead of a few per tensor); on CUDA the fused
     kernel, falling back to the multi-tensor one where this torch lacks it for these tensors. A fallback is never
     an error: its reason goes to ``notes`` (the run's log) and to the logger."""
-    if params and all(p.device.type == "cuda" for p in params):
+    if fused_wanted(params):
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         except (RuntimeError, TypeError, ValueError) as err:
