@@ -338,24 +338,45 @@ class _Pending:
     verdict: Verdict | None
 
 
-def _read(pending: list[_Pending]) -> tuple[list[StepRecord], list[torch.Tensor]]:
-    """The steps' records and path rows, read to the host in one transfer (one wait for the device). The time that
-    wait takes is the device finishing the steps' work, so it is added to the last step's seconds."""
-    t0 = time.perf_counter()
-    scalars = [v.to(torch.float64) for p in pending for v in (p.loss, *p.terms.values(), *p.metrics.values())]
-    paths = torch.stack([p.path for p in pending])
-    host = torch.cat([torch.stack(scalars), paths.to(torch.float64).flatten()]).cpu()
-    values = iter(host[:len(scalars)].tolist())
-    rows = host[len(scalars):].view(paths.shape).to(paths.dtype)  # float32 -> float64 -> float32 is exact
-    waited = time.perf_counter() - t0
-    records = []
-    for i, p in enumerate(pending):
-        loss = next(values)
-        terms = {name: next(values) for name in p.terms}
-        metrics = {name: next(values) for name in p.metrics}
-        seconds = p.seconds + (waited if i == len(pending) - 1 else 0.0)
-        records.append(StepRecord(p.step, loss, terms, metrics, seconds, p.verdict))
-    return records, list(rows)
+class _Records:
+    """A run's records as they become known. A step's numbers wait here on the device (:class:`_Pending`) and are read
+    to the host in one transfer when asked (:meth:`read`: at a gate check, at the end) or when ``on_step`` needs
+    them: after every step on the CPU, where reading costs nothing, on an accelerator at most every
+    :data:`READ_EVERY_S` (its events then arrive a few at a time)."""
+
+    def __init__(self, on_step: StepCallback | None, stage: str, offset: int, total: int) -> None:
+        self.on_step, self.stage, self.offset, self.total = on_step, stage, offset, total
+        self.records: list[StepRecord] = []
+        self.path: list[torch.Tensor] = []
+        self.pending: list[_Pending] = []
+        self.last_read = time.perf_counter()
+
+    def add(self, step: _Pending) -> None:
+        self.pending.append(step)
+        if self.on_step is not None and (step.path.device.type == "cpu"
+                                         or time.perf_counter() - self.last_read >= READ_EVERY_S):
+            self.read()
+
+    def read(self) -> None:
+        """Every pending step to the host, then its event. The wait for the device is the device finishing the
+        steps' work, so it is added to the last step's seconds."""
+        if self.pending:
+            t0 = time.perf_counter()
+            pending, self.pending = self.pending, []
+            scalars = [v.to(torch.float64) for p in pending for v in (p.loss, *p.terms.values(), *p.metrics.values())]
+            paths = torch.stack([p.path for p in pending])
+            host = torch.cat([torch.stack(scalars), paths.to(torch.float64).flatten()]).cpu()
+            values = iter(host[:len(scalars)].tolist())
+            self.path.extend(host[len(scalars):].view(paths.shape).to(paths.dtype))  # float32 round trip is exact
+            waited = time.perf_counter() - t0
+            done = [StepRecord(p.step, next(values), {name: next(values) for name in p.terms},
+                               {name: next(values) for name in p.metrics},
+                               p.seconds + (waited if p is pending[-1] else 0.0), p.verdict) for p in pending]
+            self.records.extend(done)
+            if self.on_step is not None:
+                for record in done:
+                    self.on_step(StepEvent(record, self.stage, self.offset + record.step, self.total))
+        self.last_read = time.perf_counter()
 
 
 class _Loop:
@@ -385,9 +406,7 @@ class _Loop:
 
     def run(self, on_step: StepCallback | None, snapshot_at: frozenset[int], stage: str, offset: int,
             total: int) -> OptimResult:
-        """The steps. A step leaves its numbers on the device (:class:`_Pending`); they are read to the host at
-        each gate check, at the end, and for ``on_step``: after every step on the CPU, where reading costs
-        nothing, on an accelerator at most every :data:`READ_EVERY_S` (events then arrive a few at a time)."""
+        """The steps. A step does not wait for the device: its numbers are read later, by :class:`_Records`."""
         spec, config = self.spec, self.spec.config
         gated = spec.check is not None
         self.on_phase(budget.TRAINING)
@@ -396,24 +415,9 @@ class _Loop:
             lr, rollbacks, notes = config.lr, 0, []
             opt = adamw(training.params, lr, config.weight_decay, notes)
             good, good_step = training.snapshot(), 0
-            records: list[StepRecord] = []
-            path, reason, step, rejected = [], StopReason.MAX_STEPS, 0, None
+            history = _Records(on_step, stage, offset, total)
+            reason, step, rejected = StopReason.MAX_STEPS, 0, None
             snapshots = {0: (good, 0)} if 0 in snapshot_at else {}
-            pending: list[_Pending] = []
-            last_read = time.perf_counter()
-
-            def read() -> None:
-                nonlocal last_read
-                if pending:
-                    done, rows = _read(pending)
-                    pending.clear()
-                    records.extend(done)
-                    path.extend(rows)
-                    for record in done:
-                        if on_step is not None:
-                            on_step(StepEvent(record, stage, offset + record.step, total))
-                last_read = time.perf_counter()
-
             for step in range(1, config.steps + 1):
                 cancel.point()
                 t0 = time.perf_counter()
@@ -434,27 +438,26 @@ class _Loop:
                         reason, rejected = StopReason.GATE_REJECTED, training.snapshot()
                     else:
                         good, good_step = training.snapshot(), step
-                # the first noise draw's path (the paper's one sample)
-                pending.append(_Pending(step, loss.detach(), values, metrics, e.detach()[0],
-                                        time.perf_counter() - t0, verdict))
                 if step in snapshot_at and reason is StopReason.MAX_STEPS:  # with a gate: what it last vouched for
                     snapshots[step] = (good, good_step) if gated else (training.snapshot(), step)
-                if verdict is not None or (on_step is not None and (
-                        e.device.type == "cpu" or time.perf_counter() - last_read >= READ_EVERY_S)):
-                    read()
+                # the path follows the first noise draw (the paper's one sample)
+                history.add(_Pending(step, loss.detach(), values, metrics, e.detach()[0], time.perf_counter() - t0,
+                                     verdict))
+                if verdict is not None:
+                    history.read()
                 if reason is not StopReason.MAX_STEPS:
                     break
-            read()
+            history.read()
             if not gated:
                 good, good_step = training.snapshot(), step
-            log = RunLog(records, reason, step, good_step, notes)
-            final = training.learned(good, self._meta(log))
+            run_log = RunLog(history.records, reason, step, good_step, notes)
+            final = training.learned(good, self._meta(run_log))
             kept = {s: training.learned(state, self._meta(RunLog([], "snapshot", s, at)))
                     for s, (state, at) in snapshots.items()}
             kept.update({s: final for s in snapshot_at if s not in kept})
             refused = None if rejected is None else training.learned(rejected, self._meta(RunLog([], reason, step,
                                                                                                   step)))
-            return OptimResult(final, log, path, kept, refused)
+            return OptimResult(final, run_log, history.path, kept, refused)
         finally:
             training.close()
 

@@ -8,7 +8,8 @@ plots, nodes and the log saver read them.
 Saved logs keep the flat entries they always had (``step``, ``loss``, one key per term,
 ``log_likelihood``, ``mahalanobis``, ``anchor_cos``, ``gate_p_yes``, ``gate_passed``,
 ``gate_question``, ``seconds``) and add ``terms``, every term by name: a term whose name is one of
-those reserved keys appears only there. Logs saved before ``terms`` existed load as well.
+those reserved keys appears only there. Logs saved before ``terms`` existed load as well. A log also keeps
+``notes``: how the run ran where it could not run as asked (e.g. no fused AdamW kernel); older logs have none.
 """
 
 from __future__ import annotations
