@@ -1,6 +1,7 @@
 """Benchmark (not a test): one SD-path optimisation step at SD 1.5's real shapes, random weights.
 
     python tests/benchmarks/bench_sd_path.py --size 256 --render-steps 1
+    python tests/benchmarks/bench_sd_path.py --size 512 --render-steps 1,4 --checkpointing off,on --steps 1
     python tests/benchmarks/bench_sd_path.py --size 256 --parts     # each part's peak with its backward
 
 Core objects built through ComfyUI's own classes with random weights (nothing downloaded): an SD 1.5 UNet
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--render-steps", default="1")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--parts", action="store_true")
+    parser.add_argument("--checkpointing", default="off", help="off, on or off,on: the optimiser's "
+                                                             "gradient_checkpointing (recompute UNet calls and decode)")
     args = parser.parse_args()
     import comfy_harness
 
@@ -85,9 +88,11 @@ def main() -> None:
     with torch.inference_mode():
         parts = build(tmp)
     print(f"UNet dtype {parts[0].model.get_dtype()}, size {args.size}")
-    for render_steps in [int(s) for s in args.render_steps.split(",")]:
+    cases = [(int(r), c == "on") for r in args.render_steps.split(",") for c in args.checkpointing.split(",")]
+    for render_steps, checkpointing in cases:
         gen = SDGenerator(*parts, "a photo of a car", "", RenderSettings(render_steps, 1.0, "euler", "sgm_uniform",
-                                                                          args.size, args.size))
+                                                                          args.size, args.size),
+                          checkpointing=checkpointing)
         norm = GaussianNorm.from_bank(EmbeddingBank(torch.randn(64, 768), {"prior": gen.identity}), 16)
         run = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=args.steps, lora_rank=10,
                                    train="LoRA")
@@ -113,7 +118,8 @@ def main() -> None:
         finally:
             training.close()
         mean = sum(times) / len(times)
-        print(f"render steps {render_steps}: {mean:.2f} s/step over {len(times)} steps; measured peak beyond the "
+        print(f"render steps {render_steps}, checkpointing {'on' if checkpointing else 'off'}: {mean:.2f} s/step "
+              f"over {len(times)} steps; measured peak beyond the "
               f"weights {peak / 2**20:.0f} MiB, estimate {work / 2**20:.0f} MiB (ratio {work / max(1, peak):.2f})")
 
 
