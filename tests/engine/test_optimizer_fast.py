@@ -25,7 +25,6 @@ from creative_generation.nodes.engine.sampling import build_prefix, denoise, ini
 TEMPLATE = "a photo of a {token}"
 EVERY, STEPS, ANSWERS = 3, 8, (0.9, 0.1, 0.9)  # yes at 3, no at 6 (rolled back, lr halved), yes at 8
 RTOL, ATOL = 1e-5, 1e-6
-CEILING = -4e5  # the tiny prior's runs cross it: the ceiling term pushes in the first steps, then rests at 0
 
 
 class Judge:
@@ -47,7 +46,11 @@ def parts(prior, one_thread):
     bank = sample_bank(prior, PAPER_TEMPLATE.format(subject="vehicle"), 128, batch_size=64, seed=0)
     norm = GaussianNorm.from_bank(bank, 8)
     anchor = AnchorTerm.from_prior(prior, PAPER_TEMPLATE.format(subject="vehicle"), weight=0.5)
-    return norm, (CreativeTerm(norm), anchor, CreativeTerm(norm, 0.3, "bounded", ceiling=CEILING))
+    # the ceiling halfway down the log-likelihood an uncapped run travels (torch / diffusers versions move the
+    # tiny prior's values), so the capped term pushes in the first steps and rests at 0 later
+    lls = [r.log_likelihood for r in make_run(prior, (norm, (CreativeTerm(norm), anchor)), "both").run().records]
+    ceiling = (lls[0] + min(lls)) / 2
+    return norm, (CreativeTerm(norm), anchor, CreativeTerm(norm, 0.3, "bounded", ceiling=ceiling))
 
 
 def make_run(prior, parts, train: str) -> CreativeRun:
@@ -136,7 +139,7 @@ def as_plain(result: optimizer.OptimResult) -> dict:
             "lora": result.concept.lora_state}
 
 
-def assert_same(ours: dict, ref: dict) -> None:
+def assert_same(ours: dict, ref: dict, rtol: float = RTOL, atol: float = ATOL) -> None:
     assert len(ours["records"]) == len(ref["records"]) == STEPS
     for a, b in zip(ours["records"], ref["records"]):
         assert a.keys() == b.keys() and a["terms"].keys() == b["terms"].keys(), (a, b)
@@ -144,15 +147,15 @@ def assert_same(ours: dict, ref: dict) -> None:
         assert a["step"] == b["step"] and a.get("gate") == b.get("gate")
         got = [a["loss"], *a["terms"].values(), *a["metrics"].values()]
         want = [b["loss"], *b["terms"].values(), *b["metrics"].values()]
-        assert got == pytest.approx(want, rel=RTOL, abs=ATOL), f"step {a['step']}"
-    torch.testing.assert_close(torch.stack(ours["path"]), torch.stack(ref["path"]), rtol=RTOL, atol=ATOL)
+        assert got == pytest.approx(want, rel=rtol, abs=atol), f"step {a['step']}"
+    torch.testing.assert_close(torch.stack(ours["path"]), torch.stack(ref["path"]), rtol=rtol, atol=atol)
     if ref["vector"] is None:
         assert ours["vector"] is None
     else:
-        torch.testing.assert_close(ours["vector"], ref["vector"], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours["vector"], ref["vector"], rtol=rtol, atol=atol)
     assert ours["lora"].keys() == ref["lora"].keys() and ref["lora"]
     for key in ref["lora"]:
-        torch.testing.assert_close(ours["lora"][key], ref["lora"][key], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours["lora"][key], ref["lora"][key], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("train", ["both", "lora"])
@@ -198,7 +201,7 @@ def test_fused_adamw_matches_and_its_absence_is_a_note(prior, parts, monkeypatch
     monkeypatch.setattr(optimizer, "fused_wanted", lambda params: True)
     fused = make_run(prior, parts, "both").run()
     assert fused.log.notes == []
-    assert_same(as_plain(fused), ref)
+    assert_same(as_plain(fused), ref, rtol=1e-4, atol=1e-5)  # the fused kernel rounds differently (1.5e-6 seen)
 
     real = torch.optim.AdamW
 
