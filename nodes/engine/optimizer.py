@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # device, so they are read in batches (at every gate check, and at the end of the run, in any case).
 READ_EVERY_S = 0.5
 
+
 class TrainMode(StrEnum):
     """What a run trains: the placeholder token's embedding, the prior's LoRA, or both (the paper)."""
 

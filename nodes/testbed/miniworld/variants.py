@@ -29,8 +29,6 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-import torch
-
 from ...engine.bank import EmbeddingBank, sample_bank
 from ...engine.evaluation import measure_snapshots
 from ...engine.gate import GateCheck, ValidityGate
@@ -80,8 +78,8 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
     """The paper's method, LoRA only, and LoRA only's variants; all with anchor and gate."""
     paper = lambda: [CreativeTerm(subj.evaluator.norm), subj.anchor]
     hinge = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank), subj.anchor]
-    anchored = lambda weight: replace(subj.anchor, weight=weight)
-    hinge_anchor = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank), anchored(10.0)]
+    hinge_anchor = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank),
+                            replace(subj.anchor, weight=10.0)]
     hinge_margin = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank, margin=10.0), subj.anchor]
     gated = lambda _terms: gate
     return {
