@@ -67,8 +67,11 @@ def remove_leftovers(folder: str | os.PathLike, min_age_s: float = LEFTOVER_AGE_
         return removed
     for entry in folder.iterdir():
         try:
-            if _abandoned(entry, min_age_s):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if PARTIAL.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+                gone = _remove_work_folder(entry, min_age_s)
+            elif gone := _abandoned_file(entry, min_age_s):
+                entry.unlink()
+            if gone:
                 removed.append(entry)
         except OSError:  # vanished meanwhile, or not ours to delete
             continue
@@ -85,30 +88,41 @@ def remove_leftovers_below(root: str | os.PathLike, min_age_s: float = LEFTOVER_
     return removed
 
 
-def _abandoned(entry: Path, min_age_s: float) -> bool:
-    """Whether ``entry`` is a temporary of ours that no live save is writing."""
-    if PARTIAL.match(entry.name):
-        return entry.is_dir() and not entry.is_symlink() and not _in_use(entry, min_age_s)
+def _abandoned_file(entry: Path, min_age_s: float) -> bool:
+    """Whether ``entry`` is a temporary file of ours (an older version's, or the library's with our
+    header) untouched for ``min_age_s``."""
     if not (LEFTOVER.match(entry.name) or LIBRARY_TEMP.match(entry.name)) or not entry.is_file():
         return False
     old = time.time() - entry.stat().st_mtime >= min_age_s
     return old and (LEFTOVER.match(entry.name) is not None or _has_our_header(entry))
 
 
-def _in_use(work: Path, min_age_s: float) -> bool:
-    """A work folder is in use while its writer holds the lock (the writer locks it before writing
-    anything into it), or, without file locks, while anything in it changed within ``min_age_s``."""
+def _remove_work_folder(work: Path, min_age_s: float) -> bool:
+    """Delete a work folder no live save is using; whether it went.
+
+    A writer locks its folder before writing anything into it, so a folder is abandoned once its lock
+    can be taken, unless it is still empty and new (made, not yet locked). The lock is held while the
+    folder is deleted: a writer waiting for it then finds its folder gone and makes another
+    (:func:`_work_folder`), whatever the delay between its making the folder and locking it.
+    Without file locks, a folder is abandoned once nothing in it changed within ``min_age_s``."""
     if fcntl is None:
         newest = max([work.stat().st_mtime, *(p.stat().st_mtime for p in work.iterdir())])
-        return time.time() - newest < min_age_s
+        if time.time() - newest < min_age_s:
+            return False
+        shutil.rmtree(work)
+        return True
     fd = os.open(work, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not any(work.iterdir()) and time.time() - work.stat().st_mtime < LOCK_GRACE_S:
+            return False
+        shutil.rmtree(work)
         return True
     finally:
-        os.close(fd)  # also drops the lock just taken
-    return not any(work.iterdir()) and time.time() - work.stat().st_mtime < LOCK_GRACE_S  # made, not yet locked
+        os.close(fd)  # drops the lock, after the folder is gone
 
 
 def _has_our_header(path: Path) -> bool:
@@ -124,16 +138,35 @@ def _has_our_header(path: Path) -> bool:
 @contextlib.contextmanager
 def _work_folder(parent: Path) -> Iterator[Path]:
     """A fresh hidden folder in ``parent`` for one save, locked while the save runs, removed after."""
-    work = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=parent))
-    fd = os.open(work, os.O_RDONLY) if fcntl is not None else None
+    work, fd = _locked_folder(parent)
     try:
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if fd is not None:
             os.close(fd)
+
+
+def _locked_folder(parent: Path, attempts: int = 5) -> tuple[Path, int | None]:
+    """Make a work folder and lock it; if a clean-up deleted it before the lock was taken (possible
+    only when this thread stalled past ``LOCK_GRACE_S``), make another."""
+    for _ in range(attempts):
+        work = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=parent))
+        if fcntl is None:
+            return work, None
+        try:
+            fd = os.open(work, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(work).st_ino == os.fstat(fd).st_ino:
+                return work, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise OSError(f"Could not keep a work folder in {parent}: another process deleted {attempts} in a row. "
+                  f"Is something else cleaning hidden folders there?")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, numbered: bool = False) -> Path:

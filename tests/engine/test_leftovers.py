@@ -103,6 +103,27 @@ def test_an_empty_unlocked_work_folder_is_kept_for_a_moment(tmp_path):
     assert remove_leftovers(tmp_path) == [work]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file locks (POSIX)")
+def test_a_save_whose_folder_is_cleaned_before_it_locks_it_makes_another(tmp_path, monkeypatch):
+    """A writer stalled past the grace between making its folder and locking it (a loaded machine, swap) loses
+    the folder to another save's clean-up; it must notice and save anyway, and overwrite nothing."""
+    monkeypatch.setattr(safetensors_io, "LOCK_GRACE_S", 0.0)
+    made_folders, real_mkdtemp = [], safetensors_io.tempfile.mkdtemp
+
+    def mkdtemp_then_cleaned(**kwargs):
+        made_folders.append(real_mkdtemp(**kwargs))
+        if len(made_folders) == 1:  # another save's clean-up runs in the stall
+            assert remove_leftovers(tmp_path) == [Path(made_folders[0])]
+        return made_folders[-1]
+
+    monkeypatch.setattr(safetensors_io.tempfile, "mkdtemp", mkdtemp_then_cleaned)
+    saved = save_tensors(tmp_path / "bank.safetensors", {"embeds": torch.ones(3, 2)}, {"format": "creative-bank/1"},
+                         numbered=True)
+    assert len(made_folders) == 2 and saved == tmp_path / "bank_00001.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == [saved.name]
+    assert torch.equal(safetensors_io.load_tensors(saved)[0]["embeds"], torch.ones(3, 2))
+
+
 def test_without_file_locks_a_work_folder_goes_by_its_age(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors_io, "fcntl", None)
     old, young = tmp_path / ".creative-partial-abcd1234", tmp_path / ".creative-partial-wxyz_987"
