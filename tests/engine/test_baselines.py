@@ -136,3 +136,42 @@ def test_variants_study_rows_costs_and_bars():
     assert then["cpu_seconds"] > at[(PAPER, 4)]["cpu_seconds"]
     header = E.table(rows, "variants").splitlines()[0]
     assert header.split() == ["config", "step", *E.VARIANT_SPREAD, "n"]
+
+
+def test_every_ranker_scores_a_far_sample_rarest():
+    """The rankers study's densities all read low = rare (a sign slip would rank the typical first)."""
+    from creative_generation.nodes.testbed.miniworld.rankers import rankers
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(400, 8, generator=gen, dtype=torch.float64).numpy()
+    pool = torch.randn(50, 8, generator=gen, dtype=torch.float64).numpy()
+    pool[17] = 6.0
+    scores = {label: score(bank, pool) for label, score in rankers(8).items()}
+    assert len(scores) == 8 and all(s.shape == (50,) and s.argmin() == 17 for s in scores.values()), scores
+
+
+@pytest.mark.transformers5
+def test_rankers_study_rows_and_bounds():
+    """The rankers study, tiny: the pool, the best-possible bound and every ranker, each row's bars in range and
+    none above the bound."""
+    from creative_generation.nodes.engine.prior import load_prior
+    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+    from creative_generation.nodes.testbed.miniworld import evaluate as E
+    from creative_generation.nodes.testbed.miniworld.judge import load_judge
+    from creative_generation.nodes.testbed.miniworld.rankers import rankers
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prior = load_prior(str(MODELS / "prior"))
+        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
+                                   prior.zero_image_embed())
+        args = Namespace(bank=128, dims=8, samples=8, seeds=[0], pool=60)
+        subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
+        rows = E.rankers(prior, None, subject, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["config"] for r in rows] == ["pool (60)", "best possible", *rankers(8)]
+    best = rows[1]["creativity_rare"]
+    for r in rows:
+        assert 0 <= r["creativity_rare"] <= min(r["rare"], r["validity"]) and r["creativity_rare"] <= best, r

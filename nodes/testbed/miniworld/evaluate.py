@@ -14,7 +14,9 @@ is the reference row. Four studies, one table each (means over subjects and seed
 - baselines: typical samples, the rarest gated bank samples, a ConceptLab-style token, the
   paper's method and its ablations (baselines.py), with seconds and the spread over runs;
 - variants: the method's variants against rare select at equal compute, with the beyond-the-bank
-  and rare-combination bars (variants.py, issue 20's protocol).
+  and rare-combination bars (variants.py, issue 20's protocol);
+- rankers: whether any density in CLIP space (Gaussians, mixtures, nearest neighbours) ranks the
+  world's rare combinations among a typical pool's rarest (rankers.py).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ...engine.sampling import sample_embeddings
 from ..parts import run_parts
 from . import world
 from .baselines import baselines as baseline_rows
+from .rankers import POOL, ranker_rows
 from .variants import EQUAL_TO, REFERENCE_COUNT
 from .variants import variants as variant_rows
 from .judge import KindJudge, load_judge
@@ -57,13 +60,14 @@ from .judge import KindJudge, load_judge
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"
 RENDER = RenderSettings(steps=10, guidance=2.0, height=32, width=32, seed=0)  # what the decoder was trained for
 TIMING = ("seconds",)  # averaged beside the sweep's metrics
-STUDIES = ("wundt", "train", "negative", "baselines", "variants")
+STUDIES = ("wundt", "train", "negative", "baselines", "variants", "rankers")
 WUNDT_CONFIGS = ("none", "anchor", "gate", "both")
 DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100",
                  "baselines": "0,25,50,100,200", "variants": "0,25,50,100"}
 SPREAD = ("novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity", "seconds")  # baselines: mean ± sd
 VARIANT_SPREAD = ("novelty_percentile", "validity", "diversity", "rare", "creativity", "beyond", "creativity_beyond",
                   "creativity_rare", "seconds", "cpu_seconds", "prior_rows")
+RANKER_SPREAD = ("rare", "validity", "creativity_rare", "seconds")
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,10 @@ def variants(prior, gate, subj: Subject, args) -> list[dict]:
                         args.methods, args.equal_to, args.reference)
 
 
+def rankers(prior, gate, subj: Subject, args) -> list[dict]:
+    return ranker_rows(prior, subj, args.seeds, args.samples, args.pool)
+
+
 def mean_sd_by(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
     """Like ``mean_by``, with each value shown as "mean ± sample standard deviation" over the group."""
     out = []
@@ -180,6 +188,8 @@ def peaks(rows: list[dict], value: str = "creativity") -> dict[str, tuple[int, f
 
 
 def table(rows: list[dict], study: str) -> str:
+    if study == "rankers":
+        return format_table(mean_sd_by(rows, ("config", "step"), RANKER_SPREAD), ["config", *RANKER_SPREAD, "n"])
     if study in ("baselines", "variants"):
         spread = SPREAD if study == "baselines" else VARIANT_SPREAD
         return format_table(mean_sd_by(rows, ("config", "step"), spread), ["config", "step", *spread, "n"])
@@ -222,7 +232,7 @@ def main() -> None:
     p.add_argument("--studies", default="wundt,train,negative", help=f"any of {', '.join(STUDIES)}")
     p.add_argument("--subjects", default="car,fish,house")
     p.add_argument("--seeds", default="0,1")
-    for study in STUDIES:
+    for study in DEFAULT_STEPS:
         p.add_argument(f"--{study}-steps", default=DEFAULT_STEPS[study], help=f"measurement steps of {study}")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--train", default="both", choices=["both", "token", "lora"], help="wundt / negative studies")
@@ -234,6 +244,7 @@ def main() -> None:
                                                         "equal-compute rare select's bank")
     p.add_argument("--reference", type=int, default=REFERENCE_COUNT, help="variants: samples of the reference bank "
                                                                           "of the beyond-the-bank bar")
+    p.add_argument("--pool", type=int, default=POOL, help="rankers: typical samples ranked per subject and seed")
     p.add_argument("--bank", type=int, default=1000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--samples", type=int, default=32)
@@ -257,7 +268,7 @@ def main() -> None:
     if unknown := set(args.configs) - set(WUNDT_CONFIGS):
         p.error(f"unknown configs {sorted(unknown)}")
     args.methods = [x.strip() for x in args.methods.split(";") if x.strip()] or None
-    args.steps = {st: sorted({int(x) for x in getattr(args, f"{st}_steps").split(",")}) for st in STUDIES}
+    args.steps = {st: sorted({int(x) for x in getattr(args, f"{st}_steps").split(",")}) for st in DEFAULT_STEPS}
     torch.set_num_threads(1)  # many tiny ops: a second thread only spin-waits on a shared 2-core machine
     t0 = time.perf_counter()
     prior = load_prior(str(MODELS / "prior"))
@@ -269,7 +280,7 @@ def main() -> None:
         subj, typical = prepare(prior, renderer, judge, name.strip(), args)
         for st in studies:
             study = {"wundt": wundt, "train": train, "negative": negative, "baselines": baselines,
-                     "variants": variants}[st]
+                     "variants": variants, "rankers": rankers}[st]
             results[st] += [typical] + study(prior, gate, subj, args)
     print_tables(results)
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "

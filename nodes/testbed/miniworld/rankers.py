@@ -1,0 +1,105 @@
+"""Can a density in CLIP space tell the world's rare combinations? (issue 20, the ``rankers`` study)
+
+Every method of the variants study ranks (or pushes) by the norm's Gaussian, and none shows the world's rare
+combinations (a purple bus, a fish in the sky) in more than a few per cent of its renders. This study asks
+whether another density would: for one subject and seed it draws a fresh pool of the subject's typical
+samples, renders and judges every one once, and ranks the pool by densities fitted on the norm's own bank,
+all in the norm's PCA space:
+
+- the norm's Gaussian (what rare select uses), and Gaussians on its first 2, 4, 8 and 16 components;
+- Gaussian mixtures of 4, 8 and 16 components (scikit-learn, full covariances), which can give a small
+  cluster of rare combinations a density of its own;
+- the distance to the k-th nearest bank sample (k = 5, 20), the density estimate that assumes no shape.
+
+Each ranker's row is its ``samples`` lowest-density pool members: the share the judge reads as a rare
+combination, validity, and the share both. Two bounds sit beside them: the pool itself (``pool``: what a
+random pick gets) and ``best possible`` (the pool's valid rare combinations ranked first: no ranker can beat
+it, and it is small when the prior seldom samples them at all).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+from sklearn.neighbors import NearestNeighbors
+
+from ...engine.bank import sample_bank
+from ...engine.gate import draw
+from ...engine.norm import GaussianNorm
+
+POOL_SEED = 40_000  # the pool of seed s is drawn with POOL_SEED + s: no other study's bank
+POOL = 2000
+RENDER_BATCH = 250
+
+Ranker = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (bank z, pool z) -> pool scores, low = rare
+
+
+def _gaussian(dims: int) -> Ranker:
+    def score(bank: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        norm = GaussianNorm.from_bank(torch.from_numpy(bank[:, :dims]), dims)
+        return norm.log_prob(torch.from_numpy(pool[:, :dims])).numpy()
+    return score
+
+
+def _mixture(components: int) -> Ranker:
+    def score(bank: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=0).fit(bank)
+        return gmm.score_samples(pool)
+    return score
+
+
+def _neighbours(k: int) -> Ranker:
+    def score(bank: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        distance, _ = NearestNeighbors(n_neighbors=k).fit(bank).kneighbors(pool)
+        return -distance[:, -1]
+    return score
+
+
+def rankers(dims: int) -> dict[str, Ranker]:
+    """Every ranker of the study, by label, for a norm of ``dims`` components."""
+    out = {f"Gaussian, {dims} components (the norm)": _gaussian(dims)}
+    out |= {f"Gaussian, first {d} components": _gaussian(d) for d in (2, 4, 8, 16) if d < dims}
+    out |= {f"Gaussian mixture, {k}": _mixture(k) for k in (4, 8, 16)}
+    out |= {f"{k}th nearest bank sample": _neighbours(k) for k in (5, 20)}
+    return out
+
+
+def _judged_pool(prior, subj, seed: int, size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A fresh pool of the subject's typical samples, each rendered once and judged: (embeddings, valid, rare)."""
+    pool = sample_bank(prior, subj.prompt, size, batch_size=500, seed=POOL_SEED + seed).embeds
+    judge, renderer = subj.evaluator.judge, subj.evaluator.renderer
+    valid, rare = [], []
+    for i in range(0, size, RENDER_BATCH):
+        images = draw(renderer, pool[i:i + RENDER_BATCH])
+        valid.append(judge.is_subject(images, subj.name).bool().numpy())
+        rare.append(judge.is_rare(images, subj.name).bool().numpy())
+    return pool, np.concatenate(valid), np.concatenate(rare)
+
+
+def _row(label: str, subj, seed: int, valid: np.ndarray, rare: np.ndarray, seconds: float) -> dict:
+    return {"config": label, "subject": subj.name, "seed": seed, "step": None, "rare": float(rare.mean()),
+            "validity": float(valid.mean()), "creativity_rare": float((valid & rare).mean()),
+            "seconds": round(seconds, 2)}
+
+
+def ranker_rows(prior, subj, seeds: list[int], samples: int, pool_size: int = POOL) -> list[dict]:
+    """The study's rows for one subject and each seed."""
+    norm = subj.evaluator.norm
+    bank = norm.project(subj.evaluator.bank.embeds.double()).numpy()
+    rows = []
+    for seed in seeds:
+        start = time.perf_counter()
+        embeds, valid, rare = _judged_pool(prior, subj, seed, pool_size)
+        rows.append(_row(f"pool ({pool_size})", subj, seed, valid, rare, time.perf_counter() - start))
+        best = np.argsort(~(valid & rare), kind="stable")[:samples]
+        rows.append(_row("best possible", subj, seed, valid[best], rare[best], 0.0))
+        pool = norm.project(embeds.double()).numpy()
+        for label, score in rankers(norm.dims).items():
+            start = time.perf_counter()
+            rarest = np.argsort(score(bank, pool), kind="stable")[:samples]
+            rows.append(_row(label, subj, seed, valid[rarest], rare[rarest], time.perf_counter() - start))
+    return rows
