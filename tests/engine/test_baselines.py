@@ -88,6 +88,7 @@ def test_conceptlab_loss_clamps_as_conceptlab_does():
 
 
 LORA_VARIANT = "LoRA, 4 samples/step, rollback"
+RARE_START = "token+LoRA, rare start (50 inversion steps), 4 samples/step, beyond-bank ceiling"
 
 
 @pytest.mark.transformers5
@@ -95,7 +96,7 @@ def test_variants_study_rows_costs_and_bars():
     """Issue 20's study, tiny: every row has its costs (wall, CPU, prior rows) and the three bars; the
     equal-compute rare select draws a bank sized by the chosen method's CPU seconds; more samples per step
     cost more prior rows than one; a trained method then rare-selected samples its own concept and costs
-    its training plus the selection."""
+    its training plus the selection; a rare start's step 0 already carries its bank, selection and inversion."""
     from creative_generation.nodes.engine.gate import ValidityGate
     from creative_generation.nodes.engine.mllm import load_mllm
     from creative_generation.nodes.engine.prior import load_prior
@@ -112,21 +113,22 @@ def test_variants_study_rows_costs_and_bars():
                                    prior.zero_image_embed())
         gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=2)
         args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"variants": [0, 4]},
-                         methods=[PAPER, LORA_VARIANT], equal_to=f"{PAPER}@4", reference=300)
+                         methods=[PAPER, LORA_VARIANT, RARE_START], equal_to=f"{PAPER}@4", reference=300)
         subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
         rows = E.variants(prior, gate, subject, args)
     finally:
         torch.set_num_threads(threads)
     assert sorted({(r["config"], r["step"]) for r in rows}, key=str) == sorted(
         [("typical", None), ("rare select (bank 1,000)", None), ("rare select (equal compute)", None)]
-        + [(m, s) for m in (PAPER, LORA_VARIANT) for s in (0, 4)]
-        + [(m + E_variants.THEN_SELECT, 4) for m in (PAPER, LORA_VARIANT)], key=str)
+        + [(m, s) for m in (PAPER, LORA_VARIANT, RARE_START) for s in (0, 4)]
+        + [(m + E_variants.THEN_SELECT, 4) for m in (PAPER, LORA_VARIANT, RARE_START)], key=str)
     for r in rows:
         assert 0 <= r["creativity_beyond"] <= r["validity"] and 0 <= r["creativity_rare"] <= r["rare"], r
         assert 0 <= r["beyond"] <= 1 and r["cpu_seconds"] >= 0 and r["prior_rows"] >= 0, r
     at = {(r["config"], r["step"]): r for r in rows}
     assert at[(PAPER, 0)]["prior_rows"] == 0 and at[(PAPER, 4)]["prior_rows"] > 0
     assert at[(LORA_VARIANT, 4)]["prior_rows"] > at[(PAPER, 4)]["prior_rows"]  # 4 noise draws per step
+    assert at[(RARE_START, 0)]["prior_rows"] > 1000 + 50  # its bank of 1,000 and 50 inversion steps
     equal = at[("rare select (equal compute)", None)]
     assert equal["bank"] >= 1 and equal["equal_to"].startswith(f"{PAPER}@4")
     assert at[("rare select (bank 1,000)", None)]["bank"] == 1000

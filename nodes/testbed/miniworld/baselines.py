@@ -129,6 +129,7 @@ class Method:
     terms: Callable[[], list]  # fresh terms per run (ConceptLab's negatives grow during a run)
     gate: Callable[[list], object | None]  # the terms -> gate for this run
     changes: dict  # OptimConfig fields, e.g. train="token"
+    start: Callable[..., object] | None = None  # (prior, subj, gate, config) -> the Concept the run starts from
 
 
 def trained_methods(prior: Prior, subj, gate: ValidityGate) -> dict[str, Method]:

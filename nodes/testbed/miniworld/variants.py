@@ -18,7 +18,11 @@ before any tuning (docs/evaluation.md, section 6):
   sample, a larger learning rate), all with the anchor and the MLLM gate;
 - **then rare select**: each trained method's concept at its last measured step, sampled 1,000 times and
   the rarest gated samples kept (the trained concept as rare select's bank; a user wires it with the
-  Prior Sampler and Rare Select nodes), its row's cost the training's plus the selection's.
+  Prior Sampler and Rare Select nodes), its row's cost the training's plus the selection's;
+- **rare start** (round 3): rare select as the starting point of training: the rarest gated sample of a
+  fresh bank of 1,000 is inverted into a token + LoRA (the image-variations inversion) and the creative
+  run continues from there; its rows' step 0 is the inverted concept, their cost includes bank, selection
+  and inversion.
 
 The independent judge is the only measure of validity; the gate's MLLM never is.
 """
@@ -32,7 +36,8 @@ from dataclasses import dataclass, replace
 from ...engine.bank import EmbeddingBank, sample_bank
 from ...engine.evaluation import measure_snapshots
 from ...engine.gate import GateCheck, ValidityGate
-from ...engine.losses import CreativeTerm
+from ...engine.concept import Concept
+from ...engine.losses import AnchorTerm, CreativeTerm
 from ...engine.optimizer import CreativeRun, OptimConfig
 from ...engine.prior import Prior
 from ...engine.rare import select_rare
@@ -44,6 +49,7 @@ REFERENCE_SEED = 77  # the reference bank's seed: not the norm bank's (0) nor an
 BANK_SEED = 10_000  # rare select's bank of 1,000 for seed s is drawn with BANK_SEED + s
 EQUAL_SEED = 20_000  # the equal-compute bank of seed s is drawn with EQUAL_SEED + s
 TRAINED_BANK_SEED = 30_000  # the trained concept's bank of 1,000 for seed s is drawn with TRAINED_BANK_SEED + s
+RARE_START_SEED = 50_000  # the rare start's bank of 1,000 for seed s is drawn with RARE_START_SEED + s
 THEN_SELECT = " + rare select"  # the label suffix of a trained method's then-rare-select row
 EQUAL_TO = "paper (token+LoRA, anchor, gate)@50"
 
@@ -72,6 +78,24 @@ class Meter:
         wall, cpu, rows = self.now()
         return {"seconds": round(wall - start[0], 2), "cpu_seconds": round(cpu - start[1], 2),
                 "prior_rows": rows - start[2]}
+
+
+@dataclass(frozen=True)
+class RareStart:
+    """Rare select as the starting point: the rarest sample of a fresh bank of 1,000 that the gate accepts,
+    inverted into a token + LoRA as image variations invert an image (the image anchor to its embedding as
+    the only term, ``lr``, no gate, one noise draw per step), for ``steps`` steps."""
+
+    steps: int = 100
+    lr: float = 1e-2
+
+    def __call__(self, prior: Prior, subj, gate: ValidityGate, cfg: OptimConfig) -> Concept:
+        bank = sample_bank(prior, subj.prompt, 1000, batch_size=500, seed=RARE_START_SEED + cfg.seed)
+        rarest = select_rare(subj.evaluator.norm, bank, 1, candidates=len(bank), gate=gate,
+                             renderer=subj.evaluator.renderer, subject=subj.name, batch_size=32)
+        target = AnchorTerm.from_embeds(rarest.embeds, prior.identity)
+        inversion = replace(cfg, steps=self.steps, lr=self.lr, train="both", samples=1, on_reject="stop")
+        return CreativeRun(prior, subj.evaluator.norm, subj.name, (target,), inversion).run().concept
 
 
 def methods(subj, gate: ValidityGate) -> dict[str, Method]:
@@ -103,6 +127,11 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
         "LoRA, 4 samples/step, beyond-bank ceiling - 10": Method(hinge_margin, gated, {"train": "lora",
                                                                                        "samples": 4}),
         "LoRA, 8 samples/step, beyond-bank ceiling": Method(hinge, gated, {"train": "lora", "samples": 8}),
+        # round 3 (tuning set): rare select as the starting point (token + LoRA: the inversion trains both)
+        "token+LoRA, rare start, 4 samples/step, beyond-bank ceiling": Method(hinge, gated, {"samples": 4},
+                                                                              RareStart()),
+        "token+LoRA, rare start (50 inversion steps), 4 samples/step, beyond-bank ceiling": Method(
+            hinge, gated, {"samples": 4}, RareStart(steps=50)),
     }
 
 
@@ -118,10 +147,11 @@ def trained(prior: Prior, subj, gate: ValidityGate, meter: Meter, label: str, me
     """One run, one row per measured step with the costs of training up to that step, and the row of its
     last measured concept then rare-selected."""
     terms = method.terms()
-    run = CreativeRun(prior, subj.evaluator.norm, subj.name, tuple(terms), replace(cfg, steps=max(steps),
-                                                                               **method.changes),
-                      GateCheck.of(method.gate(terms), subj.evaluator.renderer))
+    config = replace(cfg, steps=max(steps), **method.changes)
     start = meter.now()
+    concept = None if method.start is None else method.start(prior, subj, gate, config)
+    run = CreativeRun(prior, subj.evaluator.norm, subj.name, tuple(terms), config,
+                      GateCheck.of(method.gate(terms), subj.evaluator.renderer), start=concept)
     marks = [meter.since(start)]
     result = run.run(lambda _event: marks.append(meter.since(start)), snapshot_at=frozenset(steps))
     trained_cost = meter.since(start)
