@@ -419,14 +419,14 @@ def rank_params(shape: torch.Size, rank: int) -> int:
 
 def vision_bytes(vision: DifferentiableClipVision, batch: int) -> int:
     """One CLIP vision pass with its backward: per token and layer about four hidden-wide and two
-    intermediate-wide values and the attention map, in the weights' dtype. Measured at CLIP ViT-L/14
-    (224 px, fp16 on CPU, tests/benchmarks/bench_sd_path.py's parts): 177 MiB; this gives 193 MiB."""
+    intermediate-wide values and the attention map, in the pass's dtype, plus the weight copies the pass
+    casts (a CPU runs an fp16 model in fp32). Measured at CLIP ViT-L/14 (224 px, fp16 on CPU when the pass ran in
+    fp16, tests/benchmarks/bench_sd_path.py's parts): 177 MiB; the activation count gives 193 MiB."""
     c = vision.config
     tokens = (int(c["image_size"]) // int(c["patch_size"])) ** 2 + 1
     per_layer = tokens * (4 * int(c["hidden_size"]) + 2 * int(c["intermediate_size"])
                           + int(c["num_attention_heads"]) * tokens)
-    itemsize = vision.tensors["vision_model.embeddings.patch_embedding.weight"].dtype.itemsize
-    return batch * int(c["num_hidden_layers"]) * per_layer * itemsize
+    return batch * int(c["num_hidden_layers"]) * per_layer * vision.dtype.itemsize + vision.cast_bytes
 
 
 class SDTraining:

@@ -96,12 +96,25 @@ class DifferentiableClipVision:
             digest.update(self.tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
         return f"clip-vision:{self.width}d:{digest.hexdigest()[:16]}"
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        # ComfyUI keeps a CLIP vision model in mixed dtypes (its projection stays fp32 beside fp16 layers) and
-        # casts per layer; here every tensor runs in the patch embedding's dtype.
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype every tensor runs in: the patch embedding's on an accelerator, fp32 on a CPU.
+
+        ComfyUI keeps a CLIP vision model in mixed dtypes (its projection stays fp32 beside fp16 layers, fp16
+        even on a CPU) and casts per layer. A CPU has no fast half-precision matmul for the backward pass: a
+        ViT-L/14 pass ran its backward ~20x slower in fp16 than in fp32, so there the weights are cast up."""
         weights = self.tensors["vision_model.embeddings.patch_embedding.weight"]
-        pixels = preprocess(images.to(weights.device, torch.float32), self.size, self.mean, self.std)
-        params = {**{k: v.to(weights.dtype) for k, v in self.tensors.items()},
-                  **{k: v.to(weights.device) for k, v in self.buffers.items()}}
-        out = torch.func.functional_call(self.skeleton, params, (pixels.to(weights.dtype),))
+        return torch.float32 if weights.device.type == "cpu" else weights.dtype
+
+    @property
+    def cast_bytes(self) -> int:
+        """Bytes of the weight copies a call makes (those stored in another dtype than :attr:`dtype`)."""
+        return sum(v.numel() * self.dtype.itemsize for v in self.tensors.values() if v.dtype != self.dtype)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        device, dtype = self.tensors["vision_model.embeddings.patch_embedding.weight"].device, self.dtype
+        pixels = preprocess(images.to(device, torch.float32), self.size, self.mean, self.std)
+        params = {**{k: v.to(dtype) for k, v in self.tensors.items()},
+                  **{k: v.to(device) for k, v in self.buffers.items()}}
+        out = torch.func.functional_call(self.skeleton, params, (pixels.to(dtype),))
         return out.image_embeds.float()

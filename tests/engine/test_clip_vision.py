@@ -46,3 +46,15 @@ def test_refuses_a_model_without_clip_projection(reference):
         DifferentiableClipVision({**CONFIG, "model_type": "siglip_vision_model"}, dict(reference.named_parameters()))
     with pytest.raises(ValueError, match="lacks"):
         DifferentiableClipVision(CONFIG, {})
+
+
+def test_a_half_precision_model_runs_in_fp32_on_a_cpu(reference):
+    """ComfyUI keeps CLIP vision in fp16 even on a CPU, where fp16 matmuls have no fast backward kernel."""
+    half = {n: p.detach().half() for n, p in reference.named_parameters()}
+    vision = DifferentiableClipVision(CONFIG, half)
+    upcast = DifferentiableClipVision(CONFIG, {n: p.float() for n, p in half.items()})
+    images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    assert vision.dtype == torch.float32
+    assert vision.cast_bytes == sum(p.numel() * 4 for p in half.values())
+    assert upcast.cast_bytes == 0
+    assert torch.equal(vision(images), upcast(images))
