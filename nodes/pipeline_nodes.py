@@ -13,6 +13,7 @@ from .engine.gate import PAPER_QUESTION, ValidityGate
 from .engine.losses import AnchorTerm, CreativeTerm, NegativeClusterTerm, negative_cluster
 from .engine.norm import GaussianNorm
 from .engine.plots import annotate, plot_embedding_map, plot_log
+from .engine.rare_start import BANK_BATCH, INVERSION_STEPS, SELECT_BATCH, rare_start, rarest_accepted
 
 
 class PriorSampler(io.ComfyNode):
@@ -163,6 +164,10 @@ class MLLMValidityGate(io.ComfyNode):
         return io.NodeOutput(ValidityGate(mllm, question, check_every, threshold, subject.strip()))
 
 
+PAPER_START, RARE_START = "subject word (paper)", "rarest accepted bank sample"
+START_CHOICES = (PAPER_START, RARE_START)
+
+
 class LoRAOptimizer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -180,7 +185,21 @@ class LoRAOptimizer(io.ComfyNode):
                     run_inputs.seed(), run_inputs.prompt_template(optional=False),
                     io.Float.Input("creative_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                    tooltip="Weight of log Ĝ(ẽ) (Eq. 5)."),
-                    run_inputs.guidance(optional=False), run_inputs.prior_steps(optional=False)],
+                    run_inputs.guidance(optional=False), run_inputs.prior_steps(optional=False),
+                    io.Int.Input("samples_per_step", default=1, min=1, max=64, optional=True,
+                                 tooltip="Noise draws per step; the loss is their mean and the gate judges them all "
+                                         "(paper: 1; docs/evaluation.md §6 chose 4)."),
+                    io.Boolean.Input("beyond_bank_ceiling", default=False, optional=True,
+                                     tooltip="Stop pushing a sample once it is rarer than every sample of the bank the "
+                                             "norm was fitted on, so the pullbacks keep it valid (paper: off; §6: on)."),
+                    io.Combo.Input("start", options=list(START_CHOICES), default=PAPER_START, optional=True,
+                                   tooltip="Where training starts: the subject word (paper), or the rarest sample of a "
+                                           f"fresh bank that the gate accepts, inverted into token + LoRA in "
+                                           f"{INVERSION_STEPS} steps first. On the evaluation's held-out seeds the rare "
+                                           "start (with 4 samples per step and the ceiling) beat rare select at equal "
+                                           "compute, but its concept renders close to one image."),
+                    io.Int.Input("start_bank", default=1000, min=1, max=100_000, optional=True,
+                                 tooltip="Samples of the fresh bank a rare start picks from (drawn with the seed).")],
             outputs=[s.Prior.Output(display_name="prior"), s.Concept.Output(display_name="concept"),
                      s.Log.Output(display_name="log"), io.String.Output(display_name="token"),
                      io.Image.Output(display_name="gate_images"), io.Image.Output(display_name="loss_plot"),
@@ -194,21 +213,40 @@ class LoRAOptimizer(io.ComfyNode):
     @classmethod
     @cb.training_mode
     def execute(cls, prior, norm, subject, steps, learning_rate, lora_rank, train, seed, prompt_template,
-                creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None) -> io.NodeOutput:
-        terms = [CreativeTerm(norm, creative_weight), *(loss_terms or ())]
+                creative_weight, guidance, prior_steps, loss_terms=None, gate=None, renderer=None, samples_per_step=1,
+                beyond_bank_ceiling=False, start=None, start_bank=1000) -> io.NodeOutput:
+        creative = (CreativeTerm.beyond(norm, weight=creative_weight) if beyond_bank_ceiling is True
+                    else CreativeTerm(norm, creative_weight))
+        terms = [creative, *(loss_terms or ())]
         run = run_inputs.build_run(prior, norm, subject, terms, gate=gate, renderer=renderer, steps=steps,
                                    learning_rate=learning_rate, lora_rank=lora_rank, train=train, seed=seed,
-                                   prompt_template=prompt_template, guidance=guidance, prior_steps=prior_steps)
+                                   prompt_template=prompt_template, guidance=guidance, prior_steps=prior_steps,
+                                   samples=samples_per_step)
         loader = memory.prepare_run(run)  # refuses a run that cannot fit
-        progress = cb.Progress(cls.hidden.unique_id, steps)
-        result = run.run(run_inputs.reporter(progress), on_phase=loader)
-        progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
+        rare = start == RARE_START
+        progress = cb.Progress(cls.hidden.unique_id, steps + (INVERSION_STEPS if rare else 0))
+        if rare:
+            progress.text(f"rare start: drawing {start_bank} samples, picking the rarest the gate accepts")
+            memory.prepare_sampling(prior, run.config.prompt("", subject), "", count=start_bank, batch_size=BANK_BATCH,
+                                    steps=prior_steps, guidance=guidance)  # refuses what cannot fit, loads the prior
+            select = memory.prepare_selection(run.check, renderer if gate is not None else None, subject,
+                                              SELECT_BATCH)
+            rarest = rarest_accepted(run, start_bank, seed, on_phase=select)
+            started = rare_start(run, rarest, on_step=run_inputs.reporter(progress), on_phase=loader)
+            result, path = started.creative, started.inversion.path + started.creative.path
+            begun = (f"started from the rarest accepted of {start_bank} samples (log p "
+                     f"{started.rarest.log_likelihoods[0]:.4g}, {len(started.rarest.checked)} checked); ")
+        else:
+            result = run.run(run_inputs.reporter(progress), on_phase=loader)
+            path, begun = result.path, ""
+        progress.text(f"{begun}stopped: {result.stop_reason} after {result.steps_run} steps; kept step "
+                      f"{result.accepted_step}")
         checks = [r.gate for r in result.records if r.gate is not None and r.gate.image is not None]
         gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
         captions = [f"step {v.step}: P(yes) {v.p_yes:.2f} {'yes' if v.passed else 'NO'}" for v in checks]
         clusters = [(t.name, t.cluster) for t in terms if isinstance(t, NegativeClusterTerm)]
         return io.NodeOutput(prior.with_concept(result.concept), result.concept, result.log, result.concept.token,
-                             gate_images, plot_log(result.records), plot_embedding_map(norm, None, result.path, clusters),
+                             gate_images, plot_log(result.records), plot_embedding_map(norm, None, path, clusters),
                              ui=ui.PreviewImage(annotate(cb.enlarged(gate_images), captions), cls=cls) if checks else None)
 
 

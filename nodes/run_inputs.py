@@ -90,12 +90,12 @@ def build_run(prior: Generator, norm: GaussianNorm, subject: str, terms: Iterabl
               gate: ValidityGate | None = None, renderer: Renderer | None = None, steps: int = 50,
               learning_rate: float = 1e-4, lora_rank: int = 10, train: str = "token + LoRA", seed: int = 0,
               prompt_template: str = TEMPLATE, guidance: float = 4.0, prior_steps: int = 5,
-              train_choices: Mapping[str, str] = s.TRAIN_CHOICES) -> CreativeRun:
+              train_choices: Mapping[str, str] = s.TRAIN_CHOICES, samples: int = 1) -> CreativeRun:
     """The run the shared inputs describe (the LoRA's alpha equals its rank, so its scale is 1). ``prior``: the
     generator (a diffusion prior, or the SD generator, which draws the gate's images itself)."""
     config = OptimConfig(steps=steps, lr=learning_rate, train=train_choices[train], rank=lora_rank,
                          lora_alpha=float(lora_rank), prior_steps=prior_steps, guidance=guidance, seed=seed,
-                         template=prompt_template)
+                         template=prompt_template, samples=samples)
     check = GateCheck.of(gate, renderer, generator_draws=getattr(prior, "draws_images", False))
     return CreativeRun(prior, norm, subject, tuple(terms), config, check)
 

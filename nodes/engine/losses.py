@@ -42,10 +42,17 @@ class CreativeTerm:
     ceiling: float | None = None
 
     @classmethod
-    def beyond(cls, norm: GaussianNorm, bank: EmbeddingBank, weight: float = 1.0,
+    def beyond(cls, norm: GaussianNorm, bank: EmbeddingBank | None = None, weight: float = 1.0,
                margin: float = 0.0) -> "CreativeTerm":
-        """A term that pushes each sample until it is rarer than every sample of ``bank`` (less ``margin``)."""
-        lowest = float(norm.log_prob(bank.embeds.double()).min())
+        """A term that pushes each sample until it is rarer than every sample of ``bank`` (less ``margin``);
+        without ``bank``, of the bank the norm was fitted on."""
+        if bank is not None:
+            lowest = float(norm.log_prob(bank.embeds.double()).min())
+        elif "lowest_log_prob" in norm.provenance:
+            lowest = float(norm.provenance["lowest_log_prob"])
+        else:
+            raise ValueError("This norm does not know its bank's rarest sample (it was not fitted by Norm Gaussian "
+                             "Fit from a bank): fit it again, or turn the beyond-the-bank ceiling off.")
         return cls(norm, float(weight), ceiling=lowest - float(margin))
 
     def __call__(self, e: torch.Tensor) -> torch.Tensor:

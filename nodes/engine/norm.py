@@ -101,8 +101,11 @@ class GaussianNorm:
         meta = {"prior": provenance.get("prior", ""), "bank": provenance, "dims": dims, "count": n,
                 "explained_variance_ratio": float(pca.explained_variance_ratio_.sum())}
         t = torch.from_numpy
-        return cls(t(pca.mean_.copy()), t(pca.components_.copy()), torch.zeros(dims, dtype=torch.float64),
+        norm = cls(t(pca.mean_.copy()), t(pca.components_.copy()), torch.zeros(dims, dtype=torch.float64),
                    t(cov), meta)
+        # the bank's rarest sample: where a creative term with a ceiling stops pushing (CreativeTerm.beyond)
+        meta["lowest_log_prob"] = float(norm.log_prob(t(x).double()).min())
+        return norm
 
     def fit_cluster(self, embeds: torch.Tensor | EmbeddingBank, *, ridge: float = 1e-3) -> "GaussianNorm":
         """A Gaussian of other embeddings in *this* PCA space (for negative clusters)."""

@@ -13,13 +13,14 @@ Three steps built from the method's own parts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .concept import Concept
 from .losses import AnchorTerm, CreativeTerm
 from .optimizer import CreativeRun, OptimResult, PhaseCallback, StepCallback
+from .rare_start import invert
 
 
 @dataclass
@@ -49,9 +50,7 @@ def image_variations(run: CreativeRun, images: torch.Tensor, *, inversion_steps:
     anchor = AnchorTerm.from_images(run.generator, images, image_weight)
     target = anchor.target[None]  # [1, D]: the image in the prior's CLIP image space
     total = inversion_steps + run.config.steps
-    inversion = run.with_(terms=(replace(anchor, weight=1.0),), check=None, start=None,
-                          config=replace(run.config, steps=inversion_steps, lr=inversion_lr)).run(
-        on_step, on_phase=on_phase, stage="inversion", total=total)
+    inversion = invert(run, anchor, inversion_steps, inversion_lr, on_step=on_step, on_phase=on_phase, total=total)
     creative = run.with_(terms=(CreativeTerm(run.norm), anchor, *run.terms), start=inversion.concept).run(
         on_step, on_phase=on_phase, stage="creative", offset=inversion_steps, total=total)
     with torch.no_grad():

@@ -269,6 +269,38 @@ def test_optimiser_gate_renders_through_core_model(pack_nodes, models, tiny_mode
     assert (judge.images[0] - judge.images[1]).abs().max() > 0, "the trained concept changes the render"
 
 
+
+def test_optimiser_rare_start_inverts_the_rarest_accepted_sample_first(pack_nodes, models, tiny_models):
+    """start = rarest accepted bank sample: a bank of 16 is drawn, the gate judges its rarest, the inversion
+    runs before the creative steps (one progress job), with 2 samples per step and the bank ceiling."""
+    import example_models as em
+    from creative_generation.nodes.engine.bank import sample_bank
+    from creative_generation.nodes.engine.gate import ValidityGate
+    from creative_generation.nodes.engine.norm import GaussianNorm
+    from creative_generation.nodes.engine.prior import load_prior
+    from creative_generation.nodes.engine.rare_start import INVERSION_STEPS
+    from creative_generation.nodes.pipeline_nodes import RARE_START
+
+    prior = load_prior(str(tiny_models.path(em.resolve("diffusers", "kandinsky-2-1-prior"))))
+    norm = GaussianNorm.from_bank(sample_bank(prior, "a photo of a vehicle", 24, batch_size=24, steps=2, seed=0), 4)
+    model, vae, positive, negative, _ = models("unclip-l")
+    renderer = pack_nodes["CreativeCoreRenderer"].execute(model, vae, positive, negative, 0, 1, 1.0, "euler",
+                                                          "normal", SIZE, SIZE, 1.0, 0.0).args[0]
+    judge = RecordingJudge()
+    optimiser = pack_nodes["CreativeLoRAOptimizer"].PREPARE_CLASS_CLONE({"UNIQUE_ID": "9"})
+    with torch.inference_mode():
+        out = optimiser.execute(prior, norm, "vehicle", 2, 1e-3, 2, "token + LoRA", 0, "a photo of a {token}", 1.0,
+                                1.0, 2, loss_terms=None, gate=ValidityGate(judge, every=1), renderer=renderer,
+                                samples_per_step=2, beyond_bank_ceiling=True, start=RARE_START, start_bank=16)
+    log = out.args[2]
+    assert log.stop_reason == "max_steps" and log.steps_run == 2
+    # the selection judged its first batch (the whole bank of 16; the rarest passed), then each creative
+    # step's gate judged its 2 samples
+    assert [i.shape[0] for i in judge.images] == [16, 2, 2]
+    assert set(log.records[0].terms) == {"creative"} and log.records[0].loss >= 0  # the ceiling's hinge
+    assert len(out.args[0].concept.token) > 0 and INVERSION_STEPS == 100
+
+
 # --------------------------------------------------------------------------- example workflow, live server
 
 

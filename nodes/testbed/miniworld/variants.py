@@ -41,6 +41,7 @@ from ...engine.losses import AnchorTerm, CreativeTerm
 from ...engine.optimizer import CreativeRun, OptimConfig
 from ...engine.prior import Prior
 from ...engine.rare import select_rare
+from ...engine.rare_start import invert, rarest_accepted
 from ...engine.sampling import sample_embeddings
 from .baselines import Method
 
@@ -90,12 +91,10 @@ class RareStart:
     lr: float = 1e-2
 
     def __call__(self, prior: Prior, subj, gate: ValidityGate, cfg: OptimConfig) -> Concept:
-        bank = sample_bank(prior, subj.prompt, 1000, batch_size=500, seed=RARE_START_SEED + cfg.seed)
-        rarest = select_rare(subj.evaluator.norm, bank, 1, candidates=len(bank), gate=gate,
-                             renderer=subj.evaluator.renderer, subject=subj.name, batch_size=32)
-        target = AnchorTerm.from_embeds(rarest.embeds, prior.identity)
-        inversion = replace(cfg, steps=self.steps, lr=self.lr, train="both", samples=1, on_reject="stop")
-        return CreativeRun(prior, subj.evaluator.norm, subj.name, (target,), inversion).run().concept
+        run = CreativeRun(prior, subj.evaluator.norm, subj.name, (), replace(cfg, train="both", samples=1),
+                          GateCheck.of(gate, subj.evaluator.renderer))
+        rarest = rarest_accepted(run, 1000, RARE_START_SEED + cfg.seed)
+        return invert(run, AnchorTerm.from_embeds(rarest.embeds, prior.identity), self.steps, self.lr).concept
 
 
 def methods(subj, gate: ValidityGate) -> dict[str, Method]:
