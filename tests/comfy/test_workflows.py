@@ -70,7 +70,7 @@ SAVED_TOKENS = {"<creative-vehicle>", "<creative-mix-car-boat>", "<creative-car>
 SHRINK: dict[str, dict[str, int]] = {
     "CreativePriorSampler": {"count": 64, "batch_size": 64, "steps": 2},
     "CreativeNormGaussianFit": {"pca_dims": 8},
-    "CreativeLoRAOptimizer": {"steps": 2, "prior_steps": 2, "lora_rank": 4},
+    "CreativeLoRAOptimizer": {"steps": 2, "prior_steps": 2, "lora_rank": 4, "start_bank": 16},
     "CreativeMLLMValidityGate": {"check_every": 1},
     "CreativeDecoderRenderer": {"steps": 2, "width": TEST_SIZE, "height": TEST_SIZE},
     "CreativeCoreRenderer": {"steps": 2, "width": TEST_SIZE, "height": TEST_SIZE},
