@@ -194,7 +194,7 @@ class LoRAOptimizer(io.ComfyNode):
                                              "norm was fitted on, so the pullbacks keep it valid (paper: off; §6: on)."),
                     io.Combo.Input("start", options=list(START_CHOICES), default=PAPER_START, optional=True,
                                    tooltip="Where training starts: the subject word (paper), or the rarest sample of a "
-                                           f"fresh bank that the gate accepts, inverted into token + LoRA in "
+                                           "fresh bank that the gate accepts, inverted into token + LoRA in "
                                            f"{INVERSION_STEPS} steps first. On the evaluation's held-out seeds the rare "
                                            "start (with 4 samples per step and the ceiling) beat rare select at equal "
                                            "compute, but its concept renders close to one image."),

@@ -39,11 +39,18 @@ class RareStartResult:
         return self.creative.concept
 
 
+def _needs_token(run: CreativeRun) -> None:
+    if not run.config.train.token:
+        raise ValueError("A rare start inverts the sample into a token: train 'token + LoRA' (as evaluated) or "
+                         "'token', not the LoRA alone.")
+
+
 def rarest_accepted(run: CreativeRun, bank_size: int, seed: int, *, batch_size: int = BANK_BATCH,
                     select_batch: int = SELECT_BATCH, on_phase: PhaseCallback | None = None) -> RareSelection:
     """The rarest sample, under the run's norm, of a fresh bank of ``bank_size`` drawn for the subject's prompt
     with the run's prior settings, that the run's gate accepts (every sample is a candidate, judged
     ``select_batch`` at a time; without a gate, the rarest). ``on_phase`` hears each render and question."""
+    _needs_token(run)  # before the bank is drawn: the whole start would be wasted
     if bank_size < 1:
         raise ValueError(f"The starting bank needs at least 1 sample, got {bank_size}.")
     config, check = run.config, run.check
@@ -61,8 +68,8 @@ def rarest_accepted(run: CreativeRun, bank_size: int, seed: int, *, batch_size: 
 
 def invert(run: CreativeRun, target: AnchorTerm, steps: int, lr: float, *, on_step: StepCallback | None = None,
            on_phase: PhaseCallback | None = None, total: int = 0) -> OptimResult:
-    """A token + LoRA whose output matches ``target``'s embedding: the run with ``target`` as its only term,
-    ``steps`` at ``lr``, no gate, from the subject word (reported as the stage "inversion")."""
+    """A token (and LoRA, as ``run`` trains) whose output matches ``target``'s embedding: the run with
+    ``target`` as its only term, ``steps`` at ``lr``, no gate, from the subject word (the stage "inversion")."""
     if steps < 1:
         raise ValueError(f"inversion steps must be at least 1, got {steps}.")
     return run.with_(terms=(replace(target, weight=1.0),), check=None, start=None,
@@ -77,9 +84,7 @@ def rare_start(run: CreativeRun, rarest: RareSelection, *, inversion_steps: int 
     trains what ``run`` trains, one noise draw per step; the creative stage continues it. ``run`` must train the
     token (the evaluated setting trains token + LoRA): the inverted sample lives in the token, and a run that
     does not train a part drops it. ``on_step`` hears both stages as one job."""
-    if not run.config.train.token:
-        raise ValueError("A rare start inverts the sample into a token: train 'token + LoRA' (as evaluated) or "
-                         "'token', not the LoRA alone.")
+    _needs_token(run)
     target = AnchorTerm.from_embeds(rarest.embeds[:1], run.generator.identity)
     single = run.with_(config=replace(run.config, samples=1))
     total = inversion_steps + run.config.steps

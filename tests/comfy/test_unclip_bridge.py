@@ -269,7 +269,6 @@ def test_optimiser_gate_renders_through_core_model(pack_nodes, models, tiny_mode
     assert (judge.images[0] - judge.images[1]).abs().max() > 0, "the trained concept changes the render"
 
 
-
 def test_optimiser_rare_start_inverts_the_rarest_accepted_sample_first(pack_nodes, models, tiny_models):
     """start = rarest accepted bank sample: a bank of 16 is drawn, the gate judges its rarest, the inversion
     runs before the creative steps (one progress job), with 2 samples per step and the bank ceiling."""

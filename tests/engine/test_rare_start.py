@@ -22,7 +22,7 @@ PROMPT = "a photo of a car"
 
 
 class Judge:
-    """P(yes) from the render's first pixel: the test decides which renders pass."""
+    """P(yes) 1 or 0 per render, as ``passes(render)`` says: the test decides which renders pass."""
 
     def __init__(self, passes):
         self.passes, self.seen = passes, 0
@@ -66,6 +66,8 @@ def test_the_start_is_the_rarest_sample_the_gate_accepts(world):
         rarest_accepted(_run(world, GateCheck(ValidityGate(Judge(lambda img: False)), render)), 200, 7)
     with pytest.raises(ValueError, match="at least 1 sample"):
         rarest_accepted(_run(world), 0, 7)
+    with pytest.raises(ValueError, match="not the LoRA alone"):  # refused before the bank is drawn
+        rarest_accepted(_run(world, train="lora"), 0, 7)
 
 
 def test_a_rare_start_begins_far_rarer_than_the_subject_word(world):
