@@ -42,17 +42,13 @@ class CreativeTerm:
     ceiling: float | None = None
 
     @classmethod
-    def beyond(cls, norm: GaussianNorm, bank: EmbeddingBank | None = None, weight: float = 1.0,
-               margin: float = 0.0) -> "CreativeTerm":
-        """A term that pushes each sample until it is rarer than every sample of ``bank`` (less ``margin``);
-        without ``bank``, of the bank the norm was fitted on."""
-        if bank is not None:
-            lowest = float(norm.log_prob(bank.embeds.double()).min())
-        elif "lowest_log_prob" in norm.provenance:
-            lowest = float(norm.provenance["lowest_log_prob"])
-        else:
+    def beyond(cls, norm: GaussianNorm, weight: float = 1.0, margin: float = 0.0) -> "CreativeTerm":
+        """A term that pushes each sample until it is rarer than every sample of the bank the norm was fitted
+        on (less ``margin``): past the typical region's last sample, not without end."""
+        if "lowest_log_prob" not in norm.provenance:
             raise ValueError("This norm does not know its bank's rarest sample (it was not fitted by Norm Gaussian "
                              "Fit from a bank): fit it again, or turn the beyond-the-bank ceiling off.")
+        lowest = float(norm.provenance["lowest_log_prob"])
         return cls(norm, float(weight), ceiling=lowest - float(margin))
 
     def __call__(self, e: torch.Tensor) -> torch.Tensor:

@@ -59,13 +59,14 @@ def test_evaluate_weights_and_unique_names(norm):
     assert torch.allclose(total, 4 * a(e))
 
 
-def test_creative_ceiling_pushes_only_samples_above_it(norm):
+def test_creative_ceiling_pushes_only_samples_above_it():
     """With a ceiling, a sample rarer than it adds nothing (and no gradient); the others add their excess."""
     from creative_generation.nodes.engine.bank import EmbeddingBank
 
     rng = np.random.default_rng(1)
     bank = EmbeddingBank(torch.from_numpy(rng.normal(size=(300, 32)) * np.linspace(2, 0.2, 32)).float())
-    term = CreativeTerm.beyond(norm, bank, margin=1.0)
+    norm = GaussianNorm.from_bank(bank, 8)
+    term = CreativeTerm.beyond(norm, margin=1.0)
     lowest = float(norm.log_prob(bank.embeds.double()).min())
     assert term.ceiling == pytest.approx(lowest - 1.0)
     typical = bank.embeds[:3].double().requires_grad_(True)

@@ -100,10 +100,10 @@ class RareStart:
 def methods(subj, gate: ValidityGate) -> dict[str, Method]:
     """The paper's method, LoRA only, and LoRA only's variants; all with anchor and gate."""
     paper = lambda: [CreativeTerm(subj.evaluator.norm), subj.anchor]
-    hinge = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank), subj.anchor]
-    hinge_anchor = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank),
+    hinge = lambda: [CreativeTerm.beyond(subj.evaluator.norm), subj.anchor]
+    hinge_anchor = lambda: [CreativeTerm.beyond(subj.evaluator.norm),
                             replace(subj.anchor, weight=10.0)]
-    hinge_margin = lambda: [CreativeTerm.beyond(subj.evaluator.norm, subj.evaluator.bank, margin=10.0), subj.anchor]
+    hinge_margin = lambda: [CreativeTerm.beyond(subj.evaluator.norm, margin=10.0), subj.anchor]
     gated = lambda _terms: gate
     return {
         "paper (token+LoRA, anchor, gate)": Method(paper, gated, {}),
