@@ -9,7 +9,8 @@ Core objects built through ComfyUI's own classes with random weights (nothing do
 a CLIP ViT-L/14 vision model (``clip_vision_config_vitl.json``, 304 M). Measured per render-step count:
 seconds per optimiser step (render with gradients, decode, CLIP vision, backward, AdamW; mean after the
 first) and the live-tensor peak of a step beyond the weights (``LiveTensorBytes``), next to the node's
-pre-flight estimate of the same (training activations + training state). ``--parts``: the live-tensor peak
+pre-flight estimate of the same (training activations + training state); a case whose estimate the machine's free
+memory cannot hold is refused by the node's own pre-flight (``memory.check``) and reported instead of run. ``--parts``: the live-tensor peak
 of each part with its backward pass alone (one UNet render step, the VAE decode, the CLIP vision pass) next to
 the host's number for it, the yardstick of ``budget.SD_UNET_GRAD`` / ``SD_DECODE_GRAD`` and ``vision_bytes``. ComfyUI runs on the CPU here (the
 in-process harness sets ``--cpu``), so ComfyUI's non-flash-attention working-memory formula is the one sized.
@@ -78,7 +79,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     comfy_harness.import_comfy(tmp)
 
-    from creative_generation.nodes import run_inputs
+    from creative_generation.nodes import memory, run_inputs
+    from creative_generation.nodes.engine.budget import InsufficientMemoryError
     from creative_generation.nodes.engine.bank import EmbeddingBank
     from creative_generation.nodes.engine.losses import CreativeTerm
     from creative_generation.nodes.engine.norm import GaussianNorm
@@ -98,6 +100,12 @@ def main() -> None:
                                    train="LoRA")
         estimate = run.memory_estimate(on_gpu=False)
         work = sum(p.bytes for p in estimate.parts if not p.model)
+        try:  # the node's own pre-flight: a case this machine cannot hold is refused, as the node refuses it
+            memory.check(estimate, run.models())
+        except InsufficientMemoryError as refused:
+            print(f"render steps {render_steps}, checkpointing {'on' if checkpointing else 'off'}: estimate "
+                  f"{work / 2**20:.0f} MiB beyond the weights; refused by the node's pre-flight: {refused}")
+            continue
         training = gen.open_training(run)
         if args.parts:
             try:
