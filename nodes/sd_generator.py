@@ -333,6 +333,7 @@ class SDGenerator:
             weights.append(("text encoder weights", self.clip.patcher.model_size()))
         return budget.sd_training_estimate(
             weights=weights, unet_call=unet_call_bytes(model, latent.shape),
+            attention_maps=attention_map_bytes(model, latent.shape),
             merged=merged, decode=self.vae.memory_used_decode(latent[:samples].shape, vae_dtype),
             vision_call=vision_bytes(self.vision, samples), render_steps=render.steps, lora_params=lora,
             gated=run.check is not None, width=render.width, height=render.height, rank=run.config.rank,
@@ -352,6 +353,42 @@ def unet_call_bytes(model: Any, shape: torch.Size) -> int:
     whatever the attention kernel, so the training estimate reads this one (its factor was measured with it)."""
     pixels = int(shape[0]) * math.prod(int(d) for d in shape[2:])
     return int(pixels * 0.15 * model.model.memory_usage_factor * 2**20 * compute_dtype(model).itemsize / 4)
+
+
+# ComfyUI's attention functions that build each head's tokens x tokens map as a tensor (its fallbacks when PyTorch's
+# scaled-dot-product attention, xformers, flash or sage attention are off: the CPU's sub-quadratic one, for one).
+# With gradients autograd keeps those maps for the backward pass; the others recompute them there.
+MAP_KEEPING_ATTENTION = ("attention_basic", "attention_sub_quad", "attention_split")
+
+
+def attention_map_bytes(model: Any, shape: torch.Size) -> int:
+    """The self-attention maps one UNet call with gradients keeps, where ComfyUI's attention materialises them:
+    ``rows x heads x tokens²`` per self-attention layer, tokens at that layer's resolution.
+
+    They grow with the square of the pixels, which the working-memory formula (:func:`unet_call_bytes`, linear
+    in them) cannot follow: at 512 px an SD 1.5 UNet keeps 2.7 GiB of them, more than the rest of the call's
+    activations (tests/benchmarks/bench_sd_path.py --parts). Cross-attention maps (77 keys a prompt chunk) are
+    left to the linear formula."""
+    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    if getattr(attention.optimized_attention, "__name__", "") not in MAP_KEEPING_ATTENTION:
+        return 0
+    unet = model.model.diffusion_model
+    rows, height, width = int(shape[0]), int(shape[-2]), int(shape[-1])
+    total, factor = 0, 1
+    blocks = [*unet.input_blocks, *([unet.middle_block] if unet.middle_block is not None else []),
+              *unet.output_blocks]
+    for block in blocks:
+        for layer in block:
+            if isinstance(layer, attention.SpatialTransformer):
+                tokens = -(-height // factor) * -(-width // factor)
+                total += sum(b.attn1.heads for b in layer.transformer_blocks) * rows * tokens ** 2
+            elif isinstance(layer, Downsample):
+                factor *= 2
+            elif isinstance(layer, Upsample):
+                factor //= 2
+    return total * compute_dtype(model).itemsize
 
 
 def compute_dtype(model: Any) -> torch.dtype:

@@ -441,14 +441,16 @@ def prompt_token_count(tokenizer, *prompts: str) -> int:
 # peaks of one call with its backward pass). UNet render step: 317 MiB at 64 px, 889 MiB at 256 px, i.e. the
 # LoRA-merged weights of the adapted layers (357 MiB: each call makes and keeps them) plus about 3.5 x ComfyUI's
 # 154 MiB at 256 px. VAE decode: 2.7 x ComfyUI's number at both sizes. A whole 256 px step measured 2,460 MiB;
-# its estimate is 2,759 MiB (the parts' peaks do not all coincide).
+# its estimate is 2,759 MiB (the parts' peaks do not all coincide). At 512 px the UNet step measured 5,506 MiB:
+# the self-attention maps the CPU's attention keeps grow with the square of the pixels (2.7 GiB there, 0.17 GiB at
+# 256 px), so they are counted apart (sd_generator.attention_map_bytes), not through this factor.
 SD_UNET_GRAD = 3.5
 SD_DECODE_GRAD = 3.0
 
 
 def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, merged: int, decode: int,
                          vision_call: int, render_steps: int, lora_params: int, gated: bool, width: int, height: int,
-                         rank: int, text_call: int = 0, token_params: int = 0,
+                         rank: int, text_call: int = 0, token_params: int = 0, attention_maps: int = 0,
                          checkpointing: bool = False) -> Estimate:
     """Memory of the SD path's training steps from the host's own numbers: the generator's weights (UNet, VAE,
     CLIP vision: ``(name, bytes)``), the working memory of one UNet call on the (CFG-doubled) latent, of one VAE
@@ -456,7 +458,8 @@ def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, 
 
     A step renders with gradients, so autograd keeps each render step's UNet activations until the backward
     pass: one call's share (``merged``, the bytes of the adapted layers' LoRA-merged weights, which each call
-    makes and keeps, plus :data:`SD_UNET_GRAD` x its working set) is counted once per render step, then the
+    makes and keeps, plus :data:`SD_UNET_GRAD` x its working set, plus the ``attention_maps`` it keeps where
+    the attention materialises them) is counted once per render step, then the
     decode's (:data:`SD_DECODE_GRAD` x) and the vision pass's. With ``checkpointing`` the render steps and the
     decode keep only their inputs and are computed again one at a time in the backward pass, so only the
     largest of them counts, once. A trained token adds the text encoding with gradients (``text_call``, kept
@@ -468,7 +471,7 @@ def sd_training_estimate(*, weights: Iterable[tuple[str, int]], unet_call: int, 
     what = " + ".join(([f"LoRA rank {rank}"] if lora_params else []) + (["token"] if token_params else []))
     state = Part(TRAINING_STATE, training_state_bytes(trained), f"{what}: {fmt_count(trained)} "
                  f"values x {TRAINING_COPIES} (param, grad, 2 AdamW moments, snapshot), fp32")
-    unet, decoded = merged + SD_UNET_GRAD * unet_call, SD_DECODE_GRAD * decode
+    unet, decoded = merged + SD_UNET_GRAD * unet_call + attention_maps, SD_DECODE_GRAD * decode
     if checkpointing:
         kept = max(unet, decoded)
         how = f"{render_steps} render steps and the VAE decode recomputed one at a time (gradient checkpointing)"

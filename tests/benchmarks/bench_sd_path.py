@@ -132,7 +132,7 @@ def main() -> None:
 
 
 def _parts(gen, training, size: int) -> None:
-    from creative_generation.nodes.sd_generator import unet_call_bytes, vision_bytes
+    from creative_generation.nodes.sd_generator import attention_map_bytes, unet_call_bytes, vision_bytes
     from creative_generation.nodes.testbed.live_bytes import LiveTensorBytes
 
     vae = gen.vae
@@ -149,6 +149,8 @@ def _parts(gen, training, size: int) -> None:
             loss().backward()
         print(f"{name} with its backward: {meter.peak / 2**20:.0f} MiB measured, host's number "
               f"{host / 2**20:.0f} MiB (ratio {meter.peak / max(1, host):.2f})")
+    print(f"the UNet step's self-attention maps (counted apart in the estimate): "
+          f"{attention_map_bytes(gen.model, latent.shape) / 2**20:.0f} MiB")
 
 
 def _step(training, norm, opt, seed: int) -> None:

@@ -276,8 +276,8 @@ def test_the_training_estimate_reads_comfyuis_numbers(sd, norm):
     from creative_generation.nodes import run_inputs
     from creative_generation.nodes.engine import budget
     from creative_generation.nodes.engine.losses import CreativeTerm
-    from creative_generation.nodes.sd_generator import (RenderSettings, SDGenerator, attention_weights,
-                                                        unet_call_bytes, vision_bytes)
+    from creative_generation.nodes.sd_generator import (RenderSettings, SDGenerator, attention_map_bytes,
+                                                        attention_weights, unet_call_bytes, vision_bytes)
 
     shape = (2, 4, 64, 64)
     assert unet_call_bytes(sd.model, shape) == int(sd.model.model.memory_required(shape))
@@ -286,10 +286,43 @@ def test_the_training_estimate_reads_comfyuis_numbers(sd, norm):
     run = run_inputs.build_run(gen, norm, "car", [CreativeTerm(norm)], steps=1, lora_rank=4, train="LoRA")
     act = run.memory_estimate(on_gpu=False).part("training activations").bytes
     merged = 4 * sum(m.weight.numel() for m in attention_weights(sd.model).values())  # fp32 LoRA-merged weights
-    expected = (3 * (merged + budget.SD_UNET_GRAD * unet_call_bytes(sd.model, shape))
+    maps = attention_map_bytes(sd.model, shape)
+    assert maps > 0  # ComfyUI on a CPU: sub-quadratic attention, which materialises its maps
+    expected = (3 * (merged + budget.SD_UNET_GRAD * unet_call_bytes(sd.model, shape) + maps)
                 + budget.SD_DECODE_GRAD * sd.vae.memory_used_decode((1, 4, 64, 64), sd.vae.vae_dtype)
                 + vision_bytes(gen.vision, 1))
     assert act == int(expected)
+
+
+@pytest.mark.parametrize("family", ["SD 1.5", "SDXL"])
+def test_attention_maps_are_counted_at_each_layers_resolution(request, family, monkeypatch):
+    """The estimate's self-attention maps equal heads x tokens² summed over the self-attention calls a real UNet
+    forward makes (tokens read at each call, on a latent whose sides do not halve evenly); none are counted
+    where ComfyUI's attention does not keep them (PyTorch's scaled-dot-product attention)."""
+    import comfy.ldm.modules.attention as attention
+
+    from creative_generation.nodes.sd_generator import attention_map_bytes
+
+    model = request.getfixturevalue("sd" if family == "SD 1.5" else "sdxl").model
+    unet = model.model.diffusion_model
+    shape = (3, 4, 10, 14)
+    seen = []
+    hooks = [m.attn1.register_forward_pre_hook(lambda mod, args: seen.append(mod.heads * args[0].shape[1] ** 2))
+             for m in unet.modules() if isinstance(m, attention.BasicTransformerBlock)]
+    extra = {"y": torch.zeros(shape[0], unet.label_emb[0][0].in_features)} if unet.num_classes is not None else {}
+    width = next(m.attn2.to_k.in_features for m in unet.modules() if isinstance(m, attention.BasicTransformerBlock))
+    dtype = model.model.get_dtype()
+    try:
+        with torch.inference_mode():
+            unet(torch.randn(shape, dtype=dtype), timesteps=torch.full((shape[0],), 500.0),
+                 context=torch.randn(shape[0], 77, width, dtype=dtype), **{k: v.to(dtype) for k, v in extra.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) > 1
+    assert attention_map_bytes(model, shape) == shape[0] * sum(seen) * torch.empty((), dtype=dtype).element_size()
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    assert attention_map_bytes(model, shape) == 0
 
 
 def test_the_sd_path_runs_on_the_bundled_mini_world(run):
