@@ -309,13 +309,14 @@ def test_attention_maps_are_counted_at_each_layers_resolution(request, family, m
     seen = []
     hooks = [m.attn1.register_forward_pre_hook(lambda mod, args: seen.append(mod.heads * args[0].shape[1] ** 2))
              for m in unet.modules() if isinstance(m, attention.BasicTransformerBlock)]
-    extra = {"y": torch.zeros(shape[0], unet.label_emb[0][0].in_features)} if unet.num_classes is not None else {}
-    width = next(m.attn2.to_k.in_features for m in unet.modules() if isinstance(m, attention.BasicTransformerBlock))
     dtype = model.model.get_dtype()
+    extra = ({"y": torch.zeros(shape[0], unet.label_emb[0][0].in_features, dtype=dtype)}
+             if unet.num_classes is not None else {})
+    width = next(m.attn2.to_k.in_features for m in unet.modules() if isinstance(m, attention.BasicTransformerBlock))
     try:
         with torch.inference_mode():
             unet(torch.randn(shape, dtype=dtype), timesteps=torch.full((shape[0],), 500.0),
-                 context=torch.randn(shape[0], 77, width, dtype=dtype), **{k: v.to(dtype) for k, v in extra.items()})
+                 context=torch.randn(shape[0], 77, width, dtype=dtype), **extra)
     finally:
         for h in hooks:
             h.remove()
