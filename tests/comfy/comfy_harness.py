@@ -123,6 +123,22 @@ def execute_node(node_cls, unique_id: str, **inputs):
     return out.result if hasattr(out, "result") else out
 
 
+def register_tiny_models(folder_paths, root: Path, priors: dict[str, int], decoder: str, mllm: str) -> Path:
+    """Tiny priors (name -> seed), a Kandinsky 2.2 decoder and a LLaVA-NeXT built under ``root`` and registered in
+    ComfyUI's ``diffusers`` / ``LLM`` folders under the given names, so the pack's loader nodes list them."""
+    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
+    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
+    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
+
+    for name, seed in priors.items():
+        build_tiny_prior(root / "diffusers" / name, seed=seed)
+    build_tiny_k22_decoder(root / "diffusers" / decoder)
+    build_tiny_llava_next(root / "LLM" / mllm)
+    folder_paths.add_model_folder_path("diffusers", str(root / "diffusers"))
+    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
+    return root
+
+
 def run_async(coro_or_value):
     """Await ``coro_or_value`` if it is awaitable (comfy_entrypoint/get_node_list may be async)."""
     import asyncio

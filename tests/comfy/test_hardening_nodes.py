@@ -25,18 +25,8 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.fixture(scope="module")
 def models(comfy_inprocess, tmp_path_factory):
-    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
-    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
-    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
-
-    root = tmp_path_factory.mktemp("hardening_models")
-    build_tiny_prior(root / "diffusers" / "hard-prior", seed=0)
-    build_tiny_k22_decoder(root / "diffusers" / "hard-decoder")
-    build_tiny_llava_next(root / "LLM" / "hard-llava")
-    fp = comfy_inprocess.folder_paths
-    fp.add_model_folder_path("diffusers", str(root / "diffusers"))
-    fp.add_model_folder_path("LLM", str(root / "LLM"))
-    return root
+    return comfy_harness.register_tiny_models(comfy_inprocess.folder_paths, tmp_path_factory.mktemp("hardening_models"),
+                                              {"hard-prior": 0}, "hard-decoder", "hard-llava")
 
 
 @pytest.fixture(scope="module")

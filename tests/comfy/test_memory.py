@@ -50,17 +50,8 @@ def call(pack_nodes, comfy_inprocess):
 @pytest.fixture(scope="module")
 def loaded(comfy_inprocess, tmp_path_factory, call):
     """Tiny prior, Kandinsky 2.2 decoder and LLaVA-NeXT, loaded through the pack's loader nodes."""
-    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
-    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
-    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
-
-    root = tmp_path_factory.mktemp("memory_models")
-    build_tiny_prior(root / "diffusers" / "mem-prior", seed=3)
-    build_tiny_k22_decoder(root / "diffusers" / "mem-decoder")
-    build_tiny_llava_next(root / "LLM" / "mem-llava")
-    fp = comfy_inprocess.folder_paths
-    fp.add_model_folder_path("diffusers", str(root / "diffusers"))
-    fp.add_model_folder_path("LLM", str(root / "LLM"))
+    comfy_harness.register_tiny_models(comfy_inprocess.folder_paths, tmp_path_factory.mktemp("memory_models"),
+                                       {"mem-prior": 3}, "mem-decoder", "mem-llava")
     prior, = call("CreativeLoadPrior", prior="mem-prior", dtype="auto")
     decoder, = call("CreativeLoadDecoder", decoder="mem-decoder", dtype="auto")
     mllm, = call("CreativeLoadMLLM", model="mem-llava", dtype="auto", trust_remote_code=False,

@@ -93,19 +93,8 @@ def test_prior_steps_start_at_two(pack_nodes):
 def models(comfy_inprocess, tmp_path_factory):
     """Tiny 32-d prior (two, with different weights), Kandinsky 2.2 decoder and LLaVA-NeXT,
     registered in this process's ComfyUI model folders."""
-    from creative_generation.nodes.testbed.tiny.decoder import build_tiny_k22_decoder
-    from creative_generation.nodes.testbed.tiny.mllm import build_tiny_llava_next
-    from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
-
-    root = tmp_path_factory.mktemp("inprocess_models")
-    build_tiny_prior(root / "diffusers" / "prior-a", seed=0)
-    build_tiny_prior(root / "diffusers" / "prior-b", seed=1)
-    build_tiny_k22_decoder(root / "diffusers" / "decoder")
-    build_tiny_llava_next(root / "LLM" / "llava")
-    fp = comfy_inprocess.folder_paths
-    fp.add_model_folder_path("diffusers", str(root / "diffusers"))
-    fp.add_model_folder_path("LLM", str(root / "LLM"))
-    return root
+    return comfy_harness.register_tiny_models(comfy_inprocess.folder_paths, tmp_path_factory.mktemp("inprocess_models"),
+                                              {"prior-a": 0, "prior-b": 1}, "decoder", "llava")
 
 
 @pytest.fixture(scope="module")
