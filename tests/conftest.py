@@ -28,6 +28,18 @@ _spec.loader.exec_module(run)
 run.import_pack()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards gain nothing from intra-op threads; on a busy 2-core machine the extra
+    thread's spin-waits made tiny renders and MLLM forwards several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "transformers5: needs transformers 5 (the bundled mini world's judge folder "
                                        "is saved in its layout); skipped on ComfyUI's transformers 4.5x")

@@ -9,18 +9,9 @@ from __future__ import annotations
 
 import comfy_harness
 import pytest
-import torch
 
 # every node here runs on the bundled mini world, whose judge folder is saved in transformers 5's layout
-pytestmark = pytest.mark.transformers5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.transformers5, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

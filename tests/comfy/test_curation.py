@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_harness import execute_node
-
 
 def _bank(n: int = 6, d: int = 8):
     from creative_generation.nodes.engine.bank import EmbeddingBank

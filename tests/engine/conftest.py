@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from creative_generation.nodes.engine.prior import load_prior
 from creative_generation.nodes.testbed.tiny.prior import build_tiny_prior
@@ -22,16 +21,6 @@ def tiny_prior21_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prior(tiny_prior_dir):
     return load_prior(str(tiny_prior_dir))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny forwards gain nothing from intra-op threads; on a busy 2-core machine the extra
-    thread's spin-waits made tiny renders and MLLM forwards several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

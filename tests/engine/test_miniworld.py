@@ -27,13 +27,7 @@ def images_of(scenes: list[W.Scene]) -> torch.Tensor:
     return W.to_image_tensor(W.draw_many(scenes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and on a shared CPU much faster (no OpenMP waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared CPU
 
 
 @pytest.fixture(scope="module")
