@@ -10,6 +10,7 @@ from __future__ import annotations
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +153,29 @@ def test_every_ranker_scores_a_far_sample_rarest():
     assert len(scores) == 8 and all(s.shape == (50,) and s.argmin() == 17 for s in scores.values()), scores
 
 
+def test_kind_gaussians_see_what_is_rare_for_its_kind_only():
+    """A sample typical of the category but of neither kind's own shape (the middle of two kinds' clusters) is
+    rarest under the kind Gaussians, while the category's own Gaussian reads it typical; the rare percentile
+    says where such samples sit."""
+    from creative_generation.nodes.engine.norm import GaussianNorm
+    from creative_generation.nodes.testbed.miniworld.rankers import KIND_RANKERS, _kind_rankers, _mean_percentile
+
+    gen = torch.Generator().manual_seed(0)
+    kinds = [torch.randn(300, 4, generator=gen, dtype=torch.float64) * 0.3 + shift
+             for shift in (torch.tensor([3.0, 0, 0, 0]), torch.tensor([-3.0, 0, 0, 0]))]
+    category = GaussianNorm.from_bank(torch.cat(kinds), 4)
+    pool = torch.cat(kinds)[::20].clone()
+    pool[5] = 0.0  # between the two kinds: at the category's centre
+    rankers = _kind_rankers([GaussianNorm.from_bank(k, 4) for k in kinds])
+    assert set(rankers) == set(KIND_RANKERS)
+    for score in rankers.values():
+        s = score(None, pool.numpy())
+        assert s.argmin() == 5 and _mean_percentile(s, np.arange(len(s)) == 5) == 0.0
+    whole = category.log_prob(pool).numpy()
+    assert _mean_percentile(whole, np.arange(len(whole)) == 5) == 1.0  # the category's densest point
+    assert _mean_percentile(whole, np.zeros(len(whole), bool)) is None
+
+
 @pytest.mark.transformers5
 def test_rankers_study_rows_and_bounds():
     """The rankers study, tiny: the pool, the best-possible bound and every ranker, each row's bars in range and
@@ -160,7 +184,7 @@ def test_rankers_study_rows_and_bounds():
     from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
     from creative_generation.nodes.testbed.miniworld import evaluate as E
     from creative_generation.nodes.testbed.miniworld.judge import load_judge
-    from creative_generation.nodes.testbed.miniworld.rankers import rankers
+    from creative_generation.nodes.testbed.miniworld.rankers import KIND_RANKERS, rankers
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -173,7 +197,8 @@ def test_rankers_study_rows_and_bounds():
         rows = E.rankers(prior, None, subject, args)
     finally:
         torch.set_num_threads(threads)
-    assert [r["config"] for r in rows] == ["pool (60)", "best possible", *rankers(8)]
+    assert [r["config"] for r in rows] == ["pool (60)", "best possible", *rankers(8), *KIND_RANKERS]
     best = rows[1]["creativity_rare"]
     for r in rows:
         assert 0 <= r["creativity_rare"] <= min(r["rare"], r["validity"]) and r["creativity_rare"] <= best, r
+        assert r["rare_percentile"] is None or 0 <= r["rare_percentile"] <= 1, r

@@ -67,7 +67,7 @@ DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100"
 SPREAD = ("novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "creativity", "seconds")  # baselines: mean ± sd
 VARIANT_SPREAD = ("novelty_percentile", "validity", "diversity", "rare", "creativity", "beyond", "creativity_beyond",
                   "creativity_rare", "seconds", "cpu_seconds", "prior_rows")
-RANKER_SPREAD = ("rare", "validity", "creativity_rare", "seconds")
+RANKER_SPREAD = ("rare", "validity", "creativity_rare", "rare_percentile", "seconds")
 
 
 @dataclass(frozen=True)

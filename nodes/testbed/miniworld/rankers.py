@@ -9,10 +9,14 @@ all in the norm's PCA space:
 - the norm's Gaussian (what rare select uses), and Gaussians on its first 2, 4, 8 and 16 components;
 - Gaussian mixtures of 4, 8 and 16 components (scikit-learn, full covariances), which can give a small
   cluster of rare combinations a density of its own;
-- the distance to the k-th nearest bank sample (k = 5, 20), the density estimate that assumes no shape.
+- the distance to the k-th nearest bank sample (k = 5, 20), the density estimate that assumes no shape;
+- one Gaussian per *kind* of the subject's category (car, truck, bus, boat, airplane for "vehicle"), each fitted
+  on a bank of the paper's prompt with the kind's word: a purple bus or a boat on grass is rare only given its
+  kind, which a density of the whole category can miss. Scored as their equal mixture and as the likeliest kind.
 
 Each ranker's row is its ``samples`` lowest-density pool members: the share the judge reads as a rare
-combination, validity, and the share both. Two bounds sit beside them: the pool itself (``pool``: what a
+combination, validity, and the share both; ``rare_percentile`` is where the pool's valid rare combinations sit
+in its ranking (0 = rarest first, 0.5 = the ranker does not see them at all). Two bounds sit beside them: the pool itself (``pool``: what a
 random pick gets) and ``best possible`` (the pool's valid rare combinations ranked first: no ranker can beat
 it, and it is small when the prior seldom samples them at all).
 """
@@ -24,15 +28,19 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 
-from ...engine.bank import sample_bank
+from ...engine.bank import PAPER_TEMPLATE, sample_bank
 from ...engine.gate import draw
 from ...engine.norm import GaussianNorm
+from . import world
 
 POOL_SEED = 40_000  # the pool of seed s is drawn with POOL_SEED + s: no other study's bank
 POOL = 2000
+KIND_SEED = 50_000  # the kind banks' seed: no other study's bank
+KIND_RANKERS = ("kind Gaussians, mixture", "kind Gaussians, likeliest kind")
 RENDER_BATCH = 250
 
 Ranker = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (bank z, pool z) -> pool scores, low = rare
@@ -80,16 +88,48 @@ def _judged_pool(prior, subj, seed: int, size: int) -> tuple[torch.Tensor, np.nd
     return pool, np.concatenate(valid), np.concatenate(rare)
 
 
-def _row(label: str, subj, seed: int, valid: np.ndarray, rare: np.ndarray, seconds: float) -> dict:
+def _row(label: str, subj, seed: int, valid: np.ndarray, rare: np.ndarray, seconds: float,
+         rare_percentile: float | None = None) -> dict:
     return {"config": label, "subject": subj.name, "seed": seed, "step": None, "rare": float(rare.mean()),
             "validity": float(valid.mean()), "creativity_rare": float((valid & rare).mean()),
-            "seconds": round(seconds, 2)}
+            "rare_percentile": rare_percentile, "seconds": round(seconds, 2)}
+
+
+def _mean_percentile(score: np.ndarray, members: np.ndarray) -> float | None:
+    """Where ``members`` sit, on average, in the pool ranked rarest first (0 = rarest, 1 = most typical;
+    0.5 = the ranker does not see them); None when the pool holds none."""
+    if not members.any():
+        return None
+    ranks = np.argsort(np.argsort(score, kind="stable"), kind="stable") / (len(score) - 1)
+    return float(ranks[members].mean())
+
+
+def _kind_norms(prior, subj, norm: GaussianNorm, size: int) -> list[GaussianNorm]:
+    """One Gaussian per kind of the subject's category (a bank of the paper's prompt with the kind's word), in
+    the subject norm's PCA space: the densities a user gets by naming the subject's sub-concepts."""
+    kinds = [k for k, c in world.CATEGORY.items() if c == subj.name]
+    out = []
+    for kind in kinds:
+        bank = sample_bank(prior, PAPER_TEMPLATE.format(subject=kind), size, batch_size=500, seed=KIND_SEED).embeds
+        z = norm.project(bank.double())
+        out.append(GaussianNorm.from_bank(z, z.shape[1]))
+    return out
+
+
+def _kind_rankers(kind_norms: list[GaussianNorm]) -> dict[str, Ranker]:
+    def scores(pool: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(pool)
+        return np.stack([n.log_prob(z).numpy() for n in kind_norms])
+    mixture, likeliest = KIND_RANKERS
+    return {mixture: lambda bank, pool: logsumexp(scores(pool), axis=0),
+            likeliest: lambda bank, pool: scores(pool).max(axis=0)}
 
 
 def ranker_rows(prior, subj, seeds: list[int], samples: int, pool_size: int = POOL) -> list[dict]:
     """The study's rows for one subject and each seed."""
     norm = subj.evaluator.norm
     bank = norm.project(subj.evaluator.bank.embeds.double()).numpy()
+    kinds = _kind_rankers(_kind_norms(prior, subj, norm, len(bank)))
     rows = []
     for seed in seeds:
         start = time.perf_counter()
@@ -98,8 +138,10 @@ def ranker_rows(prior, subj, seeds: list[int], samples: int, pool_size: int = PO
         best = np.argsort(~(valid & rare), kind="stable")[:samples]
         rows.append(_row("best possible", subj, seed, valid[best], rare[best], 0.0))
         pool = norm.project(embeds.double()).numpy()
-        for label, score in rankers(norm.dims).items():
+        for label, score in (rankers(norm.dims) | kinds).items():
             start = time.perf_counter()
-            rarest = np.argsort(score(bank, pool), kind="stable")[:samples]
-            rows.append(_row(label, subj, seed, valid[rarest], rare[rarest], time.perf_counter() - start))
+            scores = score(bank, pool)
+            rarest = np.argsort(scores, kind="stable")[:samples]
+            rows.append(_row(label, subj, seed, valid[rarest], rare[rarest], time.perf_counter() - start,
+                             _mean_percentile(scores, valid & rare)))
     return rows
