@@ -203,6 +203,25 @@ class LearnedLoRA:
     meta: dict[str, Any] = field(default_factory=dict)
     embedding: LearnedEmbedding | None = None
 
+    def weights(self) -> "LoRAWeights":
+        """The LoRA as core's ``LORA_MODEL``, carrying this run's metadata for Save SD LoRA."""
+        return LoRAWeights(self.state, self.meta)
+
+
+class LoRAWeights(dict):
+    """Core's ``LORA_MODEL`` (LoRA key -> tensor, what core SaveLoRA writes and LoraLoader reads) that also
+    carries how it was made, so that a saved file says which model family, prompt and settings it belongs to.
+    A dict, so every core node that takes a ``LORA_MODEL`` takes it unchanged."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None):
+        super().__init__(tensors)
+        self.meta = dict(meta or {})
+
+    def save(self, stem: str | Path) -> Path:
+        """Write ``<stem>_00001.safetensors`` (the first free number: never over another file) with the LoRA keys
+        core's LoraLoader reads and the metadata in the safetensors header."""
+        return save_tensors(Path(stem).with_suffix(".safetensors"), self, self.meta, numbered=True)
+
 
 class SDState(NamedTuple):
     """A training snapshot: the LoRA (core's LORA_MODEL layout) and the token (token-list key -> vector)."""

@@ -17,8 +17,8 @@ from . import sockets as s
 from .engine import few_step
 from .engine.losses import AnchorTerm, CreativeTerm
 from .engine.plots import annotate, plot_log
-from .sd_generator import (MAX_RENDER_STEPS, TRAIN_CHOICES, RenderSettings, SDGenerator, bank_estimate, family,
-                           sd_sample_bank, vision_of)
+from .sd_generator import (MAX_RENDER_STEPS, TRAIN_CHOICES, LoRAWeights, RenderSettings, SDGenerator, bank_estimate,
+                           family, sd_sample_bank, vision_of)
 
 LoraModel = io.Custom("LORA_MODEL")  # core's own type: core SaveLoRA writes it, LoraModelLoader applies it
 SDEmbedding = io.Custom("CREATIVE_SD_EMBEDDING")  # a trained token; Save SD Embedding writes core's file
@@ -190,7 +190,7 @@ class SDLoRAOptimizer(io.ComfyNode):
         progress = cb.Progress(cls.hidden.unique_id, steps)
         result = run.run(run_inputs.reporter(progress), on_phase=loader)
         progress.text(f"stopped: {result.stop_reason} after {result.steps_run} steps; kept step {result.accepted_step}")
-        lora = result.concept.state
+        lora = result.concept.weights()
         patched = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0] if lora else model.clone()
         checks = [r.gate for r in result.records if r.gate is not None and r.gate.image is not None]
         gate_images = torch.stack([v.image for v in checks]) if checks else torch.zeros(1, 64, 64, 3)
@@ -237,4 +237,40 @@ class SaveSDEmbedding(io.ComfyNode):
                                                "prompt"))
 
 
-NODES = [SDEmbeddingBank, SDImageAnchor, SDLoRAOptimizer, SaveSDEmbedding]
+class SaveSDLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CreativeSaveSDLoRA", display_name="Save SD LoRA (Creative)",
+            category=f"{s.CATEGORY}/files",
+            description="Writes a LoRA into ComfyUI's loras folder, where core LoraLoader / LoraLoaderModelOnly "
+                        "list it at once (core Save LoRA writes to the output folder instead), never over another "
+                        "file; from the SD optimiser, the file also records the model family, prompt and settings "
+                        "it was trained with.",
+            inputs=[LoraModel.Input("lora", tooltip="The SD optimiser's lora output (or any core LORA_MODEL)."),
+                    io.String.Input("filename_prefix", default="creative_lora", tooltip="File name start inside "
+                                    "the loras folder; a counter is appended (creative_lora_00001.safetensors).")],
+            outputs=[], is_output_node=True)
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        return inputs.first(inputs.filename_prefix_problem(filename_prefix))
+
+    @classmethod
+    def execute(cls, lora, filename_prefix) -> io.NodeOutput:
+        import folder_paths
+
+        if not lora:
+            raise ValueError("No LoRA to save: the SD optimiser trained only a token (train: token). Save the token "
+                             "with Save SD Embedding, or set train to lora or token+lora.")
+        weights = lora if isinstance(lora, LoRAWeights) else LoRAWeights(lora)
+        root = folder_paths.get_folder_paths("loras")[0]
+        folder, name, _, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
+        path = weights.save(Path(folder) / name)
+        made_on = f"; trained on an {weights.meta['family']} model: load it on that checkpoint" \
+            if weights.meta.get("family") else ""
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {path.name} in {path.parent}; LoraLoader lists it as "
+                                               f"{path.relative_to(root).as_posix()} (refresh the node list){made_on}"))
+
+
+NODES = [SDEmbeddingBank, SDImageAnchor, SDLoRAOptimizer, SaveSDEmbedding, SaveSDLoRA]

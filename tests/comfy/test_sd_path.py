@@ -177,6 +177,35 @@ def test_saved_lora_reloads_through_core(run, sd, norm, comfy_inprocess):
     assert not torch.allclose(core, _core_render(sd.model, sd, 11), atol=1e-3)  # the LoRA changes the render
 
 
+def test_save_sd_lora_writes_into_the_loras_folder_with_the_runs_settings(run, sd, norm, comfy_inprocess):
+    """The pack's Save SD LoRA: the file lands where core LoraLoader lists it, reproduces the optimiser's MODEL
+    through it, records how it was trained, and a second save never touches the first."""
+    import nodes
+    from creative_generation.nodes.engine.safetensors_io import load_tensors
+
+    fp = comfy_inprocess.folder_paths
+    model, lora, *_ = _optimise(run, sd, norm, steps=2)
+    before = set(fp.get_filename_list("loras"))
+    run("CreativeSaveSDLoRA", lora=lora, filename_prefix="creative_saved/car")
+    name, = set(fp.get_filename_list("loras")) - before
+    first = Path(fp.get_full_path("loras", name))
+    written = first.read_bytes()
+    run("CreativeSaveSDLoRA", lora=lora, filename_prefix="creative_saved/car")
+    second, = set(fp.get_filename_list("loras")) - before - {name}
+    number = int(name.removesuffix(".safetensors").rsplit("_", 1)[1])
+    assert name.startswith("creative_saved/car_") and second == f"creative_saved/car_{number + 1:05}.safetensors"
+    assert first.read_bytes() == written
+    with torch.inference_mode():
+        reloaded = nodes.LoraLoaderModelOnly().load_lora_model_only(sd.model, name, 1.0)[0]
+    assert torch.allclose(_core_render(model, sd, 11), _core_render(reloaded, sd, 11), atol=1e-5)
+    tensors, meta = load_tensors(first)
+    assert tensors.keys() == lora.keys()
+    assert meta["family"] == "SD 1.5" and meta["space"] == norm.prior_identity and meta["steps_run"] == 2
+    assert meta["config"]["rank"] == 4 and meta["prompt"] == "a photo of a car" and meta["package_version"], meta
+    with pytest.raises(ValueError, match="No LoRA to save"):  # what a token-only run sends
+        run("CreativeSaveSDLoRA", lora={}, filename_prefix="creative_saved/none")
+
+
 class ScriptedJudge:
     """Yes at the first question, no afterwards; records the images it was shown."""
 
