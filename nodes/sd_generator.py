@@ -181,6 +181,9 @@ def checkpointed_call(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.utils.checkpoint.checkpoint(executor, *args, use_reentrant=False, **kwargs)
 
 
+PRIOR_ONLY_SETTINGS = ("prior_steps", "guidance", "template", "negative_prompt", "token")  # OptimConfig's, unused here
+
+
 @dataclass
 class LearnedEmbedding:
     """A trained token as core's embedding file holds it: file key -> ``[1, width]`` (CPU, fp32)."""
@@ -603,9 +606,13 @@ class SDTraining:
 
     def learned(self, state: SDState, meta: dict[str, Any]) -> LearnedLoRA:
         gen = self.gen
+        # the run's settings without the prior's own (its steps, guidance and template): a saved file then says
+        # only what this run used, and its prompt is the one above
+        config = {k: v for k, v in meta.get("config", {}).items() if k not in PRIOR_ONLY_SETTINGS}
+        meta = {k: v for k, v in meta.items() if k != "prompt_template"}
         meta = {"generator": "sd", "family": gen.family, "space": gen.identity, "prompt": gen.prompt,
                 "negative_prompt": gen.negative, "render": gen.render.meta(), "lora_targets": ATTENTION.pattern,
-                **meta}
+                **meta, "config": config}
         embedding = None
         if state.token:
             embedding = LearnedEmbedding({self.towers[t]: v for t, v in state.token.items()},
