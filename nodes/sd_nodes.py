@@ -267,8 +267,8 @@ class SaveSDLoRA(io.ComfyNode):
         root = folder_paths.get_folder_paths("loras")[0]
         folder, name, _, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
         path = weights.save(Path(folder) / name)
-        made_on = f"; trained on an {weights.meta['family']} model: load it on that checkpoint" \
-            if weights.meta.get("family") else ""
+        family_name = weights.meta.get("family")
+        made_on = f"; trained on an {family_name} model: load it on that checkpoint" if family_name else ""
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path.name} in {path.parent}; LoraLoader lists it as "
                                                f"{path.relative_to(root).as_posix()} (refresh the node list){made_on}"))
 

@@ -203,6 +203,10 @@ def test_save_sd_lora_writes_into_the_loras_folder_with_the_runs_settings(run, s
     assert meta["family"] == "SD 1.5" and meta["space"] == norm.prior_identity and meta["steps_run"] == 2
     assert meta["config"]["rank"] == 4 and meta["prompt"] == "a photo of a car" and meta["package_version"], meta
     assert not {"guidance", "prior_steps", "template"} & meta["config"].keys() and "prompt_template" not in meta
+    before = set(fp.get_filename_list("loras"))
+    run("CreativeSaveSDLoRA", lora=dict(lora), filename_prefix="creative_saved/plain")  # core TrainLoraNode's dict
+    plain, = set(fp.get_filename_list("loras")) - before
+    assert load_tensors(fp.get_full_path("loras", plain))[1] == {}
     with pytest.raises(ValueError, match="No LoRA to save"):  # what a token-only run sends
         run("CreativeSaveSDLoRA", lora={}, filename_prefix="creative_saved/none")
 

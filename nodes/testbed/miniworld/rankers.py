@@ -16,9 +16,9 @@ all in the norm's PCA space:
 
 Each ranker's row is its ``samples`` lowest-density pool members: the share the judge reads as a rare
 combination, validity, and the share both; ``rare_percentile`` is where the pool's valid rare combinations sit
-in its ranking (0 = rarest first, 0.5 = the ranker does not see them at all). Two bounds sit beside them: the pool itself (``pool``: what a
-random pick gets) and ``best possible`` (the pool's valid rare combinations ranked first: no ranker can beat
-it, and it is small when the prior seldom samples them at all).
+in its ranking (0 = rarest first, 0.5 = the ranker does not see them at all). Two bounds sit beside them: the
+pool itself (``pool``: what a random pick gets) and ``best possible`` (the pool's valid rare combinations ranked
+first: no ranker can beat it, and it is small when the prior seldom samples them at all).
 """
 
 from __future__ import annotations
