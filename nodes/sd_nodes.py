@@ -3,6 +3,7 @@ space, and the creative LoRA optimiser on the model itself. ComfyUI's side is in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -199,6 +200,16 @@ class SDLoRAOptimizer(io.ComfyNode):
                              ui=ui.PreviewImage(annotate(cb.enlarged(gate_images), captions), cls=cls) if checks else None)
 
 
+def _save_in_model_folder(kind: str, prefix: str, save: Callable[[Path], Path]) -> tuple[Path, Path]:
+    """``save(stem)`` inside the first of ComfyUI's ``kind`` folders (where core's loaders list files at once);
+    returns the written file and that folder."""
+    import folder_paths
+
+    root = folder_paths.get_folder_paths(kind)[0]
+    folder, name, _, _, _ = folder_paths.get_save_image_path(prefix, root)
+    return save(Path(folder) / name), Path(root)
+
+
 class SaveSDEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -224,14 +235,10 @@ class SaveSDEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, filename_prefix, embedding=None) -> io.NodeOutput:
-        import folder_paths
-
         if embedding is None:
             raise ValueError("No token to save: connect the SD optimiser's embedding output and set its train to "
                              "token or token+lora (a LoRA-only run trains no token).")
-        root = folder_paths.get_folder_paths("embeddings")[0]
-        folder, name, _, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        path = embedding.save(Path(folder) / name)
+        path, root = _save_in_model_folder("embeddings", filename_prefix, embedding.save)
         usable = path.relative_to(root).with_suffix("").as_posix()
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path.name} in {path.parent}; write embedding:{usable} in a "
                                                "prompt"))
@@ -258,15 +265,11 @@ class SaveSDLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, filename_prefix) -> io.NodeOutput:
-        import folder_paths
-
         if not lora:
             raise ValueError("No LoRA to save: the SD optimiser trained only a token (train: token). Save the token "
                              "with Save SD Embedding, or set train to lora or token+lora.")
         weights = lora if isinstance(lora, LoRAWeights) else LoRAWeights(lora)
-        root = folder_paths.get_folder_paths("loras")[0]
-        folder, name, _, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        path = weights.save(Path(folder) / name)
+        path, root = _save_in_model_folder("loras", filename_prefix, weights.save)
         family_name = weights.meta.get("family")
         made_on = f"; trained on an {family_name} model: load it on that checkpoint" if family_name else ""
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path.name} in {path.parent}; LoraLoader lists it as "
