@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,14 +140,27 @@ def folder_fingerprint(path: Path | None) -> str:
     return str(hash(tuple(stamps)))
 
 
-class Progress:
-    """A ComfyUI progress bar plus progress text for one node; every update is a cancel point."""
+def time_left(seconds: float) -> str:
+    """A remaining time as a person reads it: "about 40 s", "about 3 min 05 s", "about 1 h 02 min"."""
+    whole = max(1, round(seconds))
+    if whole < 60:
+        return f"about {whole} s"
+    if whole < 3600:
+        return f"about {whole // 60} min {whole % 60:02d} s"
+    return f"about {whole // 3600} h {whole % 3600 // 60:02d} min"
 
-    def __init__(self, node_id: str | None, total: int):
+
+class Progress:
+    """A ComfyUI progress bar plus progress text for one node; every update is a cancel point. From the second
+    update on, the text ends with the time left at the pace since the first update (so loading the models
+    before it does not count)."""
+
+    def __init__(self, node_id: str | None, total: int, clock: Callable[[], float] = time.perf_counter):
         import comfy.utils
 
-        self.node_id, self.total = node_id, total
+        self.node_id, self.total, self.clock = node_id, total, clock
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.first: tuple[int, float] | None = None
 
     def __call__(self, done: int, text: str | None = None, preview: torch.Tensor | None = None,
                  total: int | None = None) -> None:
@@ -154,8 +168,18 @@ class Progress:
         _throw_if_interrupted()
         self.total = total or self.total
         self.bar.update_absolute(done, self.total, None if preview is None else progress_preview(preview))
+        left = self._left(done)
         if text:
-            self.text(text)
+            self.text(f"{text}; {left} left" if left else text)
+
+    def _left(self, done: int) -> str | None:
+        now = self.clock()
+        if self.first is None:
+            self.first = (done, now)
+        start, then = self.first
+        if done <= start or done >= self.total or now <= then:
+            return None
+        return time_left((now - then) / (done - start) * (self.total - done))
 
     def text(self, text: str) -> None:
         server = _prompt_server()

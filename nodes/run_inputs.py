@@ -8,7 +8,6 @@ the gate rule. A node's own wording goes in ``tooltip``; ranges, defaults and me
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 
 from comfy_api.latest import io
@@ -113,31 +112,9 @@ def describe(event: StepEvent) -> str:
     return ", ".join(parts)
 
 
-def time_left(seconds: float) -> str:
-    """A remaining time as a person reads it: "about 40 s", "about 3 min 05 s", "about 1 h 02 min"."""
-    whole = max(1, round(seconds))
-    if whole < 60:
-        return f"about {whole} s"
-    if whole < 3600:
-        return f"about {whole // 60} min {whole % 60:02d} s"
-    return f"about {whole // 3600} h {whole % 3600 // 60:02d} min"
-
-
-def reporter(progress: cb.Progress, clock: Callable[[], float] = time.perf_counter) -> Callable[[StepEvent], None]:
-    """The step callback every optimising node gives its run: progress bar, text, the gate's image as preview.
-    From the second event on, the text also gives the speed and the time left, measured from the first event
-    (so loading the models before step 1 does not count as step time)."""
-    first: list[tuple[int, float]] = []
-
+def reporter(progress: cb.Progress) -> Callable[[StepEvent], None]:
+    """The step callback every optimising node gives its run: progress bar, text, the gate's image as preview."""
     def on_step(event: StepEvent) -> None:
         verdict = event.record.gate
-        now, text = clock(), describe(event)
-        if not first:
-            first.append((event.done, now))
-        elif event.done > first[0][0] and now > first[0][1]:
-            per_step = (now - first[0][1]) / (event.done - first[0][0])
-            text += f"; {1 / per_step:.3g} steps/s"
-            if event.total > event.done:
-                text += f", {time_left(per_step * (event.total - event.done))} left"
-        progress(event.done, text, preview=None if verdict is None else verdict.image, total=event.total)
+        progress(event.done, describe(event), preview=None if verdict is None else verdict.image, total=event.total)
     return on_step
