@@ -11,9 +11,11 @@ seconds per optimiser step (render with gradients, decode, CLIP vision, backward
 first) and the live-tensor peak of a step beyond the weights (``LiveTensorBytes``), next to the node's
 pre-flight estimate of the same (training activations + training state); a case whose estimate the machine's free
 memory cannot hold is refused by the node's own pre-flight (``memory.check``) and reported instead of run.
-``--parts``: the live-tensor peak of each part with its backward pass alone (one UNet render step, the VAE decode, the CLIP vision pass) next to
-the host's number for it, the yardstick of ``budget.SD_UNET_GRAD`` / ``SD_DECODE_GRAD`` and ``vision_bytes``. ComfyUI runs on the CPU here (the
-in-process harness sets ``--cpu``), so ComfyUI's non-flash-attention working-memory formula is the one sized.
+``--parts``: the live-tensor peak of each part with its backward pass alone (one UNet render step, the VAE
+decode, the CLIP vision pass) next to the host's number for it, the yardstick of ``budget.SD_UNET_GRAD`` /
+``SD_DECODE_GRAD`` and ``vision_bytes``, and the self-attention maps counted apart (``attention_map_bytes``).
+ComfyUI runs on the CPU here (the in-process harness sets ``--cpu``), so ComfyUI's non-flash-attention
+working-memory formula is the one sized.
 """
 
 from __future__ import annotations
