@@ -201,7 +201,7 @@ class SDLoRAOptimizer(io.ComfyNode):
 
 
 def _save_in_model_folder(kind: str, prefix: str, save: Callable[[Path], Path]) -> tuple[Path, Path]:
-    """``save(stem)`` inside the first of ComfyUI's ``kind`` folders (where core's loaders list files at once);
+    """``save(stem)`` inside the first of ComfyUI's ``kind`` folders (where core's loaders list its files);
     returns the written file and that folder."""
     import folder_paths
 
@@ -251,9 +251,9 @@ class SaveSDLoRA(io.ComfyNode):
             node_id="CreativeSaveSDLoRA", display_name="Save SD LoRA (Creative)",
             category=f"{s.CATEGORY}/files",
             description="Writes a LoRA into ComfyUI's loras folder, where core LoraLoader / LoraLoaderModelOnly "
-                        "list it at once (core Save LoRA writes to the output folder instead), never over another "
-                        "file; from the SD optimiser, the file also records the model family, prompt and settings "
-                        "it was trained with.",
+                        "list it after a refresh (core Save LoRA writes to the output folder instead), never over "
+                        "another file; from the SD optimiser, the file also records the model family, prompt and "
+                        "settings it was trained with.",
             inputs=[LoraModel.Input("lora", tooltip="The SD optimiser's lora output (or any core LORA_MODEL)."),
                     io.String.Input("filename_prefix", default="creative_lora", tooltip="File name start inside "
                                     "the loras folder; a counter is appended (creative_lora_00001.safetensors).")],
