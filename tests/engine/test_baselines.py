@@ -202,3 +202,53 @@ def test_rankers_study_rows_and_bounds():
     for r in rows:
         assert 0 <= r["creativity_rare"] <= min(r["rare"], r["validity"]) and r["creativity_rare"] <= best, r
         assert r["rare_percentile"] is None or 0 <= r["rare_percentile"] <= 1, r
+
+
+def test_typical_parts_pull_back_only_a_part_outside_its_typical_range():
+    """The round-5 pullback: zero while every axis is inside the bank's typical range, positive (and with a
+    gradient back) once one axis is pushed past it."""
+    from creative_generation.nodes.testbed.miniworld.variants import TypicalParts
+
+    rng = np.random.default_rng(3)
+    bank = torch.from_numpy(rng.normal(size=(400, 12)))
+    axes = [torch.from_numpy(rng.normal(size=(3, 12))), torch.from_numpy(rng.normal(size=(4, 12)))]
+    parts = TypicalParts.of(bank, axes, quantile=0.05)
+    assert len(parts.parts) == 2 and all(p.dims == n - 1 for p, n in zip(parts.parts, (3, 4)))
+    centre = bank.mean(0, keepdim=True)
+    assert float(parts(centre)) == 0.0
+    far = (centre + 20 * (axes[0][0] - axes[0][1])).requires_grad_(True)
+    loss = parts(far)
+    loss.backward()
+    assert loss.item() > 0 and far.grad.abs().sum().item() > 0
+
+
+@pytest.mark.transformers5
+def test_named_study_rows_and_bounds():
+    """The named study, tiny: one row per rare combination of the subject's kinds and one mean per seed, every
+    share in range."""
+    from creative_generation.nodes.engine.prior import load_prior
+    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+    from creative_generation.nodes.testbed.miniworld import evaluate as E
+    from creative_generation.nodes.testbed.miniworld.judge import load_judge
+    from creative_generation.nodes.testbed.miniworld.named import VALUES, named_combinations
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prior = load_prior(str(MODELS / "prior"))
+        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
+                                   prior.zero_image_embed())
+        args = Namespace(bank=64, dims=8, samples=4, seeds=[0])
+        subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge_balanced")), "animal", args)
+        rows = E.named(prior, None, subject, args)
+    finally:
+        torch.set_num_threads(threads)
+    combos = named_combinations("animal")
+    assert ("fish", "background", "sky") in combos and ("fish", "colour", "white") in combos
+    assert [r["config"] for r in rows] == [
+        *(f"a photo of a {v} {k}" if a == "colour" else f"a photo of a {k} {E.world.BACKGROUND_PHRASE[v]}"
+          for k, a, v in combos), "animal: every named"]
+    for r in rows:
+        assert all(0 <= r[v] <= 1 for v in VALUES) and r["creativity_rare"] <= min(r["rare"], r["validity"]), r
+    assert rows[-1]["rare"] == pytest.approx(np.mean([r["rare"] for r in rows[:-1]]))
+    assert E.table(rows, "named").splitlines()[0].split() == ["config", *E.NAMED_SPREAD, "n"]

@@ -84,6 +84,38 @@ def test_world_distribution_has_rare_combinations():
     assert ("car", "colour", "purple", 0.01) in W.rare_combinations()
 
 
+def test_uniform_scenes_make_every_combination_common():
+    """``uniform``: colour and background independent of the kind, each value about equally likely."""
+    cars = [s for s in W.sample_scenes(3000, seed=12, uniform=True) if s.kind == "car"]
+    colours, backgrounds = Counter(s.colour for s in cars), Counter(s.background for s in cars)
+    assert set(colours) == set(W.COLOURS) and set(backgrounds) == set(W.BACKGROUNDS)
+    assert 0.08 < colours["purple"] / len(cars) < 0.17 and 0.13 < backgrounds["sky"] / len(cars) < 0.27
+    assert W.sample_scenes(40, seed=7) != W.sample_scenes(40, seed=7, uniform=True)
+
+
+def test_rare_scenes_force_each_rare_or_unseen_value():
+    seen, every = W.rare_combinations(), W.rare_combinations(unseen=True)
+    assert set(seen) < set(every) and ("tree", "colour", "purple", 0.0) in every
+    assert W.rare_combinations(["bus"], unseen=True) == [c for c in every if c[0] == "bus"]
+    scenes = W.rare_scenes(3, seed=FRESH_SEED)
+    assert len(scenes) == 3 * len(every) and all(W.is_rare(s) for s in scenes)
+    assert Counter((s.kind, s.colour) for s in scenes)[("bus", "purple")] == 3
+
+
+def test_balanced_judge_reads_the_rare_combinations_the_world_judge_misreads(judge):
+    """The world's judge learnt the world's correlations and reads a drawn purple bus or fish in the sky by its
+    colour and background; the balanced judge (``judge_balanced``) reads the object. Both read common scenes."""
+    from creative_generation.nodes.testbed.miniworld.train_judge import reading
+
+    balanced = load_judge(MODELS / "judge_balanced")
+    rare, common = W.rare_scenes(4, seed=FRESH_SEED), W.sample_scenes(200, seed=FRESH_SEED)
+    on_rare = {name: reading(j, images_of(rare), rare) for name, j in (("world", judge), ("balanced", balanced))}
+    assert on_rare["balanced"]["kind"] > 0.9 and on_rare["balanced"]["called_rare"] > 0.9, on_rare
+    assert on_rare["world"]["kind"] < 0.6 and on_rare["world"]["called_rare"] < 0.6, on_rare
+    for j in (judge, balanced):
+        assert reading(j, images_of(common), common)["kind"] > 0.95
+
+
 def test_captions_are_true_of_their_scene():
     rng = np.random.default_rng(0)
     for scene in W.sample_scenes(200, seed=5):

@@ -89,3 +89,25 @@ def test_cluster_shares_pca(data):
     assert torch.isfinite(single.log_prob(data)).all()
     with pytest.raises(NormFitError, match="different prior"):
         norm.fit_cluster(data[:, :20])
+
+
+def test_norm_along_named_directions_sees_only_those_directions(data):
+    """GaussianNorm.along: the space is the span of each axis' differences; moving a sample along an axis makes it
+    rarer, moving it orthogonally to every axis does not change its density."""
+    rng = np.random.default_rng(2)
+    colours, settings = torch.from_numpy(rng.normal(size=(4, 40))), torch.from_numpy(rng.normal(size=(3, 40)))
+    norm = GaussianNorm.along(EmbeddingBank(data.float(), {"prior": "p:1"}), [colours, settings])
+    assert norm.dims == 3 + 2 and norm.provenance["along"] == [4, 3] and norm.provenance["prior"] == "p:1"
+    span = torch.cat([colours - colours.mean(0), settings - settings.mean(0)])
+    assert torch.allclose(norm.components @ norm.components.T, torch.eye(5, dtype=torch.float64), atol=1e-10)
+    assert torch.linalg.matrix_rank(torch.cat([norm.components, span])) == 5  # the same span
+    orthogonal = torch.from_numpy(rng.normal(size=40))
+    orthogonal -= norm.components.T @ (norm.components @ orthogonal)
+    e = data[:5]
+    assert torch.allclose(norm.log_prob(e + 10 * orthogonal), norm.log_prob(e), atol=1e-9)
+    assert (norm.log_prob(e + 10 * (colours[0] - colours[1])) < norm.log_prob(e)).all()
+    assert norm.provenance["lowest_log_prob"] == pytest.approx(float(norm.log_prob(data).min()))
+    with pytest.raises(NormFitError, match="two 40-d"):
+        GaussianNorm.along(data, [colours[:1]])
+    with pytest.raises(NormFitError, match="two 40-d"):
+        GaussianNorm.along(data, [colours[:, :20]])

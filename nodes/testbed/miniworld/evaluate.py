@@ -5,7 +5,7 @@ optimiser and measure, at the given steps, novelty (log-likelihood under the nor
 within the bank), validity (the INDEPENDENT judge's rate of "is the subject"; the optimiser never
 sees it), diversity, the share of renders the judge calls a rare combination of the world, and
 creativity (the share of renders both valid and novel; engine.evaluation). The typical bank itself
-is the reference row. Four studies, one table each (means over subjects and seeds):
+is the reference row. Seven studies, one table each (means over subjects and seeds):
 
 - wundt: no pullback, anchor, MLLM gate, both (the paper's creativity-vs-steps curve);
 - train: what is trained (token, LoRA, both), with both pullbacks (the paper's ablation);
@@ -16,7 +16,9 @@ is the reference row. Four studies, one table each (means over subjects and seed
 - variants: the method's variants against rare select at equal compute, with the beyond-the-bank
   and rare-combination bars (variants.py, issue 20's protocol);
 - rankers: whether any density in CLIP space (Gaussians, mixtures, nearest neighbours) ranks the
-  world's rare combinations among a typical pool's rarest (rankers.py).
+  world's rare combinations among a typical pool's rarest (rankers.py);
+- named: each rare combination named in the prompt, whether the prior's embeddings hold it and the
+  decoder draws it (named.py): the most any creative method could show.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from ...engine.sampling import sample_embeddings
 from ..parts import run_parts
 from . import world
 from .baselines import baselines as baseline_rows
+from .named import VALUES as NAMED_VALUES, named_rows
 from .rankers import POOL, ranker_rows
 from .variants import EQUAL_TO, REFERENCE_COUNT
 from .variants import variants as variant_rows
@@ -59,8 +62,9 @@ from .judge import KindJudge, load_judge
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "miniworld"
 RENDER = RenderSettings(steps=10, guidance=2.0, height=32, width=32, seed=0)  # what the decoder was trained for
+JUDGES = ("judge", "judge_balanced")
 TIMING = ("seconds",)  # averaged beside the sweep's metrics
-STUDIES = ("wundt", "train", "negative", "baselines", "variants", "rankers")
+STUDIES = ("wundt", "train", "negative", "baselines", "variants", "rankers", "named")
 WUNDT_CONFIGS = ("none", "anchor", "gate", "both")
 DEFAULT_STEPS = {"wundt": "0,25,50,100,200,300,500,1000", "train": "0,25,50,100", "negative": "0,25,50,100",
                  "baselines": "0,25,50,100,200", "variants": "0,25,50,100"}
@@ -68,6 +72,7 @@ SPREAD = ("novelty_ll", "novelty_percentile", "validity", "diversity", "rare", "
 VARIANT_SPREAD = ("novelty_percentile", "validity", "diversity", "rare", "creativity", "beyond", "creativity_beyond",
                   "creativity_rare", "seconds", "cpu_seconds", "prior_rows")
 RANKER_SPREAD = ("rare", "validity", "creativity_rare", "rare_percentile", "seconds")
+NAMED_SPREAD = (*NAMED_VALUES, "seconds")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,10 @@ def rankers(prior, gate, subj: Subject, args) -> list[dict]:
     return ranker_rows(prior, subj, args.seeds, args.samples, args.pool)
 
 
+def named(prior, gate, subj: Subject, args) -> list[dict]:
+    return named_rows(prior, subj, args.seeds, args.samples)
+
+
 def mean_sd_by(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
     """Like ``mean_by``, with each value shown as "mean ± sample standard deviation" over the group."""
     out = []
@@ -188,8 +197,9 @@ def peaks(rows: list[dict], value: str = "creativity") -> dict[str, tuple[int, f
 
 
 def table(rows: list[dict], study: str) -> str:
-    if study == "rankers":
-        return format_table(mean_sd_by(rows, ("config", "step"), RANKER_SPREAD), ["config", *RANKER_SPREAD, "n"])
+    if study in ("rankers", "named"):
+        spread = RANKER_SPREAD if study == "rankers" else NAMED_SPREAD
+        return format_table(mean_sd_by(rows, ("config", "step"), spread), ["config", *spread, "n"])
     if study in ("baselines", "variants"):
         spread = SPREAD if study == "baselines" else VARIANT_SPREAD
         return format_table(mean_sd_by(rows, ("config", "step"), spread), ["config", "step", *spread, "n"])
@@ -245,6 +255,10 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=REFERENCE_COUNT, help="variants: samples of the reference bank "
                                                                           "of the beyond-the-bank bar")
     p.add_argument("--pool", type=int, default=POOL, help="rankers: typical samples ranked per subject and seed")
+    p.add_argument("--judge", default="judge", choices=JUDGES,
+                   help="the independent judge's folder in models/miniworld: judge (trained on the world's own "
+                        "frequencies, the tables before 2026-12-06) or judge_balanced (colour and background "
+                        "independent of the kind: it reads a rare combination's kind)")
     p.add_argument("--bank", type=int, default=1000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--samples", type=int, default=32)
@@ -274,13 +288,13 @@ def main() -> None:
     prior = load_prior(str(MODELS / "prior"))
     renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RENDER, prior.zero_image_embed())
     gate = ValidityGate(load_mllm(str(MODELS / "mllm"), sanity_check=True), every=25)
-    judge = WorldJudge(load_judge(MODELS / "judge"))
+    judge = WorldJudge(load_judge(MODELS / args.judge))
     results: dict[str, list[dict]] = {st: [] for st in studies}
     for name in args.subjects.split(","):
         subj, typical = prepare(prior, renderer, judge, name.strip(), args)
         for st in studies:
             study = {"wundt": wundt, "train": train, "negative": negative, "baselines": baselines,
-                     "variants": variants, "rankers": rankers}[st]
+                     "variants": variants, "rankers": rankers, "named": named}[st]
             results[st] += [typical] + study(prior, gate, subj, args)
     print_tables(results)
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "

@@ -16,6 +16,12 @@ Stages (each seeded on its own, so ``--from-stage`` reproduces a full run's late
                (still) a {kind/category}? Yes or No." and "Is this image {colour}? Yes or No."; each
                image is asked with a true and a false subject, plus a captioning loss on the subject.
 5. ``judge``   the independent CNN classifier (:mod:`.judge`), from ground-truth labels only.
+   ``balanced_decoder``, ``balanced_judge``: the decoder UNet (same movq) and the judge trained again on
+               scenes whose colour and background are independent of the kind, so the decoder draws a
+               rare combination's embedding and the judge reads it (``decoder_balanced/``,
+               ``judge_balanced/``); then ``readings.json``: how each judge reads the world's scenes
+               and rare combinations, drawn and as each decoder renders them.
+               Alone: ``--stages balanced_decoder balanced_judge``.
 6. ``sd``      the world in Stable Diffusion 1.5 form (:mod:`.train_sd`): a VAE and a UNet trained with
                ComfyUI's own classes, with the mini CLIP's towers as text encoder and CLIP vision,
                saved in ``sd/`` for the shipped ``CreativeMiniWorldSDLoader``. Needs ComfyUI.
@@ -51,7 +57,24 @@ from .train_mllm import build_mllm, save_mllm, train_mllm
 from .train_prior import TextCache, check_prior_forward, save_prior, train_prior
 from .train_setup import Captioner, Config, log, make_split
 
-STAGES = ("clip", "prior", "decoder", "mllm", "judge", "sd", "eval")
+STAGES = ("clip", "prior", "decoder", "balanced_decoder", "mllm", "judge", "balanced_judge", "sd", "eval")
+BALANCED = {"balanced_decoder", "balanced_judge"}  # alone, or together: trained, then every judge's readings
+
+
+def train_balanced(cfg: Config, out: Path, run: set[str]) -> dict:
+    """The decoder and judge trained on scenes whose colour and background are independent of the kind (each
+    needs the world's own models in ``out``), then how every judge reads what every decoder draws."""
+    from .train_decoder import train_balanced_decoder
+    from .train_judge import measure_readings, train_balanced_judge
+
+    if "balanced_decoder" in run:
+        train_balanced_decoder(cfg, out)
+    if "balanced_judge" in run:
+        train_balanced_judge(cfg, out / "judge_balanced")
+    readings = measure_readings(cfg, out)
+    if (out / "metrics.json").is_file():
+        write_readme(out)
+    return readings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = STAGES.index(args.from_stage)
     run = set(args.stages) if args.stages else set(STAGES[start:])
+    if run <= BALANCED:
+        return train_balanced(cfg, out, run)
     if run == {"sd"}:
         from .train_sd import train_sd
 
@@ -152,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
                    input_size=cfg.res, extra={"trained_on": f"world scenes seed {cfg.seed + 300}, n={cfg.n_judge}",
                                               "use": "evaluation only; never used by the optimiser"})
         stage_done("judge", t)
+    if run & BALANCED:
+        t = time.time()
+        train_balanced(cfg, out, run)
+        stage_done("balanced", t)
     if "sd" in run:
         from .train_sd import train_sd
 

@@ -122,3 +122,25 @@ def save_decoder(folder: Path, unet, movq) -> None:
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "scheduler": ["diffusers", "DDIMScheduler"], "movq": ["diffusers", "VQModel"]}, indent=2))
+
+
+def train_balanced_decoder(cfg: Config, out: Path) -> None:
+    """The world's decoder UNet trained again (same movq, same recipe) on scenes whose colour and background are
+    independent of the kind, saved as ``out/decoder_balanced``: a decoder that draws what an embedding holds, as a
+    decoder trained on the web draws a purple bus, while the prior keeps the world's frequencies (so a purple bus
+    stays rare under the norm). The world's decoder saw a boat on grass a few dozen times and draws most as a truck."""
+    from diffusers import VQModel
+
+    from ...engine.prior import load_prior
+    from .train_clip import image_embeds
+    from .train_setup import make_split
+
+    prior = load_prior(str(out / "prior"))
+    movq = VQModel.from_pretrained(out / "decoder" / "movq", local_files_only=True).float().eval().requires_grad_(False)
+    split = make_split(cfg.n_train, cfg.seed + 700, cfg.res, uniform=True)
+    x = pixels_pm1(split, slice(None), cfg.res)
+    with torch.no_grad():
+        latents = torch.cat([movq.encode(x[i:i + 500]).latents for i in range(0, len(x), 500)])
+        embeds = image_embeds(prior.image_encoder, split.x)
+    unet = train_unet(cfg, latents, embeds, prior.zero_image_embed())
+    save_decoder(out / "decoder_balanced", unet, movq)

@@ -147,6 +147,7 @@ whole creative pipeline runs offline, on a CPU, with no downloaded weights. Made
 | `decoder/` | Kandinsky 2.2 decoder layout: `UNet2DConditionModel` (image-embedding conditioning, x0 prediction), `VQModel` movq (32 px <-> 8x8x4), `DDIMScheduler`; render at {size} px, {steps} steps, guidance {guidance} | `nodes.engine.render.load_decoder` |
 | `mllm/` | tiny LLaVA-NeXT (vision tower initialised from the mini CLIP's) answering yes/no questions | `nodes.engine.mllm.load_mllm` |
 | `judge/` | independent CNN classifier of kind / colour / background / size, for evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
+| `judge_balanced/` | the same classifier trained on scenes whose colour and background are independent of the kind, so it reads a rare combination's kind (below); evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
 | `sd/` | the world in Stable Diffusion 1.5 form: UNet, VAE, text encoder, CLIP vision (below) | `nodes.miniworld_sd.load_miniworld_sd`, node `CreativeMiniWorldSDLoader` |
 
 Embeddings are {width}-d (use PCA dims < {width}). Weights are float16; the loaders upcast. Only the
@@ -155,6 +156,8 @@ CLIP token-table rows of words the world's captions use are non-zero.
 ## Accuracy on held-out world images
 
 {table}
+
+{readings}
 
 {sd}
 
@@ -212,17 +215,45 @@ def sd_section(sd: dict, config: dict) -> str:
         rec=sd["recommended"])
 
 
+READINGS_README = """## Can the judges read the world's rare combinations? (`readings.json`)
+
+Made by `python nodes/testbed/run.py train --out models/miniworld --stages balanced_decoder balanced_judge`
+(also trains `decoder_balanced/`, the world's decoder UNet trained again on uniform scenes; not kept, as
+its rows show: it draws the rare combinations hardly better and the common ones worse). Scenes: {world} of
+the world's test scenes and {rare} rare combinations (16 scenes of each kind with each of its rare or unseen
+colours and backgrounds forced), drawn, and as each decoder renders their mini CLIP image embeddings. Shares
+of scenes read right:
+
+{table}
+"""
+
+
+def readings_section(readings: dict) -> str:
+    """The README's table of ``readings.json``: per judge and image set, kind / colour / background read right
+    and the share called a rare combination."""
+    rows = ["| judge | images | kind | colour | background | called rare |", "|---|---|---:|---:|---:|---:|"]
+    for judge, by in readings.items():
+        rows += [f"| `{judge}` | {what} | {r['kind']:.3f} | {r['colour']:.3f} | {r['background']:.3f} | "
+                 f"{r['called_rare']:.3f} |" for what, r in by.items()]
+    first = next(iter(readings.values()))
+    return READINGS_README.format(world=first["world test scenes, drawn"]["n"],
+                                  rare=first["rare combinations, drawn"]["n"], table="\n".join(rows)).rstrip()
+
+
 def write_readme(out: Path) -> None:
-    """``out/README.md`` from ``out/metrics.json`` and, when built, ``out/sd/metrics.json``."""
+    """``out/README.md`` from ``out/metrics.json`` and, when built, ``out/sd/metrics.json`` and
+    ``out/readings.json``."""
     metrics = json.loads((out / "metrics.json").read_text())
     cfg = metrics["config"]
     sd_metrics, sd_config = out / "sd" / "metrics.json", out / "sd" / "config.json"
     sd = (sd_section(json.loads(sd_metrics.read_text()), json.loads(sd_config.read_text()))
           if sd_metrics.is_file() and sd_config.is_file() else
           "The SD 1.5 form (`sd/`) is not built: `python nodes/testbed/run.py train --out <dir> --stages sd`.")
+    readings = (readings_section(json.loads((out / "readings.json").read_text())) if (out / "readings.json").is_file()
+                else "The balanced judge's readings are not measured: `--stages balanced_judge`.")
     (out / "README.md").write_text(README.format(
         wall=metrics["wall_s"], size=cfg["res"], steps=cfg["render_steps"], guidance=cfg["render_guidance"],
-        width=cfg["width"], table=metrics_table(metrics), sd=sd))
+        width=cfg["width"], table=metrics_table(metrics), readings=readings, sd=sd))
 
 
 def print_table(metrics: dict) -> None:

@@ -3,7 +3,9 @@ only; it measures validity in evaluations and is never used by the optimiser."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
-from .train_setup import Config, Split, log, seed_all, update
+from .train_setup import Config, Split, log, make_split, seed_all, update
 
 if TYPE_CHECKING:
-    from .judge import LabelNet
+    from .judge import LabelClassifier, LabelNet
 
 
 def train_judge(cfg: Config, split: Split) -> LabelNet:
@@ -52,3 +54,60 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     out = sum(k[:, i, None, None, None] * xp[:, :, :, i:i + w] for i in range(5))[:, :, 2:2 + h]
     out = F.pad(out, (0, 0, 2, 2), mode="replicate")
     return sum(k[:, i, None, None, None] * out[:, :, i:i + h] for i in range(5))
+
+
+def reading(judge: LabelClassifier, images: torch.Tensor, scenes: list[W.Scene]) -> dict[str, float]:
+    """How well ``judge`` reads ``images`` of ``scenes``: the share whose kind, colour and background it reads
+    right, and the share it calls a rare combination (all of them, when the scenes are :func:`world.rare_scenes`)."""
+    labels = [label for i in range(0, len(images), 500) for label in judge.predict(images[i:i + 500])]
+    out = {key: float(np.mean([label[key] == getattr(s, key) for label, s in zip(labels, scenes)]))
+           for key in ("kind", "colour", "background")}
+    return out | {"called_rare": float(np.mean([W.is_rare(label) for label in labels])), "n": len(scenes)}
+
+
+def _rendered(prior, decoder, images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """``decoder``'s renders of the mini CLIP's image embeddings of ``images`` (as the evaluation renders)."""
+    with torch.no_grad():
+        return torch.cat([decoder.render(prior.encode_images(images[i:i + 250]), negative_embeds=prior.zero_image_embed(),
+                                         seed=cfg.seed, steps=cfg.render_steps, guidance=cfg.render_guidance,
+                                         height=cfg.res, width=cfg.res) for i in range(0, len(images), 250)])
+
+
+def measure_readings(cfg: Config, out: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """How every judge in ``out`` (``judge``, ``judge_balanced``) reads the world's test scenes and its rare
+    combinations, drawn and as every decoder there (``decoder``, ``decoder_balanced``) renders their CLIP image
+    embeddings; written to ``out/readings.json``. A rare combination drawn perfectly but misread says the judge
+    leans on the world's correlations; one read when drawn but not when rendered says the decoder does."""
+    from ...engine.prior import load_prior
+    from ...engine.render import load_decoder
+    from .judge import load_judge
+
+    prior = load_prior(str(out / "prior"))
+    sets = {"world test scenes": W.sample_scenes(cfg.eval_render * 4, cfg.seed + 200),
+            "rare combinations": W.rare_scenes(16, cfg.seed + 600)}
+    drawn = {what: W.to_image_tensor(W.draw_many(scenes)) for what, scenes in sets.items()}
+    images = {(what, "drawn"): x for what, x in drawn.items()}
+    for name in ("decoder", "decoder_balanced"):
+        if (out / name).is_dir():
+            decoder = load_decoder(str(out / name))
+            images |= {(what, f"rendered by {name}"): _rendered(prior, decoder, x, cfg) for what, x in drawn.items()}
+    readings = {name: {f"{what}, {how}": reading(load_judge(out / name), x, sets[what]) for (what, how), x in images.items()}
+                for name in ("judge", "judge_balanced") if (out / name).is_dir()}
+    (out / "readings.json").write_text(json.dumps(readings, indent=2) + "\n")
+    for name, by in readings.items():
+        for what, r in by.items():
+            log(f"{name}, {what}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n"))
+    return readings
+
+
+def train_balanced_judge(cfg: Config, folder: Path) -> None:
+    """The judge trained on scenes whose colour and background are independent of the kind
+    (:func:`world.sample_scenes` ``uniform``), saved in ``folder``. The world's judge learnt the world's
+    correlations (a bus is yellow and on a road), so it misreads a purple bus's or a fish in the sky's kind; this
+    one cannot lean on them (:func:`measure_readings`)."""
+    from .judge import save_judge
+
+    net = train_judge(cfg, make_split(cfg.n_judge, cfg.seed + 500, cfg.res, uniform=True))
+    save_judge(net, {k: list(W.VOCAB[k]) for k in W.LABEL_KEYS}, folder, width=cfg.judge_width, input_size=cfg.res,
+               extra={"trained_on": f"world scenes seed {cfg.seed + 500}, n={cfg.n_judge}, colour and background "
+                                    "uniform and independent of the kind", "use": "evaluation only"})

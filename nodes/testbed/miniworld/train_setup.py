@@ -126,8 +126,8 @@ class Split:
         return W.to_image_tensor(px)
 
 
-def make_split(n: int, seed: int, res: int) -> Split:
-    scenes = W.sample_scenes(n, seed)
+def make_split(n: int, seed: int, res: int, *, uniform: bool = False) -> Split:
+    scenes = W.sample_scenes(n, seed, uniform=uniform)
     pixels = W.draw_many(scenes)
     x = torch.cat([preprocess_images(W.to_image_tensor(pixels[i:i + 2000]), res, CLIP_MEAN, CLIP_STD)
                    for i in range(0, n, 2000)])

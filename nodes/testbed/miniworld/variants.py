@@ -22,7 +22,11 @@ before any tuning (docs/evaluation.md, section 6):
 - **rare start** (round 3): rare select as the starting point of training: the rarest gated sample of a
   fresh bank of 1,000 is inverted into a token + LoRA (the image-variations inversion) and the creative
   run continues from there; its rows' step 0 is the inverted concept, their cost includes bank, selection
-  and inversion.
+  and inversion;
+- **along words** (rounds 4-5): the creative term measured only along the directions of the words a user
+  would name for "unusual in what" (the subject's kinds, colours and settings, as prior text embeddings;
+  ``GaussianNorm.along``), with or without the ceiling, and with each word's axis held inside the bank's
+  typical range (:class:`TypicalParts`), so that the only way to low density left is an unusual pairing.
 
 The independent judge is the only measure of validity; the gate's MLLM never is.
 """
@@ -33,16 +37,20 @@ import math
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from ...engine.bank import EmbeddingBank, sample_bank
 from ...engine.evaluation import measure_snapshots
 from ...engine.gate import GateCheck, ValidityGate
 from ...engine.concept import Concept
 from ...engine.losses import AnchorTerm, CreativeTerm
+from ...engine.norm import GaussianNorm
 from ...engine.optimizer import CreativeRun, OptimConfig
 from ...engine.prior import Prior
 from ...engine.rare import select_rare
 from ...engine.rare_start import invert, rarest_accepted
 from ...engine.sampling import sample_embeddings
+from . import world
 from .baselines import Method
 
 REFERENCE_COUNT = 5000
@@ -97,7 +105,40 @@ class RareStart:
         return invert(run, AnchorTerm.from_embeds(rarest.embeds, prior.identity), self.steps, self.lr).concept
 
 
-def methods(subj, gate: ValidityGate) -> dict[str, Method]:
+def word_axes(prior: Prior, subj) -> list[torch.Tensor]:
+    """The words a user would name for "unusual in what", as prior text embeddings, one tensor per axis: the
+    subject's kinds, colours and settings (the world's vocabulary, none of its probabilities); an axis of one
+    word (the animal's one kind) has no direction and is left out."""
+    kinds = [k for k, c in world.CATEGORY.items() if c == subj.name] or [subj.name]
+    axes = [[f"a photo of a {k}" for k in kinds], [f"a photo of a {c} {subj.name}" for c in world.COLOURS],
+            [f"a photo of a {subj.name} {world.BACKGROUND_PHRASE[b]}" for b in world.BACKGROUNDS]]
+    with torch.no_grad():
+        return [prior.with_concept(None).encode_prompt(a).text_embeds.double().cpu() for a in axes if len(a) > 1]
+
+
+@dataclass(frozen=True)
+class TypicalParts:
+    """A pullback that holds each axis on its own inside the bank's typical range: per axis, how far each
+    sample's log-likelihood under that axis' norm falls below the bank's ``quantile`` (0 above it). Beside a
+    creative term along all the axes together, the only way left to low density is an unusual *pairing* of
+    typical parts (a boat, on a road)."""
+
+    parts: tuple[GaussianNorm, ...]
+    floors: tuple[float, ...]
+    weight: float = 1.0
+    name: str = "typical parts"
+
+    @classmethod
+    def of(cls, bank: torch.Tensor, axes: list[torch.Tensor], quantile: float = 0.05) -> "TypicalParts":
+        parts = tuple(GaussianNorm.along(bank, [a]) for a in axes)
+        floors = tuple(float(torch.quantile(n.log_prob(bank.double()), quantile)) for n in parts)
+        return cls(parts, floors)
+
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        return sum((f - n.log_prob(e)).clamp(min=0).mean() for n, f in zip(self.parts, self.floors))
+
+
+def methods(subj, gate: ValidityGate, prior: Prior) -> dict[str, Method]:
     """The paper's method, LoRA only, and LoRA only's variants; all with anchor and gate."""
     paper = lambda: [CreativeTerm(subj.evaluator.norm), subj.anchor]
     hinge = lambda: [CreativeTerm.beyond(subj.evaluator.norm), subj.anchor]
@@ -105,6 +146,13 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
                             replace(subj.anchor, weight=10.0)]
     hinge_margin = lambda: [CreativeTerm.beyond(subj.evaluator.norm, margin=10.0), subj.anchor]
     gated = lambda _terms: gate
+    axes, bank = word_axes(prior, subj), subj.evaluator.bank.embeds
+    words = GaussianNorm.along(bank, axes)
+    parts = TypicalParts.of(bank, axes)
+    along = lambda: [CreativeTerm.beyond(words), subj.anchor]
+    along_unbounded = lambda: [CreativeTerm(words), subj.anchor]
+    pairing = lambda: [CreativeTerm(words), parts, subj.anchor]
+    pairing_hinge = lambda: [CreativeTerm.beyond(words), parts, subj.anchor]
     return {
         "paper (token+LoRA, anchor, gate)": Method(paper, gated, {}),
         "LoRA only (anchor, gate)": Method(paper, gated, {"train": "lora"}),
@@ -131,6 +179,16 @@ def methods(subj, gate: ValidityGate) -> dict[str, Method]:
                                                                               RareStart()),
         "token+LoRA, rare start (50 inversion steps), 4 samples/step, beyond-bank ceiling": Method(
             hinge, gated, {"samples": 4}, RareStart(steps=50)),
+        # round 4 (tuning set): the creative term along the words of kinds, colours and settings only
+        # (GaussianNorm.along), so it cannot push toward unusual sizes, positions or blends
+        "LoRA, 4 samples/step, beyond-bank ceiling, along words": Method(along, gated, {"train": "lora",
+                                                                                        "samples": 4}),
+        "LoRA, 4 samples/step, along words": Method(along_unbounded, gated, {"train": "lora", "samples": 4}),
+        # round 5 (tuning set): along the words together, each word's axis held typical (TypicalParts): an
+        # unusual pairing of typical parts, the world's rare combinations by construction
+        "LoRA, 4 samples/step, along words, typical parts": Method(pairing, gated, {"train": "lora", "samples": 4}),
+        "LoRA, 4 samples/step, beyond-bank ceiling, along words, typical parts": Method(
+            pairing_hinge, gated, {"train": "lora", "samples": 4}),
     }
 
 
@@ -201,7 +259,7 @@ def variants(prior: Prior, gate: ValidityGate, subj, cfg: OptimConfig, steps: li
     meter = Meter.on(prior)
     reference, cpu_per_sample = reference_bank(prior, subj, meter, reference_count)
     subj = replace(subj, evaluator=replace(subj.evaluator, reference=reference))
-    catalogue = methods(subj, gate)
+    catalogue = methods(subj, gate, prior)
     chosen = wanted or list(catalogue)
     if unknown := set(chosen) - set(catalogue) - {"typical", "rare select"}:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(catalogue)}")

@@ -18,7 +18,7 @@ Everything is deterministic: the same ``seed`` gives the same scenes, captions a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -140,12 +140,15 @@ def is_rare(scene: Scene | dict) -> bool:
     return min(rarity(scene).values()) <= RARE_THRESHOLD
 
 
-def rare_combinations() -> list[tuple[str, str, str, float]]:
-    """Every (kind, factor, value, probability) with 0 < P(value | kind) <= RARE_THRESHOLD."""
+def rare_combinations(kinds: Iterable[str] = KINDS, *, unseen: bool = False) -> list[tuple[str, str, str, float]]:
+    """Every (kind, factor, value, probability) with 0 < P(value | kind) <= RARE_THRESHOLD; with ``unseen`` also
+    the values the world never draws for the kind (P = 0: a purple tree), which :func:`is_rare` calls rare too."""
     out = []
-    for kind in KINDS:
+    for kind in kinds:
         for factor, prior in (("colour", COLOUR_PRIOR[kind]), ("background", BACKGROUND_PRIOR[kind])):
-            out += [(kind, factor, value, p) for value, p in prior.items() if 0 < p <= RARE_THRESHOLD]
+            values = VOCAB[factor] if unseen else prior
+            out += [(kind, factor, v, prior.get(v, 0.0)) for v in values
+                    if (unseen or prior[v] > 0) and prior.get(v, 0.0) <= RARE_THRESHOLD]
     return out
 
 
@@ -155,15 +158,20 @@ def _choice(rng: np.random.Generator, table: dict[str, float]) -> str:
     return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
-def sample_scenes(n: int, seed: int, kinds: Iterable[str] = KINDS) -> list[Scene]:
-    """``n`` scenes from the world's distribution (kinds uniform), deterministic in ``seed``."""
+def sample_scenes(n: int, seed: int, kinds: Iterable[str] = KINDS, *, uniform: bool = False) -> list[Scene]:
+    """``n`` scenes from the world's distribution (kinds uniform), deterministic in ``seed``.
+
+    ``uniform``: colour and background drawn uniformly from the whole vocabulary, independent of the kind, so every
+    combination (a purple bus, a fish in the sky) is as common as any other: what a judge must see to read each
+    factor on its own instead of guessing the kind from its usual colour or background."""
     rng = np.random.default_rng(seed)
     kinds = tuple(kinds)
+    flat = {key: dict.fromkeys(VOCAB[key], 1.0) for key in ("colour", "background")}
     scenes = []
     for _ in range(n):
         kind = kinds[int(rng.integers(len(kinds)))]
-        colour = _choice(rng, COLOUR_PRIOR[kind])
-        background = _choice(rng, BACKGROUND_PRIOR[kind])
+        colour = _choice(rng, flat["colour"] if uniform else COLOUR_PRIOR[kind])
+        background = _choice(rng, flat["background"] if uniform else BACKGROUND_PRIOR[kind])
         size = tuple(SIZES)[int(rng.integers(len(SIZES)))]
         slack = (1.0 - SIZES[size]) / 2
         x, y = (0.5 + float(rng.uniform(-slack, slack)) * 0.6 for _ in range(2))
@@ -171,6 +179,13 @@ def sample_scenes(n: int, seed: int, kinds: Iterable[str] = KINDS) -> list[Scene
         scenes.append(Scene(kind, colour, background, size, round(x, 4), round(y, 4), facing,
                             int(rng.integers(2 ** 31))))
     return scenes
+
+
+def rare_scenes(per_value: int, seed: int, kinds: Iterable[str] = KINDS) -> list[Scene]:
+    """``per_value`` scenes of each kind with each of its rare or unseen values (:func:`rare_combinations`) forced,
+    the other factors drawn as the world draws them: ground truth for whether a judge reads a rare combination."""
+    return [replace(s, **{factor: value}) for kind, factor, value, _ in rare_combinations(kinds, unseen=True)
+            for s in sample_scenes(per_value, seed, (kind,))]
 
 
 def make_scene(kind: str, colour: str, background: str, size: str = "medium", x: float = 0.5, y: float = 0.5,
