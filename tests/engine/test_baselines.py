@@ -19,31 +19,37 @@ PAPER, BROKEN, CONCEPTLAB = "paper (token+LoRA, anchor, gate)", "broken: lr 0", 
 
 
 @pytest.fixture(scope="module")
-def study():
-    from creative_generation.nodes.engine.gate import ValidityGate
-    from creative_generation.nodes.engine.mllm import load_mllm
+def world(one_thread):
+    """The mini world's prior and a 2-step renderer, in one thread (tiny models: one thread is faster, on a
+    shared CPU much faster)."""
     from creative_generation.nodes.engine.prior import load_prior
-    from creative_generation.nodes.engine.render import (
-        DecoderRenderer,
-        RenderSettings,
-        load_decoder,
-    )
+    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
+
+    prior = load_prior(str(MODELS / "prior"))
+    return prior, DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
+                                  prior.zero_image_embed())
+
+
+def world_subject(world, name: str, args: Namespace, judge: str = "judge"):
+    """The evaluation script's subject ``name`` on the mini world, judged by the judge folder ``judge``."""
     from creative_generation.nodes.testbed.miniworld import evaluate as E
     from creative_generation.nodes.testbed.miniworld.judge import load_judge
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, on a shared CPU much faster
-    try:
-        prior = load_prior(str(MODELS / "prior"))
-        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
-                                   prior.zero_image_embed())
-        gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=25)
-        args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"baselines": [0, 4]},
-                         methods=["typical", "rare select", PAPER, BROKEN, CONCEPTLAB])
-        subject, typical = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
-        yield E, [typical] + E.baselines(prior, gate, subject, args)
-    finally:
-        torch.set_num_threads(threads)
+    prior, renderer = world
+    return E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / judge)), name, args)
+
+
+@pytest.fixture(scope="module")
+def study(world):
+    from creative_generation.nodes.engine.gate import ValidityGate
+    from creative_generation.nodes.engine.mllm import load_mllm
+    from creative_generation.nodes.testbed.miniworld import evaluate as E
+
+    gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=25)
+    args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"baselines": [0, 4]},
+                     methods=["typical", "rare select", PAPER, BROKEN, CONCEPTLAB])
+    subject, typical = world_subject(world, "vehicle", args)
+    return E, [typical] + E.baselines(world[0], gate, subject, args)
 
 
 @pytest.mark.transformers5
@@ -93,32 +99,20 @@ RARE_START = "token+LoRA, rare start (50 inversion steps), 4 samples/step, beyon
 
 
 @pytest.mark.transformers5
-def test_variants_study_rows_costs_and_bars():
+def test_variants_study_rows_costs_and_bars(world):
     """Issue 20's study, tiny: every row has its costs (wall, CPU, prior rows) and the three bars; the
     equal-compute rare select draws a bank sized by the chosen method's CPU seconds; more samples per step
     cost more prior rows than one; a trained method then rare-selected samples its own concept and costs
     its training plus the selection; a rare start's step 0 already carries its bank, selection and inversion."""
     from creative_generation.nodes.engine.gate import ValidityGate
     from creative_generation.nodes.engine.mllm import load_mllm
-    from creative_generation.nodes.engine.prior import load_prior
-    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
     from creative_generation.nodes.testbed.miniworld import evaluate as E
     from creative_generation.nodes.testbed.miniworld import variants as E_variants
-    from creative_generation.nodes.testbed.miniworld.judge import load_judge
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        prior = load_prior(str(MODELS / "prior"))
-        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
-                                   prior.zero_image_embed())
-        gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=2)
-        args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"variants": [0, 4]},
-                         methods=[PAPER, LORA_VARIANT, RARE_START], equal_to=f"{PAPER}@4", reference=300)
-        subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
-        rows = E.variants(prior, gate, subject, args)
-    finally:
-        torch.set_num_threads(threads)
+    gate = ValidityGate(load_mllm(str(MODELS / "mllm")), every=2)
+    args = Namespace(bank=128, dims=8, samples=8, lr=1e-3, train="both", seeds=[0], steps={"variants": [0, 4]},
+                     methods=[PAPER, LORA_VARIANT, RARE_START], equal_to=f"{PAPER}@4", reference=300)
+    rows = E.variants(world[0], gate, world_subject(world, "vehicle", args)[0], args)
     assert sorted({(r["config"], r["step"]) for r in rows}, key=str) == sorted(
         [("typical", None), ("rare select (bank 1,000)", None), ("rare select (equal compute)", None)]
         + [(m, s) for m in (PAPER, LORA_VARIANT, RARE_START) for s in (0, 4)]
@@ -177,26 +171,14 @@ def test_kind_gaussians_see_what_is_rare_for_its_kind_only():
 
 
 @pytest.mark.transformers5
-def test_rankers_study_rows_and_bounds():
+def test_rankers_study_rows_and_bounds(world):
     """The rankers study, tiny: the pool, the best-possible bound and every ranker, each row's bars in range and
     none above the bound."""
-    from creative_generation.nodes.engine.prior import load_prior
-    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
     from creative_generation.nodes.testbed.miniworld import evaluate as E
-    from creative_generation.nodes.testbed.miniworld.judge import load_judge
     from creative_generation.nodes.testbed.miniworld.rankers import KIND_RANKERS, rankers
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        prior = load_prior(str(MODELS / "prior"))
-        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
-                                   prior.zero_image_embed())
-        args = Namespace(bank=128, dims=8, samples=8, seeds=[0], pool=60)
-        subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge")), "vehicle", args)
-        rows = E.rankers(prior, None, subject, args)
-    finally:
-        torch.set_num_threads(threads)
+    args = Namespace(bank=128, dims=8, samples=8, seeds=[0], pool=60)
+    rows = E.rankers(world[0], None, world_subject(world, "vehicle", args)[0], args)
     assert [r["config"] for r in rows] == ["pool (60)", "best possible", *rankers(8), *KIND_RANKERS]
     best = rows[1]["creativity_rare"]
     for r in rows:
@@ -223,26 +205,14 @@ def test_typical_parts_pull_back_only_a_part_outside_its_typical_range():
 
 
 @pytest.mark.transformers5
-def test_named_study_rows_and_bounds():
+def test_named_study_rows_and_bounds(world):
     """The named study, tiny: one row per rare combination of the subject's kinds and one mean per seed, every
     share in range."""
-    from creative_generation.nodes.engine.prior import load_prior
-    from creative_generation.nodes.engine.render import DecoderRenderer, RenderSettings, load_decoder
     from creative_generation.nodes.testbed.miniworld import evaluate as E
-    from creative_generation.nodes.testbed.miniworld.judge import load_judge
     from creative_generation.nodes.testbed.miniworld.named import VALUES, named_combinations
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        prior = load_prior(str(MODELS / "prior"))
-        renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RenderSettings(2, 2.0, 32, 32, 0),
-                                   prior.zero_image_embed())
-        args = Namespace(bank=64, dims=8, samples=4, seeds=[0])
-        subject, _ = E.prepare(prior, renderer, E.WorldJudge(load_judge(MODELS / "judge_balanced")), "animal", args)
-        rows = E.named(prior, None, subject, args)
-    finally:
-        torch.set_num_threads(threads)
+    args = Namespace(bank=64, dims=8, samples=4, seeds=[0])
+    rows = E.named(world[0], None, world_subject(world, "animal", args, "judge_balanced")[0], args)
     combos = named_combinations("animal")
     assert ("fish", "background", "sky") in combos and ("fish", "colour", "white") in combos
     assert [r["config"] for r in rows] == [
