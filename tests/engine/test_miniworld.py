@@ -116,6 +116,17 @@ def test_balanced_judge_reads_the_rare_combinations_the_world_judge_misreads(jud
         assert reading(j, images_of(common), common)["kind"] > 0.95
 
 
+def test_mini_clip_loses_the_kind_of_a_rare_combination(prior):
+    """What readings.json records of the world's CLIP: its image embedding names a common scene's kind but seldom a
+    rare combination's (it learnt the world's correlations too), while keeping the colour; a rebuilt world should
+    fail this test and say so."""
+    from creative_generation.nodes.testbed.miniworld.train_judge import clip_reading
+
+    rare, common = W.rare_scenes(2, seed=FRESH_SEED), W.sample_scenes(100, seed=FRESH_SEED)
+    on_rare, on_common = clip_reading(prior, images_of(rare), rare), clip_reading(prior, images_of(common), common)
+    assert on_common["kind"] > 0.9 and on_rare["kind"] < 0.6 and on_rare["colour"] > 0.8, (on_rare, on_common)
+
+
 def test_captions_are_true_of_their_scene():
     rng = np.random.default_rng(0)
     for scene in W.sample_scenes(200, seed=5):

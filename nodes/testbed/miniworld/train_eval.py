@@ -221,8 +221,8 @@ Made by `python nodes/testbed/run.py train --out models/miniworld --stages balan
 (also trains `decoder_balanced/`, the world's decoder UNet trained again on uniform scenes; not kept, as
 its rows show: it draws the rare combinations hardly better and the common ones worse). Scenes: {world} of
 the world's test scenes and {rare} rare combinations (16 scenes of each kind with each of its rare or unseen
-colours and backgrounds forced), drawn, and as each decoder renders their mini CLIP image embeddings. Shares
-of scenes read right:
+colours and backgrounds forced), drawn, and as each decoder renders their mini CLIP image embeddings; last,
+how the mini CLIP's own image embeddings read the drawn scenes zero-shot. Shares of scenes read right:
 
 {table}
 """
@@ -233,8 +233,9 @@ def readings_section(readings: dict) -> str:
     and the share called a rare combination."""
     rows = ["| judge | images | kind | colour | background | called rare |", "|---|---|---:|---:|---:|---:|"]
     for judge, by in readings.items():
-        rows += [f"| `{judge}` | {what} | {r['kind']:.3f} | {r['colour']:.3f} | {r['background']:.3f} | "
-                 f"{r['called_rare']:.3f} |" for what, r in by.items()]
+        name = judge if judge.startswith("mini CLIP") else f"`{judge}`"
+        rows += [f"| {name} | {what} | {r['kind']:.3f} | {r['colour']:.3f} | {r['background']:.3f} | "
+                 + (f"{r['called_rare']:.3f} |" if "called_rare" in r else "- |") for what, r in by.items()]
     first = next(iter(readings.values()))
     return READINGS_README.format(world=first["world test scenes, drawn"]["n"],
                                   rare=first["rare combinations, drawn"]["n"], table="\n".join(rows)).rstrip()

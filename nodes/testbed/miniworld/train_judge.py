@@ -73,11 +73,30 @@ def _rendered(prior, decoder, images: torch.Tensor, cfg: Config) -> torch.Tensor
                                          height=cfg.res, width=cfg.res) for i in range(0, len(images), 250)])
 
 
+def clip_reading(prior, images: torch.Tensor, scenes: list[W.Scene]) -> dict[str, float]:
+    """How the mini CLIP's image embeddings of ``images`` read ``scenes`` zero-shot: the nearest text embedding
+    among "a photo of a {kind}" for every kind, and given the true kind among every colour and every background
+    (the captions the CLIP was trained on). What it cannot read, no prior sample or decoder render of that
+    embedding can hold."""
+    with torch.no_grad():
+        img = F.normalize(prior.encode_images(images).float(), dim=-1)
+        text = lambda captions: F.normalize(prior.encode_prompt(captions).text_embeds.float(), dim=-1)
+        kinds = text([W.caption_for({"kind": k}, 1) for k in W.KINDS])
+        given = {(k, key): text([W.caption_for({"kind": k, key: v}, t) for v in W.VOCAB[key]])
+                 for k in {s.kind for s in scenes} for key, t in (("colour", 2), ("background", 4))}
+    hits = {"kind": [W.KINDS[int((e @ kinds.T).argmax())] == s.kind for e, s in zip(img, scenes)]}
+    for key in ("colour", "background"):
+        hits[key] = [W.VOCAB[key][int((e @ given[s.kind, key].T).argmax())] == getattr(s, key)
+                     for e, s in zip(img, scenes)]
+    return {key: float(np.mean(h)) for key, h in hits.items()} | {"n": len(scenes)}
+
+
 def measure_readings(cfg: Config, out: Path) -> dict[str, dict[str, dict[str, float]]]:
     """How every judge in ``out`` (``judge``, ``judge_balanced``) reads the world's test scenes and its rare
     combinations, drawn and as every decoder there (``decoder``, ``decoder_balanced``) renders their CLIP image
-    embeddings; written to ``out/readings.json``. A rare combination drawn perfectly but misread says the judge
-    leans on the world's correlations; one read when drawn but not when rendered says the decoder does."""
+    embeddings, and how the mini CLIP's own embeddings read them (:func:`clip_reading`); written to
+    ``out/readings.json``. A rare combination drawn perfectly but misread says the judge leans on the world's
+    correlations; one read when drawn but not when rendered, the decoder or the CLIP embedding it draws from."""
     from ...engine.prior import load_prior
     from ...engine.render import load_decoder
     from .judge import load_judge
@@ -93,6 +112,7 @@ def measure_readings(cfg: Config, out: Path) -> dict[str, dict[str, dict[str, fl
             images |= {(what, f"rendered by {name}"): _rendered(prior, decoder, x, cfg) for what, x in drawn.items()}
     readings = {name: {f"{what}, {how}": reading(load_judge(out / name), x, sets[what]) for (what, how), x in images.items()}
                 for name in ("judge", "judge_balanced") if (out / name).is_dir()}
+    readings["mini CLIP zero-shot"] = {f"{what}, drawn": clip_reading(prior, x, sets[what]) for what, x in drawn.items()}
     (out / "readings.json").write_text(json.dumps(readings, indent=2) + "\n")
     for name, by in readings.items():
         for what, r in by.items():
