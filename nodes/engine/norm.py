@@ -113,20 +113,23 @@ class GaussianNorm:
         """A norm of ``bank`` along named directions only, in place of PCA's: each axis is a set of alternatives'
         embeddings ``[n_i, D]`` (e.g. the text embeddings of "a red car", "a blue car", ...), and the space is the
         span of their differences within each axis. Low density there means an unusual *value on those axes*
-        (a colour or setting unusual for the bank), not an unusual size, position or blend."""
+        (a colour or setting unusual for the bank), mostly not an unusual size, position or blend (the directions
+        are not made orthogonal to those)."""
         provenance = dict(bank.provenance) if isinstance(bank, EmbeddingBank) else {}
         x = _checked_matrix(bank.embeds if isinstance(bank, EmbeddingBank) else bank, "bank")
-        diffs = [_checked_matrix(a, "axis") for a in axes]
-        if any(d.shape[0] < 2 or d.shape[1] != x.shape[1] for d in diffs):
-            raise NormFitError(f"Each axis needs at least two {x.shape[1]}-d embeddings of alternatives.")
-        span = np.concatenate([d - d.mean(axis=0) for d in diffs])
+        alternatives = [_checked_matrix(a, "axis") for a in axes]
+        if not alternatives or any(a.shape[0] < 2 or a.shape[1] != x.shape[1] for a in alternatives):
+            raise NormFitError(f"Give at least one axis of at least two {x.shape[1]}-d embeddings of alternatives.")
+        span = np.concatenate([a - a.mean(axis=0) for a in alternatives])
         _, s, vt = np.linalg.svd(span, full_matrices=False)
-        basis = vt[s > 1e-6 * s[0]]
+        basis = vt[s > 1e-6 * s[0]] if s[0] > 0 else vt[:0]
+        if len(basis) == 0:
+            raise NormFitError("The axes' alternatives are all the same embedding: they name no direction.")
         mean0 = x.mean(axis=0)
         z = (x - mean0) @ basis.T
         cov = _regularised_covariance(z, ridge * float(z.var(axis=0).mean()))
         meta = {"prior": provenance.get("prior", ""), "bank": provenance, "dims": len(basis), "count": len(x),
-                "along": [len(d) for d in diffs]}
+                "along": [len(a) for a in alternatives]}
         t = torch.from_numpy
         norm = cls(t(mean0), t(basis.copy()), torch.zeros(len(basis), dtype=torch.float64), t(cov), meta)
         meta["lowest_log_prob"] = float(norm.log_prob(t(x)).min())

@@ -215,6 +215,9 @@ def test_named_study_rows_and_bounds(world):
     rows = E.named(world[0], None, world_subject(world, "animal", args, "judge_balanced")[0], args)
     combos = named_combinations("animal")
     assert ("fish", "background", "sky") in combos and ("fish", "colour", "white") in combos
+    assert named_combinations("fish") == combos and ("bus", "colour", "purple") in named_combinations("bus")
+    with pytest.raises(ValueError, match="no kind or category"):
+        named_combinations("dragon")
     assert [r["config"] for r in rows] == [
         *(f"a photo of a {v} {k}" if a == "colour" else f"a photo of a {k} {E.world.BACKGROUND_PHRASE[v]}"
           for k, a, v in combos), "animal: every named"]

@@ -110,4 +110,8 @@ def test_norm_along_named_directions_sees_only_those_directions(data):
     with pytest.raises(NormFitError, match="two 40-d"):
         GaussianNorm.along(data, [colours[:1]])
     with pytest.raises(NormFitError, match="two 40-d"):
+        GaussianNorm.along(data, [])
+    with pytest.raises(NormFitError, match="no direction"):
+        GaussianNorm.along(data, [torch.stack([colours[0], colours[0]])])
+    with pytest.raises(NormFitError, match="two 40-d"):
         GaussianNorm.along(data, [colours[:, :20]])

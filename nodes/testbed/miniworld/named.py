@@ -27,14 +27,19 @@ import torch.nn.functional as F
 from ...engine.gate import draw
 from ...engine.sampling import sample_embeddings
 from . import world
+from .judge import shows
 
 NAMED_SEED = 60_000  # the prompts' samples of seed s are drawn with NAMED_SEED + s: no other study's
 VALUES = ("embedding_reads", "render_reads", "kind_kept", "rare", "validity", "creativity_rare")
 
 
 def named_combinations(subject: str) -> list[tuple[str, str, str]]:
-    """(kind, "colour" or "background", value) for every rare (or unseen) value of every kind of ``subject``."""
-    kinds = [kind for kind, category in world.CATEGORY.items() if category == subject]
+    """(kind, "colour" or "background", value) for every rare (or unseen) value of every kind of ``subject`` (a
+    category, or a kind itself)."""
+    kinds = [kind for kind, category in world.CATEGORY.items() if subject in (kind, category)]
+    if not kinds:
+        raise ValueError(f"{subject!r} is no kind or category of the mini world: {', '.join(world.VOCAB['kind'])}; "
+                         f"{', '.join(world.CATEGORIES)}")
     return [combination[:3] for combination in world.rare_combinations(kinds, unseen=True)]
 
 
@@ -65,7 +70,7 @@ def named_rows(prior, subj, seeds: list[int], samples: int) -> list[dict]:
             embeds = sample_embeddings(prior, prompt, samples, batch_size=samples, seed=NAMED_SEED + seed)
             images = draw(renderer, embeds)
             labels = judge.judge.predict(images)
-            valid = judge.is_subject(images, subj.name).bool().numpy()
+            valid = np.array([shows(label, subj.name) for label in labels])
             rare = np.array([world.is_rare(label) for label in labels])
             mine.append({"config": prompt, "subject": subj.name, "seed": seed, "step": None,
                          "embedding_reads": float(np.mean([v == value for v in _zero_shot(prior, embeds, kind, axis)])),

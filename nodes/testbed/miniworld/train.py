@@ -71,10 +71,7 @@ def train_balanced(cfg: Config, out: Path, run: set[str]) -> dict:
         train_balanced_decoder(cfg, out)
     if "balanced_judge" in run:
         train_balanced_judge(cfg, out / "judge_balanced")
-    readings = measure_readings(cfg, out)
-    if (out / "metrics.json").is_file():
-        write_readme(out)
-    return readings
+    return measure_readings(cfg, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,9 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = STAGES.index(args.from_stage)
-    run = set(args.stages) if args.stages else set(STAGES[start:])
+    # the balanced decoder is measured, not kept: a full run leaves it out unless named
+    run = set(args.stages) if args.stages else set(STAGES[start:]) - {"balanced_decoder"}
     if run <= BALANCED:
-        return train_balanced(cfg, out, run)
+        readings = train_balanced(cfg, out, run)
+        if (out / "metrics.json").is_file():
+            write_readme(out)
+        return readings
     if run == {"sd"}:
         from .train_sd import train_sd
 

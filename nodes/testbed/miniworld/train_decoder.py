@@ -128,7 +128,7 @@ def train_balanced_decoder(cfg: Config, out: Path) -> None:
     """The world's decoder UNet trained again (same movq, same recipe) on scenes whose colour and background are
     independent of the kind, saved as ``out/decoder_balanced``: a decoder that draws what an embedding holds, as a
     decoder trained on the web draws a purple bus, while the prior keeps the world's frequencies (so a purple bus
-    stays rare under the norm). The world's decoder saw a boat on grass a few dozen times and draws most as a truck."""
+    stays rare under the norm). The world's decoder saw a boat on grass about 17 times (10,000 scenes / 9 kinds x 1.5 %)."""
     from diffusers import VQModel
 
     from ...engine.prior import load_prior

@@ -147,8 +147,7 @@ whole creative pipeline runs offline, on a CPU, with no downloaded weights. Made
 | `decoder/` | Kandinsky 2.2 decoder layout: `UNet2DConditionModel` (image-embedding conditioning, x0 prediction), `VQModel` movq (32 px <-> 8x8x4), `DDIMScheduler`; render at {size} px, {steps} steps, guidance {guidance} | `nodes.engine.render.load_decoder` |
 | `mllm/` | tiny LLaVA-NeXT (vision tower initialised from the mini CLIP's) answering yes/no questions | `nodes.engine.mllm.load_mllm` |
 | `judge/` | independent CNN classifier of kind / colour / background / size, for evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
-| `judge_balanced/` | the same classifier trained on scenes whose colour and background are independent of the kind, so it reads a rare combination's kind (below); evaluation only | `nodes.testbed.miniworld.judge.load_judge` |
-| `sd/` | the world in Stable Diffusion 1.5 form: UNet, VAE, text encoder, CLIP vision (below) | `nodes.miniworld_sd.load_miniworld_sd`, node `CreativeMiniWorldSDLoader` |
+{judge_balanced}| `sd/` | the world in Stable Diffusion 1.5 form: UNet, VAE, text encoder, CLIP vision (below) | `nodes.miniworld_sd.load_miniworld_sd`, node `CreativeMiniWorldSDLoader` |
 
 Embeddings are {width}-d (use PCA dims < {width}). Weights are float16; the loaders upcast. Only the
 CLIP token-table rows of words the world's captions use are non-zero.
@@ -215,6 +214,10 @@ def sd_section(sd: dict, config: dict) -> str:
         rec=sd["recommended"])
 
 
+JUDGE_BALANCED_ROW = ("| `judge_balanced/` | the same classifier trained on scenes whose colour and background are "
+                      "independent of the kind, so it reads a rare combination's kind (below); evaluation only | "
+                      "`nodes.testbed.miniworld.judge.load_judge` |\n")
+
 READINGS_README = """## Can the judges read the world's rare combinations? (`readings.json`)
 
 Made by `python nodes/testbed/run.py train --out models/miniworld --stages balanced_decoder balanced_judge`
@@ -254,7 +257,8 @@ def write_readme(out: Path) -> None:
                 else "The balanced judge's readings are not measured: `--stages balanced_judge`.")
     (out / "README.md").write_text(README.format(
         wall=metrics["wall_s"], size=cfg["res"], steps=cfg["render_steps"], guidance=cfg["render_guidance"],
-        width=cfg["width"], table=metrics_table(metrics), readings=readings, sd=sd))
+        width=cfg["width"], table=metrics_table(metrics), readings=readings, sd=sd,
+        judge_balanced=JUDGE_BALANCED_ROW if (out / "judge_balanced").is_dir() else ""))
 
 
 def print_table(metrics: dict) -> None:

@@ -59,7 +59,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def reading(judge: LabelClassifier, images: torch.Tensor, scenes: list[W.Scene]) -> dict[str, float]:
     """How well ``judge`` reads ``images`` of ``scenes``: the share whose kind, colour and background it reads
     right, and the share it calls a rare combination (all of them, when the scenes are :func:`world.rare_scenes`)."""
-    labels = [label for i in range(0, len(images), 500) for label in judge.predict(images[i:i + 500])]
+    labels = judge.predict(images)
     out = {key: float(np.mean([label[key] == getattr(s, key) for label, s in zip(labels, scenes)]))
            for key in ("kind", "colour", "background")}
     return out | {"called_rare": float(np.mean([W.is_rare(label) for label in labels])), "n": len(scenes)}

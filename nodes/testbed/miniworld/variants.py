@@ -146,9 +146,9 @@ def methods(subj, gate: ValidityGate, prior: Prior) -> dict[str, Method]:
                             replace(subj.anchor, weight=10.0)]
     hinge_margin = lambda: [CreativeTerm.beyond(subj.evaluator.norm, margin=10.0), subj.anchor]
     gated = lambda _terms: gate
-    axes, bank = word_axes(prior, subj), subj.evaluator.bank.embeds
+    axes, bank = word_axes(prior, subj), subj.evaluator.bank
     words = GaussianNorm.along(bank, axes)
-    parts = TypicalParts.of(bank, axes)
+    parts = TypicalParts.of(bank.embeds, axes)
     along = lambda: [CreativeTerm.beyond(words), subj.anchor]
     along_unbounded = lambda: [CreativeTerm(words), subj.anchor]
     pairing = lambda: [CreativeTerm(words), parts, subj.anchor]

@@ -183,7 +183,8 @@ def sample_scenes(n: int, seed: int, kinds: Iterable[str] = KINDS, *, uniform: b
 
 def rare_scenes(per_value: int, seed: int, kinds: Iterable[str] = KINDS) -> list[Scene]:
     """``per_value`` scenes of each kind with each of its rare or unseen values (:func:`rare_combinations`) forced,
-    the other factors drawn as the world draws them: ground truth for whether a judge reads a rare combination."""
+    the other factors drawn as the world draws them: ground truth for whether a judge reads a rare combination.
+    Every value of a kind is forced on the same ``per_value`` scenes, so only the forced factor differs."""
     return [replace(s, **{factor: value}) for kind, factor, value, _ in rare_combinations(kinds, unseen=True)
             for s in sample_scenes(per_value, seed, (kind,))]
 
