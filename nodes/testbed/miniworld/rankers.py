@@ -18,13 +18,16 @@ Each ranker's row is its ``samples`` lowest-density pool members: the share the 
 combination, validity, and the share both; ``rare_percentile`` is where the pool's valid rare combinations sit
 in its ranking (0 = rarest first, 0.5 = the ranker does not see them at all). Two bounds sit beside them: the
 pool itself (``pool``: what a random pick gets) and ``best possible`` (the pool's valid rare combinations ranked
-first: no ranker can beat it, and it is small when the prior seldom samples them at all).
+first: no ranker can beat it, and it is small when the prior seldom samples them at all); ``best possible, drawn
+again`` renders those same picks with the next render seed, so the share still rare says how much of a rare
+render belongs to the embedding, which any ranker or method acts on, and how much to the render's noise.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ POOL_SEED = 40_000  # the pool of seed s is drawn with POOL_SEED + s: no other s
 POOL = 2000
 KIND_SEED = 50_000  # the kind banks' seed: no other study's bank
 KIND_RANKERS = ("kind Gaussians, mixture", "kind Gaussians, likeliest kind")
+AGAIN = "best possible, drawn again (render seed + 1)"
 RENDER_BATCH = 250
 
 Ranker = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (bank z, pool z) -> pool scores, low = rare
@@ -76,16 +80,23 @@ def rankers(dims: int) -> dict[str, Ranker]:
     return out
 
 
+def _judged(subj, embeds: torch.Tensor, render_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each embedding rendered once (the evaluator's renderer, its seed moved by ``render_seed``) and judged:
+    (valid, rare)."""
+    judge, renderer = subj.evaluator.judge, subj.evaluator.renderer
+    renderer = replace(renderer, settings=replace(renderer.settings, seed=renderer.settings.seed + render_seed))
+    valid, rare = [], []
+    for i in range(0, len(embeds), RENDER_BATCH):
+        images = draw(renderer, embeds[i:i + RENDER_BATCH])
+        valid.append(judge.is_subject(images, subj.name).bool().numpy())
+        rare.append(judge.is_rare(images, subj.name).bool().numpy())
+    return np.concatenate(valid), np.concatenate(rare)
+
+
 def _judged_pool(prior, subj, seed: int, size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """A fresh pool of the subject's typical samples, each rendered once and judged: (embeddings, valid, rare)."""
     pool = sample_bank(prior, subj.prompt, size, batch_size=500, seed=POOL_SEED + seed).embeds
-    judge, renderer = subj.evaluator.judge, subj.evaluator.renderer
-    valid, rare = [], []
-    for i in range(0, size, RENDER_BATCH):
-        images = draw(renderer, pool[i:i + RENDER_BATCH])
-        valid.append(judge.is_subject(images, subj.name).bool().numpy())
-        rare.append(judge.is_rare(images, subj.name).bool().numpy())
-    return pool, np.concatenate(valid), np.concatenate(rare)
+    return pool, *_judged(subj, pool)
 
 
 def _row(label: str, subj, seed: int, valid: np.ndarray, rare: np.ndarray, seconds: float,
@@ -137,6 +148,8 @@ def ranker_rows(prior, subj, seeds: list[int], samples: int, pool_size: int = PO
         rows.append(_row(f"pool ({pool_size})", subj, seed, valid, rare, time.perf_counter() - start))
         best = np.argsort(~(valid & rare), kind="stable")[:samples]
         rows.append(_row("best possible", subj, seed, valid[best], rare[best], 0.0))
+        # the same picks drawn again with another render seed: how much of "rare" is the embedding's, not the draw's
+        rows.append(_row(AGAIN, subj, seed, *_judged(subj, embeds[best], render_seed=1), 0.0))
         pool = norm.project(embeds.double()).numpy()
         for label, score in (rankers(norm.dims) | kinds).items():
             start = time.perf_counter()
