@@ -33,6 +33,13 @@ def _checked_matrix(embeds: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
     return x
 
 
+def _rows(data: EmbeddingBank | torch.Tensor | np.ndarray, what: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A bank's or a tensor's embeddings as a checked float64 matrix, and its provenance ({} for a bare tensor)."""
+    if isinstance(data, EmbeddingBank):
+        return _checked_matrix(data.embeds, what), dict(data.provenance)
+    return _checked_matrix(data, what), {}
+
+
 def _regularised_covariance(z: np.ndarray, floor: float) -> np.ndarray:
     """Ledoit-Wolf shrinkage plus a small ridge: positive definite even when n < k."""
     from sklearn.covariance import LedoitWolf
@@ -86,8 +93,7 @@ class GaussianNorm:
         (A constructor, so not named ``fit``: scikit-learn's ``fit`` fits an existing estimator and returns it.)"""
         from sklearn.decomposition import PCA
 
-        provenance = dict(bank.provenance) if isinstance(bank, EmbeddingBank) else {}
-        x = _checked_matrix(bank.embeds if isinstance(bank, EmbeddingBank) else bank, "bank")
+        x, provenance = _rows(bank, "bank")
         n, d = x.shape
         if dims < 1 or dims > d:
             raise NormFitError(f"PCA dims ({dims}) must be between 1 and the embedding width ({d}).")
@@ -115,8 +121,7 @@ class GaussianNorm:
         span of their differences within each axis. Low density there means an unusual *value on those axes*
         (a colour or setting unusual for the bank), mostly not an unusual size, position or blend (the directions
         are not made orthogonal to those)."""
-        provenance = dict(bank.provenance) if isinstance(bank, EmbeddingBank) else {}
-        x = _checked_matrix(bank.embeds if isinstance(bank, EmbeddingBank) else bank, "bank")
+        x, provenance = _rows(bank, "bank")
         alternatives = [_checked_matrix(a, "axis") for a in axes]
         if not alternatives or any(a.shape[0] < 2 or a.shape[1] != x.shape[1] for a in alternatives):
             raise NormFitError(f"Give at least one axis of at least two {x.shape[1]}-d embeddings of alternatives.")
@@ -137,8 +142,7 @@ class GaussianNorm:
 
     def fit_cluster(self, embeds: torch.Tensor | EmbeddingBank, *, ridge: float = 1e-3) -> "GaussianNorm":
         """A Gaussian of other embeddings in *this* PCA space (for negative clusters)."""
-        provenance = dict(embeds.provenance) if isinstance(embeds, EmbeddingBank) else {}
-        x = _checked_matrix(embeds.embeds if isinstance(embeds, EmbeddingBank) else embeds, "cluster")
+        x, provenance = _rows(embeds, "cluster")
         if x.shape[1] != self.embed_dim:
             raise NormFitError(f"The cluster's embeddings are {x.shape[1]}-d but the norm is {self.embed_dim}-d: "
                                "they come from a different prior.")

@@ -66,7 +66,7 @@ class ConceptLabLoss:
 
 def kinds_of(subject: str) -> tuple[str, ...]:
     """The world's kinds of a category (ConceptLab needs a category: its negatives are the kinds)."""
-    kinds = tuple(k for k in world.KINDS if world.CATEGORY[k] == subject)
+    kinds = tuple(k for k in world.kinds_of(subject) if k != subject)
     if not kinds:
         raise ValueError(f"ConceptLab-style runs need a category subject ({', '.join(world.CATEGORIES)}), "
                          f"got {subject!r}: its negatives are the category's kinds.")

@@ -36,7 +36,7 @@ VALUES = ("embedding_reads", "render_reads", "kind_kept", "rare", "validity", "c
 def named_combinations(subject: str) -> list[tuple[str, str, str]]:
     """(kind, "colour" or "background", value) for every rare (or unseen) value of every kind of ``subject`` (a
     category, or a kind itself)."""
-    kinds = [kind for kind, category in world.CATEGORY.items() if subject in (kind, category)]
+    kinds = world.kinds_of(subject)
     if not kinds:
         raise ValueError(f"{subject!r} is no kind or category of the mini world: {', '.join(world.VOCAB['kind'])}; "
                          f"{', '.join(world.CATEGORIES)}")

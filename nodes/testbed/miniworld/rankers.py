@@ -118,9 +118,8 @@ def _mean_percentile(score: np.ndarray, members: np.ndarray) -> float | None:
 def _kind_norms(prior, subj, norm: GaussianNorm, size: int) -> list[GaussianNorm]:
     """One Gaussian per kind of the subject's category (a bank of the paper's prompt with the kind's word), in
     the subject norm's PCA space: the densities a user gets by naming the subject's sub-concepts."""
-    kinds = [k for k, c in world.CATEGORY.items() if c == subj.name]
     out = []
-    for kind in kinds:
+    for kind in world.kinds_of(subj.name):
         bank = sample_bank(prior, PAPER_TEMPLATE.format(subject=kind), size, batch_size=500, seed=KIND_SEED).embeds
         z = norm.project(bank.double())
         out.append(GaussianNorm.from_bank(z, z.shape[1]))

@@ -48,11 +48,10 @@ from pathlib import Path
 
 import torch
 
-from . import world as W
 from .train_clip import image_embeds, split_clip, train_clip
 from .train_decoder import save_decoder, train_movq, train_unet
 from .train_eval import measure_models, print_table, write_readme
-from .train_judge import train_judge
+from .train_judge import save_trained_judge, train_judge
 from .train_mllm import build_mllm, save_mllm, train_mllm
 from .train_prior import TextCache, check_prior_forward, save_prior, train_prior
 from .train_setup import Captioner, Config, log, make_split
@@ -170,13 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
         stage_done("mllm", t)
     if "judge" in run:
         t = time.time()
-        from .judge import save_judge
-
-        judge_split = make_split(cfg.n_judge, cfg.seed + 300, cfg.res)
-        net = train_judge(cfg, judge_split)
-        save_judge(net, {k: list(W.VOCAB[k]) for k in W.LABEL_KEYS}, out / "judge", width=cfg.judge_width,
-                   input_size=cfg.res, extra={"trained_on": f"world scenes seed {cfg.seed + 300}, n={cfg.n_judge}",
-                                              "use": "evaluation only; never used by the optimiser"})
+        net = train_judge(cfg, make_split(cfg.n_judge, cfg.seed + 300, cfg.res))
+        save_trained_judge(cfg, net, out / "judge", f"world scenes seed {cfg.seed + 300}, n={cfg.n_judge}",
+                           "evaluation only; never used by the optimiser")
         stage_done("judge", t)
     if run & BALANCED:
         t = time.time()

@@ -63,8 +63,8 @@ def train_movq(cfg: Config, train: Split) -> tuple[VQModel, torch.Tensor]:
             log(f"movq step {step}: loss {loss.item():.4f} latent rms {h.pow(2).mean().sqrt().item():.2f} "
                 f"({time.time() - t0:.0f} s)")
     movq.eval().requires_grad_(False)
+    latents = encode_latents(movq, target_all)
     with torch.no_grad():
-        latents = torch.cat([movq.encode(target_all[i:i + 500]).latents for i in range(0, len(target_all), 500)])
         # Codebook = k-means of the latent vectors, so the quantised path decodes sensibly too
         # (Kandinsky 2.2 rendering itself decodes without quantising).
         from sklearn.cluster import KMeans
@@ -74,6 +74,19 @@ def train_movq(cfg: Config, train: Split) -> tuple[VQModel, torch.Tensor]:
         km = KMeans(n_clusters=MOVQ["num_vq_embeddings"], n_init=1, max_iter=20, random_state=cfg.seed).fit(sub)
         movq.quantize.embedding.weight.copy_(torch.from_numpy(km.cluster_centers_).float())
     return movq, latents
+
+
+def render_embeds(prior, decoder, embeds: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The decoder's renders of image embeddings at the settings it was trained for (``cfg``'s render steps,
+    guidance and size, the prior's zero image embedding as the negative)."""
+    return decoder.render(embeds, negative_embeds=prior.zero_image_embed(), seed=cfg.seed, steps=cfg.render_steps,
+                          guidance=cfg.render_guidance, height=cfg.res, width=cfg.res)
+
+
+def encode_latents(movq, x: torch.Tensor) -> torch.Tensor:
+    """The movq's latents of images ``x`` in -1..1, 500 at a time."""
+    with torch.no_grad():
+        return torch.cat([movq.encode(x[i:i + 500]).latents for i in range(0, len(x), 500)])
 
 
 def decoder_scheduler() -> DDIMScheduler:
@@ -138,9 +151,8 @@ def train_balanced_decoder(cfg: Config, out: Path) -> None:
     prior = load_prior(str(out / "prior"))
     movq = VQModel.from_pretrained(out / "decoder" / "movq", local_files_only=True).float().eval().requires_grad_(False)
     split = make_split(cfg.n_train, cfg.seed + 700, cfg.res, uniform=True)
-    x = pixels_pm1(split, slice(None), cfg.res)
+    latents = encode_latents(movq, pixels_pm1(split, slice(None), cfg.res))
     with torch.no_grad():
-        latents = torch.cat([movq.encode(x[i:i + 500]).latents for i in range(0, len(x), 500)])
         embeds = image_embeds(prior.image_encoder, split.x)
     unet = train_unet(cfg, latents, embeds, prior.zero_image_embed())
     save_decoder(out / "decoder_balanced", unet, movq)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
+from .train_decoder import render_embeds
 from .train_setup import Config, Split
 
 
@@ -67,20 +68,17 @@ def measure_models(cfg: Config, out: Path, test: Split) -> dict:
                         "samples_per_prompt": cfg.eval_prior_samples, "steps": 5, "guidance": 4.0}
     # Decoder: render embeddings of held-out images; the judge reads the renders.
     decoder = load_decoder(out / "decoder")
-    zero = prior.zero_image_embed()
     idx = np.arange(cfg.eval_render)
     with torch.no_grad():
         emb = prior.encode_images(test.images(idx))
-    renders = decoder.render(emb, negative_embeds=zero, seed=cfg.seed, steps=cfg.render_steps,
-                             guidance=cfg.render_guidance, height=cfg.res, width=cfg.res)
+    renders = render_embeds(prior, decoder, emb, cfg)
     acc = judge.accuracy(renders, [truth[i] for i in idx])
     metrics["decoder"] = {**{f"judge_{k}": v for k, v in acc.items()}, "n": len(idx), "steps": cfg.render_steps,
                           "guidance": cfg.render_guidance, "size": cfg.res}
     # End to end: prior samples for "a photo of a {kind}" rendered and judged.
     e2e = torch.cat([sample_embeddings(prior, f"a photo of {W.article(k)} {k}", 10, steps=5, guidance=4.0,
                                        seed=cfg.seed + 1) for k in W.KINDS])
-    e2e_img = decoder.render(e2e, negative_embeds=zero, seed=cfg.seed, steps=cfg.render_steps,
-                             guidance=cfg.render_guidance, height=cfg.res, width=cfg.res)
+    e2e_img = render_embeds(prior, decoder, e2e, cfg)
     e2e_pred = judge.predict(e2e_img)
     metrics["text_to_image"] = {"judge_kind": float(np.mean([p["kind"] == W.KINDS[i // 10] for i, p in enumerate(e2e_pred)])),
                                 "n": len(e2e_pred)}

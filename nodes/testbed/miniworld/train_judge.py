@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
+from .train_decoder import render_embeds
 from .train_setup import Config, Split, log, make_split, seed_all, update
 
 if TYPE_CHECKING:
@@ -68,9 +69,8 @@ def reading(judge: LabelClassifier, images: torch.Tensor, scenes: list[W.Scene])
 def _rendered(prior, decoder, images: torch.Tensor, cfg: Config) -> torch.Tensor:
     """``decoder``'s renders of the mini CLIP's image embeddings of ``images`` (as the evaluation renders)."""
     with torch.no_grad():
-        return torch.cat([decoder.render(prior.encode_images(images[i:i + 250]), negative_embeds=prior.zero_image_embed(),
-                                         seed=cfg.seed, steps=cfg.render_steps, guidance=cfg.render_guidance,
-                                         height=cfg.res, width=cfg.res) for i in range(0, len(images), 250)])
+        return torch.cat([render_embeds(prior, decoder, prior.encode_images(images[i:i + 250]), cfg)
+                          for i in range(0, len(images), 250)])
 
 
 def clip_reading(prior, images: torch.Tensor, scenes: list[W.Scene]) -> dict[str, float]:
@@ -110,8 +110,9 @@ def measure_readings(cfg: Config, out: Path) -> dict[str, dict[str, dict[str, fl
         if (out / name).is_dir():
             decoder = load_decoder(str(out / name))
             images |= {(what, f"rendered by {name}"): _rendered(prior, decoder, x, cfg) for what, x in drawn.items()}
-    readings = {name: {f"{what}, {how}": reading(load_judge(out / name), x, sets[what]) for (what, how), x in images.items()}
-                for name in ("judge", "judge_balanced") if (out / name).is_dir()}
+    judges = {name: load_judge(out / name) for name in ("judge", "judge_balanced") if (out / name).is_dir()}
+    readings = {name: {f"{what}, {how}": reading(judge, x, sets[what]) for (what, how), x in images.items()}
+                for name, judge in judges.items()}
     readings["mini CLIP zero-shot"] = {f"{what}, drawn": clip_reading(prior, x, sets[what]) for what, x in drawn.items()}
     (out / "readings.json").write_text(json.dumps(readings, indent=2) + "\n")
     for name, by in readings.items():
@@ -125,9 +126,14 @@ def train_balanced_judge(cfg: Config, folder: Path) -> None:
     (:func:`world.sample_scenes` ``uniform``), saved in ``folder``. The world's judge learnt the world's
     correlations (a bus is yellow and on a road), so it misreads a purple bus's or a fish in the sky's kind; this
     one cannot lean on them (:func:`measure_readings`)."""
+    net = train_judge(cfg, make_split(cfg.n_judge, cfg.seed + 500, cfg.res, uniform=True))
+    save_trained_judge(cfg, net, folder, f"world scenes seed {cfg.seed + 500}, n={cfg.n_judge}, colour and background "
+                                         "uniform and independent of the kind", "evaluation only")
+
+
+def save_trained_judge(cfg: Config, net: LabelNet, folder: Path, trained_on: str, use: str) -> Path:
+    """``net`` saved as a judge folder over the world's whole vocabulary, saying what it was trained on."""
     from .judge import save_judge
 
-    net = train_judge(cfg, make_split(cfg.n_judge, cfg.seed + 500, cfg.res, uniform=True))
-    save_judge(net, {k: list(W.VOCAB[k]) for k in W.LABEL_KEYS}, folder, width=cfg.judge_width, input_size=cfg.res,
-               extra={"trained_on": f"world scenes seed {cfg.seed + 500}, n={cfg.n_judge}, colour and background "
-                                    "uniform and independent of the kind", "use": "evaluation only"})
+    return save_judge(net, {k: list(W.VOCAB[k]) for k in W.LABEL_KEYS}, folder, width=cfg.judge_width,
+                      input_size=cfg.res, extra={"trained_on": trained_on, "use": use})

@@ -109,7 +109,7 @@ def word_axes(prior: Prior, subj) -> list[torch.Tensor]:
     """The words a user would name for "unusual in what", as prior text embeddings, one tensor per axis: the
     subject's kinds, colours and settings (the world's vocabulary, none of its probabilities); an axis of one
     word (the animal's one kind) has no direction and is left out."""
-    kinds = [k for k, c in world.CATEGORY.items() if c == subj.name] or [subj.name]
+    kinds = world.kinds_of(subj.name) or [subj.name]
     axes = [[f"a photo of a {k}" for k in kinds], [f"a photo of a {c} {subj.name}" for c in world.COLOURS],
             [f"a photo of a {subj.name} {world.BACKGROUND_PHRASE[b]}" for b in world.BACKGROUNDS]]
     with torch.no_grad():

@@ -140,6 +140,11 @@ def is_rare(scene: Scene | dict) -> bool:
     return min(rarity(scene).values()) <= RARE_THRESHOLD
 
 
+def kinds_of(subject: str) -> list[str]:
+    """The kinds a subject covers: a category's kinds, a kind itself, none for any other word."""
+    return [kind for kind, category in CATEGORY.items() if subject in (kind, category)]
+
+
 def rare_combinations(kinds: Iterable[str] = KINDS, *, unseen: bool = False) -> list[tuple[str, str, str, float]]:
     """Every (kind, factor, value, probability) with 0 < P(value | kind) <= RARE_THRESHOLD; with ``unseen`` also
     the values the world never draws for the kind (P = 0: a purple tree), which :func:`is_rare` calls rare too."""
