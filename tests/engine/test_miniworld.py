@@ -127,6 +127,19 @@ def test_mini_clip_loses_the_kind_of_a_rare_combination(prior):
     assert on_common["kind"] > 0.9 and on_rare["kind"] < 0.6 and on_rare["colour"] > 0.8, (on_rare, on_common)
 
 
+def test_train_settings_keep_their_field_types_and_refuse_the_unknown():
+    """``train --set``: ``bool("False")`` is True, so a boolean field takes only the words True and False."""
+    from creative_generation.nodes.testbed.miniworld.train import parse_setting
+
+    assert parse_setting("balanced=False") == ("balanced", False)
+    assert parse_setting("balanced=True") == ("balanced", True)
+    assert parse_setting("unet_steps=1800") == ("unet_steps", 1800)
+    assert parse_setting("clip_lr=0.001") == ("clip_lr", 0.001)
+    for bad in ("balanced=false", "balanced=1", "no_such_field=3"):
+        with pytest.raises(SystemExit):
+            parse_setting(bad)
+
+
 def test_captions_are_true_of_their_scene():
     rng = np.random.default_rng(0)
     for scene in W.sample_scenes(200, seed=5):

@@ -255,8 +255,11 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=REFERENCE_COUNT, help="variants: samples of the reference bank "
                                                                           "of the beyond-the-bank bar")
     p.add_argument("--pool", type=int, default=POOL, help="rankers: typical samples ranked per subject and seed")
+    p.add_argument("--models", type=Path, default=MODELS,
+                   help="the mini world's models folder (default: the shipped one; e.g. one built by `train --set "
+                        "balanced=True`)")
     p.add_argument("--judge", default="judge", choices=JUDGES,
-                   help="the independent judge's folder in models/miniworld: judge (trained on the world's own "
+                   help="the independent judge's folder in --models: judge (trained on the world's own "
                         "frequencies, the tables before 2026-12-06) or judge_balanced (colour and background "
                         "independent of the kind: it reads a rare combination's kind)")
     p.add_argument("--bank", type=int, default=1000)
@@ -285,10 +288,10 @@ def main() -> None:
     args.steps = {st: sorted({int(x) for x in getattr(args, f"{st}_steps").split(",")}) for st in DEFAULT_STEPS}
     torch.set_num_threads(1)  # many tiny ops: a second thread only spin-waits on a shared 2-core machine
     t0 = time.perf_counter()
-    prior = load_prior(str(MODELS / "prior"))
-    renderer = DecoderRenderer(load_decoder(str(MODELS / "decoder")), RENDER, prior.zero_image_embed())
-    gate = ValidityGate(load_mllm(str(MODELS / "mllm"), sanity_check=True), every=25)
-    judge = WorldJudge(load_judge(MODELS / args.judge))
+    prior = load_prior(str(args.models / "prior"))
+    renderer = DecoderRenderer(load_decoder(str(args.models / "decoder")), RENDER, prior.zero_image_embed())
+    gate = ValidityGate(load_mllm(str(args.models / "mllm"), sanity_check=True), every=25)
+    judge = WorldJudge(load_judge(args.models / args.judge))
     results: dict[str, list[dict]] = {st: [] for st in studies}
     for name in args.subjects.split(","):
         subj, typical = prepare(prior, renderer, judge, name.strip(), args)
@@ -298,7 +301,7 @@ def main() -> None:
             results[st] += [typical] + study(prior, gate, subj, args)
     print_tables(results)
     print(f"\nsubjects {args.subjects}; seeds {args.seeds}; lr {args.lr}; bank {args.bank}; PCA {args.dims}; "
-          f"{args.samples} samples per measurement; {time.perf_counter() - t0:.0f} s")
+          f"{args.samples} samples per measurement; models {args.models}, {args.judge}; {time.perf_counter() - t0:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({st: {"rows": rows, "summary": sweep_summary(rows, TIMING)}
                                     for st, rows in results.items()}, indent=1, default=str))

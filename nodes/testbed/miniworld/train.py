@@ -29,6 +29,11 @@ Stages (each seeded on its own, so ``--from-stage`` reproduces a full run's late
 7. ``eval``    accuracies on held-out world images, through the real loaders; a table is printed
                and written to ``metrics.json``.
 
+``--set balanced=True`` trains the general-purpose models (CLIP, decoder, MLLM) on scenes whose colour and background
+are independent of the kind and keeps the prior on the world's frequencies: a world that can represent its rare
+combinations (issue 20; docs/evaluation.md section 6), built beside the shipped one, e.g. ``--out output/world_balanced``
+with the judges copied in.
+
 Everything runs on the CPU in one thread (see ``Config.threads``). Weights are stored in float16
 (the loaders upcast). The CLIP token table keeps only the rows of
 tokens the world's captions use; all other rows are zero (an unseen word adds nothing), which
@@ -73,6 +78,19 @@ def train_balanced(cfg: Config, out: Path, run: set[str]) -> dict:
     return measure_readings(cfg, out)
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` as a Config field and its value in the field's type (``bool("False")`` would be True)."""
+    key, value = item.split("=", 1)
+    if key not in Config.__dataclass_fields__:
+        raise SystemExit(f"--set: no Config field {key!r}")
+    kind = type(getattr(Config, key))
+    if kind is bool:
+        if value not in ("True", "False"):
+            raise SystemExit(f"--set {key}: True or False, not {value!r}")
+        return key, value == "True"
+    return key, kind(value)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="models/miniworld", help="output folder")
@@ -85,11 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key] = type(getattr(Config, key))(value)
-    cfg = Config(**overrides)
+    cfg = Config(**dict(parse_setting(item) for item in args.set))
     torch.set_num_threads(cfg.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     train = make_split(cfg.n_train, cfg.seed + 100, cfg.res)
     test = make_split(cfg.n_test, cfg.seed + 200, cfg.res)
+    # what the general-purpose models learn from: the world itself, or with ``balanced`` every combination alike
+    general = make_split(cfg.n_train, cfg.seed + 700, cfg.res, uniform=True) if cfg.balanced else train
     stage_done("data", t)
 
     from transformers import CLIPTokenizer
@@ -132,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_clip_tokenizer(tok_dir)
         captioner = Captioner(CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True))
         shutil.rmtree(tok_dir)
-        model, text_cfg, vision_cfg = train_clip(cfg, train, captioner, out)
+        model, text_cfg, vision_cfg = train_clip(cfg, general, captioner, out)
         text, vision = split_clip(model, text_cfg, vision_cfg)
         stage_done("clip", t)
     else:
@@ -154,17 +170,18 @@ def main(argv: list[str] | None = None) -> dict:
     prior = load_prior(str(out / "prior"))
     if "decoder" in run:
         t = time.time()
-        movq, latents = train_movq(cfg, train)
+        movq, latents = train_movq(cfg, general)
         stage_done("movq", t)
         t = time.time()
-        unet = train_unet(cfg, latents, embeds, prior.zero_image_embed())
+        general_embeds = embeds if general is train else image_embeds(vision, general.x)
+        unet = train_unet(cfg, latents, general_embeds, prior.zero_image_embed())
         save_decoder(out / "decoder", unet, movq)
         stage_done("unet", t)
     if "mllm" in run:
         t = time.time()
         state = {k: v.float() for k, v in vision.state_dict().items()}
         model, processor = build_mllm(cfg, vision_cfg, state)
-        model = train_mllm(cfg, train, model, processor)
+        model = train_mllm(cfg, general, model, processor)
         save_mllm(out / "mllm", model, processor)
         stage_done("mllm", t)
     if "judge" in run:

@@ -26,6 +26,11 @@ class Config:
     # One thread: on a CPU shared with other jobs, two OpenMP threads wait on each other at every
     # barrier and ran 3-20x slower than one in our measurements (small convs and matmuls).
     threads: int = 1
+    # The world's general-purpose models (CLIP, decoder, MLLM) trained on scenes whose colour and background are
+    # independent of the kind, as real CLIPs, decoders and MLLMs know a purple bus is a bus; the prior alone keeps
+    # the world's frequencies, so a purple bus stays rare under the norm (issue 20: the world as shipped cannot
+    # represent its rare combinations, models/miniworld/readings.json).
+    balanced: bool = False
     # CLIP
     clip_layers: int = 2
     clip_patch: int = 8
