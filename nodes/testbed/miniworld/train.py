@@ -22,6 +22,8 @@ Stages (each seeded on its own, so ``--from-stage`` reproduces a full run's late
                ``judge_balanced/``); then ``readings.json``: how each judge reads the world's scenes
                and rare combinations, drawn and as each decoder renders them.
                Alone: ``--stages balanced_decoder balanced_judge``.
+   ``readings``: ``readings.json`` alone, for the models already in ``--out`` (nothing trained), e.g. a
+               world built with ``--set balanced=True``.
 6. ``sd``      the world in Stable Diffusion 1.5 form (:mod:`.train_sd`): a VAE and a UNet trained with
                ComfyUI's own classes, with the mini CLIP's towers as text encoder and CLIP vision,
                saved in ``sd/`` for the shipped ``CreativeMiniWorldSDLoader``. Needs ComfyUI.
@@ -31,8 +33,13 @@ Stages (each seeded on its own, so ``--from-stage`` reproduces a full run's late
 
 ``--set balanced=True`` trains the general-purpose models (CLIP, decoder, MLLM) on scenes whose colour and background
 are independent of the kind and keeps the prior on the world's frequencies: a world that can represent its rare
-combinations (issue 20; docs/evaluation.md section 6), built beside the shipped one, e.g. ``--out output/world_balanced``
-with the judges copied in.
+combinations (issue 20; docs/evaluation.md section 6), built beside the shipped one with the judges copied in and
+longer training (the defaults leave its movq and UNet too weak to draw one)::
+
+    mkdir -p output/world_balanced && cp -r models/miniworld/judge models/miniworld/judge_balanced output/world_balanced
+    python nodes/testbed/run.py train --out output/world_balanced \\
+        --stages clip prior decoder mllm eval readings \\
+        --set balanced=True clip_steps=2500 movq_steps=4000 unet_steps=4500
 
 Everything runs on the CPU in one thread (see ``Config.threads``). Weights are stored in float16
 (the loaders upcast). The CLIP token table keeps only the rows of
@@ -61,8 +68,9 @@ from .train_mllm import build_mllm, save_mllm, train_mllm
 from .train_prior import TextCache, check_prior_forward, save_prior, train_prior
 from .train_setup import Captioner, Config, log, make_split
 
-STAGES = ("clip", "prior", "decoder", "balanced_decoder", "mllm", "judge", "balanced_judge", "sd", "eval")
+STAGES = ("clip", "prior", "decoder", "balanced_decoder", "mllm", "judge", "balanced_judge", "readings", "sd", "eval")
 BALANCED = {"balanced_decoder", "balanced_judge"}  # alone, or together: trained, then every judge's readings
+READINGS = BALANCED | {"readings"}  # any of them ends in readings.json
 
 
 def train_balanced(cfg: Config, out: Path, run: set[str]) -> dict:
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = STAGES.index(args.from_stage)
     # the balanced decoder is measured, not kept: a full run leaves it out unless named
     run = set(args.stages) if args.stages else set(STAGES[start:]) - {"balanced_decoder"}
-    if run <= BALANCED:
+    if run <= READINGS:
         readings = train_balanced(cfg, out, run)
         if (out / "metrics.json").is_file():
             write_readme(out)
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_trained_judge(cfg, net, out / "judge", f"world scenes seed {cfg.seed + 300}, n={cfg.n_judge}",
                            "evaluation only; never used by the optimiser")
         stage_done("judge", t)
-    if run & BALANCED:
+    if run & READINGS:
         t = time.time()
         train_balanced(cfg, out, run)
         stage_done("balanced", t)
