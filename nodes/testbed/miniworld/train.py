@@ -69,13 +69,14 @@ from .train_prior import TextCache, check_prior_forward, save_prior, train_prior
 from .train_setup import Captioner, Config, log, make_split
 
 STAGES = ("clip", "prior", "decoder", "balanced_decoder", "mllm", "judge", "balanced_judge", "readings", "sd", "eval")
-BALANCED = {"balanced_decoder", "balanced_judge"}  # alone, or together: trained, then every judge's readings
-READINGS = BALANCED | {"readings"}  # any of them ends in readings.json
+# alone or together: whichever of the two models is named is trained, then every judge's readings.json
+READINGS = {"balanced_decoder", "balanced_judge", "readings"}
 
 
 def train_balanced(cfg: Config, out: Path, run: set[str]) -> dict:
-    """The decoder and judge trained on scenes whose colour and background are independent of the kind (each
-    needs the world's own models in ``out``), then how every judge reads what every decoder draws."""
+    """The decoder and judge trained on scenes whose colour and background are independent of the kind, where
+    ``run`` names them (each needs the world's own models in ``out``), then how every judge reads what every
+    decoder draws."""
     from .train_decoder import train_balanced_decoder
     from .train_judge import measure_readings, train_balanced_judge
 
